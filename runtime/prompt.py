@@ -1,0 +1,96 @@
+"""The RAG prompt, shared by training (teacher fine-tuning, distillation) and the device.
+
+A prompt is built from pieces that are tokenized one by one and concatenated as token ids:
+
+    prefix + passage(rank 1) + passage(rank 2) + ... + question
+
+Tokenizing the pieces separately makes truncation exact and identical on both sides.
+
+Truncation rule, when the prompt would not fit in `max_prompt_tokens`:
+  1. passages first: cut tokens from the end of the lowest-ranked passage, and drop a passage
+     whose text is gone entirely (its header with it), moving up the ranking;
+  2. then the question: keep its first tokens;
+  3. the fixed template pieces are never cut. A context too small to hold them is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+CHATML = {
+    "prefix": "<|im_start|>system\nAnswer the question with a short answer taken from the context.<|im_end|>\n"
+              "<|im_start|>user\nContext:\n",
+    "passage": "[{rank}] {title}: ",
+    "passage_end": "\n",
+    "question": "\nQuestion: {question}<|im_end|>\n<|im_start|>assistant\n",
+    "answer_end": "<|im_end|>",
+}
+
+PLAIN = {
+    "prefix": "Answer the question with a short answer taken from the context.\nContext:\n",
+    "passage": "[{rank}] {title}: ",
+    "passage_end": "\n",
+    "question": "\nQuestion: {question}\nAnswer:",
+    "answer_end": "\n",
+}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    prefix: str
+    passage: str
+    passage_end: str
+    question: str
+    answer_end: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptTemplate":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    @classmethod
+    def for_vocab(cls, token_to_id) -> "PromptTemplate":
+        """ChatML where the tokenizer knows <|im_start|>, a plain template otherwise."""
+        return cls(**(CHATML if token_to_id("<|im_start|>") is not None else PLAIN))
+
+
+class PromptError(ValueError):
+    pass
+
+
+def build_prompt_ids(encode, template: PromptTemplate, question: str, passages, max_prompt_tokens: int) -> list[int]:
+    """Token ids of the prompt, truncated by the rule in this module's docstring.
+
+    `encode(text) -> list[int]` must not add special tokens; `passages` are (title, text) pairs
+    in rank order.
+    """
+    question = question.strip()
+    if not question:
+        raise PromptError("the question is empty")
+    prefix = encode(template.prefix)
+    before_q, _, after_q = template.question.partition("{question}")
+    q_open, q_ids, q_close = encode(before_q), encode(question), encode(after_q)
+    end = encode(template.passage_end)
+    blocks = [(encode(template.passage.format(rank=rank, title=title)), encode(text))
+              for rank, (title, text) in enumerate(passages, start=1)]
+
+    fixed = len(prefix) + len(q_open) + len(q_close)
+    if fixed + 1 > max_prompt_tokens:
+        raise PromptError(f"the context ({max_prompt_tokens} tokens) cannot hold the prompt template ({fixed} tokens)")
+    overflow = fixed + len(q_ids) + sum(len(h) + len(t) + len(end) for h, t in blocks) - max_prompt_tokens
+    while overflow > 0 and blocks:
+        header, text = blocks[-1]
+        if len(text) > overflow:
+            blocks[-1] = (header, text[:len(text) - overflow])
+            overflow = 0
+        else:
+            blocks.pop()
+            overflow -= len(header) + len(text) + len(end)
+    if overflow > 0:
+        q_ids = q_ids[:len(q_ids) - overflow]
+    ids = list(prefix)
+    for header, text in blocks:
+        ids += header + text + end
+    return ids + q_open + q_ids + q_close

