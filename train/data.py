@@ -81,7 +81,7 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def _is_squad(path: Path) -> bool:
+def is_squad(path: Path) -> bool:
     with _open_text(path) as f:
         head = f.read(4096).lstrip()
     return head.startswith("{") and '"data"' in head and '"paragraphs"' in head
@@ -138,7 +138,7 @@ def read_jsonl_passages(path: str | Path) -> list[Passage]:
 def read_passages(path: str | Path) -> list[Passage]:
     """Passages from a SQuAD JSON file or a JSONL corpus (either may be gzipped), deduplicated by id."""
     path = data_path(str(path))
-    found = read_squad(path)[0] if _is_squad(path) else read_jsonl_passages(path)
+    found = read_squad(path)[0] if is_squad(path) else read_jsonl_passages(path)
     unique = {}
     for p in found:
         unique.setdefault(p.id, p)

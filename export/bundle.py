@@ -1,0 +1,318 @@
+"""Query encoder + generator + passages -> a bundle directory for the device.
+
+Stages: read passages, export and quantize the query encoder, embed the passages, build the
+hnswlib index and the sqlite passage store, export and quantize the generator, measure parity
+against PyTorch, write the manifest. Everything is written into a temporary directory beside
+the target and renamed into place at the end, so a bundle directory either is complete or does
+not exist.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import edgerag
+from export import DEFAULTS, onnx_export
+from export.quantize import QUANTIZATIONS, quantize
+from runtime.manifest import FORMAT_VERSION, MANIFEST, dump_manifest, file_record
+from runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
+from runtime.prompt import PromptTemplate, build_prompt_ids
+from tokenizers import Tokenizer
+from train.data import Passage, read_passages, read_squad, is_squad, data_path
+from train.sources import load_encoder, load_generator
+
+PASSAGE_FORMAT = "{title}: {text}"
+
+
+@dataclass
+class ExportOptions:
+    quantize: str = DEFAULTS["quantize"]
+    quantize_encoder: str = DEFAULTS["quantize_encoder"]
+    block_size: int = 32
+    accuracy_level: int = 4
+    k: int = 3
+    max_new_tokens: int = 32
+    max_context: int = 2048
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef: int = 64
+    parity_questions: int = 8
+    batch_size: int = 64
+    overwrite: bool = False
+
+
+def student_folder_models(folder: Path) -> tuple[str, str]:
+    """(query_encoder, generator) inside a run's student/ or teacher/ folder."""
+    folder = Path(folder)
+    q, g = folder / "query_encoder", folder / "generator"
+    if not (q.is_dir() and g.is_dir()):
+        raise FileNotFoundError(f"{folder} has no query_encoder/ and generator/ folders")
+    return str(q), str(g)
+
+
+def embed_passages(model, tokenizer, pooling: str, max_length: int, texts: list[str], batch_size: int) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), batch_size), desc="embed passages", unit="batch"):
+            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def write_passage_store(path: Path, passages: list[Passage]) -> None:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT NOT NULL, title TEXT, text TEXT NOT NULL)")
+    db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)",
+                   ((row, p.id, p.title, p.text) for row, p in enumerate(passages)))
+    db.commit()
+    db.execute("VACUUM")
+    db.close()
+
+
+def build_index(vectors: np.ndarray, path: Path, m: int, ef_construction: int) -> None:
+    import hnswlib
+
+    index = hnswlib.Index(space="ip", dim=vectors.shape[1])
+    index.init_index(max_elements=len(vectors), ef_construction=ef_construction, M=m, random_seed=0)
+    index.add_items(vectors, np.arange(len(vectors)))
+    index.save_index(str(path))
+
+
+def stop_token_ids(tokenizer, template: PromptTemplate) -> list[int]:
+    ids = set()
+    end = tokenizer(template.answer_end, add_special_tokens=False)["input_ids"]
+    if len(end) == 1:
+        ids.add(end[0])
+    vocab = tokenizer.get_vocab()
+    for token in ("<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>"):
+        if token in vocab:
+            ids.add(vocab[token])
+    return sorted(ids)
+
+
+def sample_prompts(passages_path: Path, passages: list[Passage], n: int) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(question, [(title, text)]) pairs for parity checks: the file's own questions where it has them."""
+    if is_squad(passages_path):
+        _, questions, _ = read_squad(passages_path)
+        step = max(len(questions) // n, 1)
+        return [(q.question, [(q.title, q.context)]) for q in questions[::step][:n]]
+    return [(f"What is {p.title or 'this passage'} about?", [(p.title, p.text)]) for p in passages[:n]]
+
+
+def greedy_torch(model, prompt: list[int], max_new_tokens: int, stop: list[int]) -> list[int]:
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                             pad_token_id=stop[0])[0, len(prompt):].tolist()
+    for i, t in enumerate(out):
+        if t in stop:
+            return out[:i]
+    return out
+
+
+def greedy_onnx(generator: DecoderOnlyGenerator, prompt: list[int], max_new_tokens: int) -> tuple[list[int], dict]:
+    timings: dict = {}
+    return list(generator.generate(prompt, max_new_tokens, timings)), timings
+
+
+def last_logits_torch(model, prompt: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.tensor([prompt])).logits[0, -1].numpy()
+
+
+def last_logits_onnx(generator: DecoderOnlyGenerator, prompt: list[int]) -> np.ndarray:
+    feed = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), dtype=np.int64),
+            **generator.empty_cache()}
+    if "position_ids" in generator.input_names:
+        feed["position_ids"] = np.arange(len(prompt))[None]
+    return generator.session.run(["logits"], feed)[0][0, -1]
+
+
+def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_paths: dict, opts: ExportOptions) -> dict:
+    """Largest |Δ logits| and greedy agreement of each ONNX variant against PyTorch fp32, plus its speed."""
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    budget = opts.max_context - opts.max_new_tokens
+    prompt_ids = [build_prompt_ids(encode, template, q, ps, budget) for q, ps in prompts]
+    reference_logits = [last_logits_torch(model, p) for p in prompt_ids]
+    reference = [greedy_torch(model, p, opts.max_new_tokens, stop)
+                 for p in tqdm(prompt_ids, desc="greedy answers (PyTorch)", unit="q")]
+    figures = {"n_prompts": len(prompt_ids),
+               "mean_prompt_tokens": float(np.mean([len(p) for p in prompt_ids])) if prompt_ids else 0.0}
+    for name, path in onnx_paths.items():
+        generator = DecoderOnlyGenerator(make_session(path, None), stop)
+        delta = max(float(np.abs(last_logits_onnx(generator, p) - r).max())
+                    for p, r in zip(prompt_ids, reference_logits))
+        same, prefill, decode, decode_tokens = 0, [], 0.0, 0
+        for p, ref in tqdm(list(zip(prompt_ids, reference)), desc=f"greedy answers (ONNX {name})", unit="q"):
+            tokens, timings = greedy_onnx(generator, p, opts.max_new_tokens)
+            same += tokens == ref
+            prefill.append(timings.get("prefill_ms", 0.0))
+            decode += timings.get("decode_ms", 0.0)
+            decode_tokens += max(len(tokens) - 1, 0)
+        figures[name] = {
+            "max_abs_logit_delta": delta,
+            "greedy_exact_match": same / max(len(prompt_ids), 1),
+            "prefill_ms_mean": float(np.mean(prefill)) if prefill else None,
+            "decode_ms_per_token": decode / decode_tokens if decode_tokens else None,
+        }
+    return figures
+
+
+def export_bundle(query_encoder: str, generator: str, passages_file: str | Path, out: str | Path,
+                  passage_encoder: str | None = None, options: ExportOptions | None = None) -> Path:
+    opts = options or ExportOptions()
+    for method in (opts.quantize, opts.quantize_encoder):
+        if method not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZATIONS)}")
+    out = Path(out)
+    if out.exists() and not opts.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    passages_path = data_path(str(passages_file))
+    passages = read_passages(passages_path)  # bad lines fail here, before any model loads
+    if not passages:
+        raise ValueError(f"{passages_path} holds no passages")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    stages = tqdm(total=7, desc="export", unit="stage")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
+        bundle, work = Path(tmp) / "bundle", Path(tmp) / "work"
+        bundle.mkdir()
+        work.mkdir()
+
+        stages.set_postfix_str("query encoder")
+        enc_folder = onnx_export.materialize(query_encoder, work / "query_encoder")
+        enc_model, enc_tokenizer, pooling, max_length = load_encoder(str(enc_folder))
+        enc_graph = onnx_export.export_query_encoder(enc_folder, pooling)
+        onnx_export.save(enc_graph, work / "query_encoder.fp32.onnx")
+        enc_graph, enc_quant = quantize(enc_graph, opts.quantize_encoder, opts.block_size, opts.accuracy_level,
+                                        is_generator=False)
+        onnx_export.save(enc_graph, bundle / "query_encoder.onnx")
+        shutil.copy(enc_folder / "tokenizer.json", bundle / "query_tokenizer.json")
+        stages.update()
+
+        stages.set_postfix_str("passage embeddings")
+        if passage_encoder:
+            p_model, p_tokenizer, p_pooling, p_max = load_encoder(passage_encoder)
+        else:
+            p_model, p_tokenizer, p_pooling, p_max = enc_model, enc_tokenizer, pooling, max_length
+        vectors = embed_passages(p_model, p_tokenizer, p_pooling, p_max,
+                                 [PASSAGE_FORMAT.format(title=p.title, text=p.text) for p in passages], opts.batch_size)
+        stages.update()
+
+        stages.set_postfix_str("index + passage store")
+        build_index(vectors, bundle / "index.hnsw", opts.hnsw_m, opts.ef_construction)
+        write_passage_store(bundle / "passages.sqlite", passages)
+        stages.update()
+
+        stages.set_postfix_str("embedding parity")
+        prompts = sample_prompts(passages_path, passages, opts.parity_questions)
+        sample_questions = [q for q, _ in prompts] or ["What is this about?"]
+        reference = embed_passages(enc_model, enc_tokenizer, pooling, max_length, sample_questions, opts.batch_size)
+        embedding_parity = {}
+        for name, path in {"fp32": work / "query_encoder.fp32.onnx", "shipped": bundle / "query_encoder.onnx"}.items():
+            onnx_encoder = QueryEncoder(make_session(path, None), Tokenizer.from_file(str(bundle / "query_tokenizer.json")),
+                                        max_length)
+            embedding_parity[name] = float(np.abs(onnx_encoder.encode(sample_questions) - reference).max())
+        del enc_model
+        stages.update()
+
+        stages.set_postfix_str("generator")
+        gen_folder = onnx_export.materialize(generator, work / "generator")
+        gen_model, gen_tokenizer = load_generator(str(gen_folder))
+        vocab = gen_tokenizer.get_vocab()
+        template = PromptTemplate.for_vocab(vocab.get)
+        stop = stop_token_ids(gen_tokenizer, template)
+        gen_graph = onnx_export.export_generator(gen_folder)
+        onnx_export.save(gen_graph, work / "generator.fp32.onnx")
+        gen_graph, gen_quant = quantize(gen_graph, opts.quantize, opts.block_size, opts.accuracy_level)
+        onnx_export.save(gen_graph, bundle / "generator.onnx")
+        del gen_graph
+        shutil.copy(gen_folder / "tokenizer.json", bundle / "generator_tokenizer.json")
+        stages.update()
+
+        stages.set_postfix_str("generator parity")
+        variants = {"fp32": work / "generator.fp32.onnx"}
+        if opts.quantize != "none":
+            variants[opts.quantize] = bundle / "generator.onnx"
+        generator_parity = measure_generator_parity(gen_model, gen_tokenizer, template, stop, prompts, variants, opts)
+        stages.update()
+
+        stages.set_postfix_str("manifest")
+        config = gen_model.config
+        manifest = {
+            "format": "edgerag-bundle",
+            "format_version": FORMAT_VERSION,
+            "created_unix": int(time.time()),
+            "versions": _versions(),
+            "sources": {"query_encoder": str(query_encoder), "generator": str(generator),
+                        "passage_encoder": str(passage_encoder or query_encoder), "passages": str(passages_file)},
+            "query_encoder": {"onnx": "query_encoder.onnx", "tokenizer": "query_tokenizer.json",
+                              "pooling": pooling, "normalized": True, "max_length": max_length,
+                              "dim": int(vectors.shape[1]), "quantization": enc_quant},
+            "generator": {"family": "decoder-only", "onnx": "generator.onnx", "tokenizer": "generator_tokenizer.json",
+                          "model_type": config.model_type, "num_layers": config.num_hidden_layers,
+                          "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
+                          "parameters": sum(p.numel() for p in gen_model.parameters()),
+                          "max_context": min(opts.max_context, getattr(config, "max_position_embeddings", opts.max_context)),
+                          "logits": "last-position", "quantization": gen_quant},
+            "prompt": {"template": template.to_dict(), "stop_token_ids": stop,
+                       "truncation": "passages first, lowest-ranked first; then the question's tail"},
+            "generation": {"strategy": "greedy", "k": opts.k, "max_new_tokens": opts.max_new_tokens},
+            "index": {"file": "index.hnsw", "library": "hnswlib", "space": "ip", "dim": int(vectors.shape[1]),
+                      "count": len(passages), "M": opts.hnsw_m, "ef_construction": opts.ef_construction,
+                      "ef": opts.ef, "passage_format": PASSAGE_FORMAT},
+            "passages": {"file": "passages.sqlite", "count": len(passages), "table": "passages"},
+            "parity": {"max_abs_embedding_delta": embedding_parity, "generator": generator_parity},
+            "export_seconds": round(time.time() - started, 1),
+        }
+        manifest["files"] = {f.name: file_record(f) for f in sorted(bundle.iterdir())}
+        (bundle / MANIFEST).write_bytes(dump_manifest(manifest))
+        stages.update()
+        stages.close()
+        _replace_dir(bundle, out)
+    return out
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move a finished bundle into place; an older bundle there is replaced only after the new one is in."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"edgerag": edgerag.__version__}
+    for package in ("onnxruntime", "transformers", "optimum", "optimum-onnx", "torch", "onnx", "hnswlib", "tokenizers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found

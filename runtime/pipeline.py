@@ -1,0 +1,273 @@
+"""Bundle -> answers, with onnxruntime, numpy, hnswlib, tokenizers and the standard library.
+
+    pipeline = Pipeline.load("bundle/")
+    answer = pipeline.ask("Who won Super Bowl 50?")
+    for piece in pipeline.stream("..."): print(piece, end="")
+    answers = pipeline.ask_batch(["...", "..."])
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import hnswlib
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from runtime.manifest import read_manifest, verify
+from runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def make_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ValueError(f"execution provider {provider!r} is not available; available: {', '.join(available)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=[provider])
+
+
+class QueryEncoder:
+    """Text -> L2-normalized embeddings; pooling and normalization are inside the graph."""
+
+    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, max_length: int):
+        self.session = session
+        self.tokenizer = tokenizer
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0)
+        self.input_names = {i.name for i in session.get_inputs()}
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(texts)
+        feed = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+        if "token_type_ids" in self.input_names:
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        return self.session.run(["embedding"], feed)[0]
+
+
+class PassageStore:
+    """Passage text on disk (sqlite), so the device never holds the whole corpus in memory."""
+
+    def __init__(self, path: Path):
+        # immutable=1: sqlite writes nothing (no journal, no lock files), so checksums stay valid
+        self.db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        self.extra: dict[int, tuple[str, str, str]] = {}
+
+    def get(self, rows: Iterable[int]) -> list[tuple[str, str, str]]:
+        rows = [int(r) for r in rows]
+        found = {r: self.extra[r] for r in rows if r in self.extra}
+        stored = [r for r in rows if r not in found]
+        if stored:
+            marks = ",".join("?" * len(stored))
+            for row, pid, title, text in self.db.execute(
+                    f"SELECT row, id, title, text FROM passages WHERE row IN ({marks})", stored):
+                found[row] = (pid, title, text)
+        return [found[r] for r in rows]
+
+
+class DecoderOnlyGenerator:
+    """Greedy decoding over one ONNX graph (Optimum's layout) that serves prefill and decode with a KV cache."""
+
+    def __init__(self, session: ort.InferenceSession, stop_token_ids: list[int]):
+        self.session = session
+        self.stop = set(stop_token_ids)
+        self.past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_outputs = [n.replace("past_key_values.", "present.") for n in (i.name for i in self.past_inputs)]
+        self.input_names = {i.name for i in session.get_inputs()}
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        # inputs are [batch, kv_heads, past_length, head_dim]; kv_heads and head_dim are fixed in the graph
+        return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=ORT_DTYPES[i.type]) for i in self.past_inputs}
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, timings: dict) -> Iterator[int]:
+        """Yield new token ids; fills timings['prefill_ms'] and timings['decode_ms']."""
+        cache = self.empty_cache()
+        ids = np.array([prompt_ids], dtype=np.int64)
+        length = len(prompt_ids)
+        positions = np.arange(length, dtype=np.int64)[None, :]
+        timings["decode_ms"] = 0.0
+        for step in range(max_new_tokens):
+            start = time.perf_counter()
+            feed = {"input_ids": ids, "attention_mask": np.ones((1, length), dtype=np.int64), **cache}
+            if "position_ids" in self.input_names:
+                feed["position_ids"] = positions
+            logits, *presents = self.session.run(["logits", *self.present_outputs], feed)
+            token = int(logits[0, -1].argmax())
+            elapsed = (time.perf_counter() - start) * 1000
+            if step == 0:
+                timings["prefill_ms"] = elapsed
+            else:
+                timings["decode_ms"] += elapsed
+            if token in self.stop:
+                return
+            yield token
+            cache = {i.name: p for i, p in zip(self.past_inputs, presents)}
+            ids = np.array([[token]], dtype=np.int64)
+            positions = np.array([[length]], dtype=np.int64)
+            length += 1
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    passages: list[dict]
+    timings: dict
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    tokens_per_second: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class Pipeline:
+    """A loaded bundle: query encoder, hnswlib index, passage store and generator."""
+
+    path: Path
+    manifest: dict
+    encoder: QueryEncoder
+    index: hnswlib.Index
+    store: PassageStore
+    generator: DecoderOnlyGenerator
+    tokenizer: Tokenizer
+    template: PromptTemplate
+    size: int = field(default=0)
+
+    @classmethod
+    def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True) -> "Pipeline":
+        """Load a bundle directory. Every file's checksum is verified first (`check=False` skips that)."""
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle)
+        if check:
+            verify(bundle, manifest)
+        enc, gen, idx = manifest["query_encoder"], manifest["generator"], manifest["index"]
+        encoder = QueryEncoder(make_session(bundle / enc["onnx"], threads),
+                               Tokenizer.from_file(str(bundle / enc["tokenizer"])), enc["max_length"])
+        index = hnswlib.Index(space=idx["space"], dim=idx["dim"])
+        index.load_index(str(bundle / idx["file"]), max_elements=idx["count"])
+        index.set_ef(idx["ef"])
+        generator = DecoderOnlyGenerator(make_session(bundle / gen["onnx"], threads), manifest["prompt"]["stop_token_ids"])
+        return cls(bundle, manifest, encoder, index, PassageStore(bundle / manifest["passages"]["file"]),
+                   generator, Tokenizer.from_file(str(bundle / gen["tokenizer"])),
+                   PromptTemplate.from_dict(manifest["prompt"]["template"]), idx["count"])
+
+    # retrieval ---------------------------------------------------------------------------
+    def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.size)
+        self.index.set_ef(max(self.manifest["index"]["ef"], k))
+        rows, distances = self.index.knn_query(embeddings, k=k)
+        return rows, 1.0 - distances  # hnswlib's 'ip' distance is 1 - dot product
+
+    def retrieve(self, question: str, k: int | None = None) -> list[dict]:
+        rows, scores = self.search(self.encoder.encode([question]), k or self.manifest["generation"]["k"])
+        return self._passages(rows[0], scores[0])
+
+    def _passages(self, rows, scores) -> list[dict]:
+        return [{"id": pid, "title": title, "score": float(score), "text": text}
+                for (pid, title, text), score in zip(self.store.get(rows), scores)]
+
+    def add_passages(self, passages: list[tuple[str, str, str]], batch_size: int = 64) -> None:
+        """Add (id, title, text) passages to the in-memory index, embedded with the bundle's query encoder."""
+        self.index.resize_index(self.size + len(passages))
+        for start in range(0, len(passages), batch_size):
+            chunk = passages[start:start + batch_size]
+            fmt = self.manifest["index"]["passage_format"]
+            vectors = self.encoder.encode([fmt.format(title=title, text=text) for _, title, text in chunk])
+            rows = np.arange(self.size, self.size + len(chunk))
+            self.index.add_items(vectors, rows)
+            self.store.extra.update({int(r): p for r, p in zip(rows, chunk)})
+            self.size += len(chunk)
+
+    # generation --------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _generate(self, question: str, passages: list[dict], max_new_tokens: int | None,
+                  timings: dict, started: float) -> Iterator[str]:
+        gen = self.manifest["generation"]
+        max_new_tokens = max_new_tokens or gen["max_new_tokens"]
+        budget = self.manifest["generator"]["max_context"] - max_new_tokens
+        prompt = build_prompt_ids(self._encode, self.template, question,
+                                  [(p["title"], p["text"]) for p in passages], budget)
+        decoder = DecodeStream(skip_special_tokens=True)
+        tokens: list[int] = []
+        for token in self.generator.generate(prompt, max_new_tokens, timings):
+            if not tokens:
+                timings["ttft_ms"] = (time.perf_counter() - started) * 1000
+            tokens.append(token)
+            piece = decoder.step(self.tokenizer, token)
+            if piece:
+                yield piece
+        timings["total_ms"] = (time.perf_counter() - started) * 1000
+        decode_s = timings.get("decode_ms", 0.0) / 1000
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return Answer(question, text, passages, timings, len(prompt), len(tokens),
+                      (len(tokens) - 1) / decode_s if decode_s > 0 and len(tokens) > 1 else 0.0)
+
+    def stream(self, question: str, k: int | None = None, max_new_tokens: int | None = None) -> Iterator[str]:
+        """Yield answer text as it is produced; the generator's return value is the full Answer."""
+        if not question or not question.strip():
+            raise PromptError("the question is empty")
+        started = time.perf_counter()
+        timings = {}
+        vector = self.encoder.encode([question])
+        timings["encode_ms"] = (time.perf_counter() - started) * 1000
+        t = time.perf_counter()
+        rows, scores = self.search(vector, k or self.manifest["generation"]["k"])
+        timings["search_ms"] = (time.perf_counter() - t) * 1000
+        passages = self._passages(rows[0], scores[0])
+        return (yield from self._generate(question, passages, max_new_tokens, timings, started))
+
+    def ask(self, question: str, k: int | None = None, max_new_tokens: int | None = None) -> Answer:
+        return _drain(self.stream(question, k, max_new_tokens))
+
+    def answer_with_passages(self, question: str, passages: list[tuple[str, str]],
+                             max_new_tokens: int | None = None) -> Answer:
+        """Answer from given (title, text) passages, skipping retrieval (e.g. the gold passage)."""
+        if not question or not question.strip():
+            raise PromptError("the question is empty")
+        given = [{"id": None, "title": t, "score": None, "text": x} for t, x in passages]
+        timings = {"encode_ms": 0.0, "search_ms": 0.0}
+        return _drain(self._generate(question, given, max_new_tokens, timings, time.perf_counter()))
+
+    def ask_batch(self, questions: list[str], k: int | None = None, max_new_tokens: int | None = None) -> list[Answer]:
+        """Many questions: encoded and searched together, then answered one by one."""
+        for q in questions:
+            if not q or not q.strip():
+                raise PromptError("a question in the batch is empty")
+        started = time.perf_counter()
+        vectors = self.encoder.encode(questions)
+        encode_ms = (time.perf_counter() - started) * 1000 / max(len(questions), 1)
+        t = time.perf_counter()
+        rows, scores = self.search(vectors, k or self.manifest["generation"]["k"])
+        search_ms = (time.perf_counter() - t) * 1000 / max(len(questions), 1)
+        answers = []
+        for q, r, s in zip(questions, rows, scores):
+            timings = {"encode_ms": encode_ms, "search_ms": search_ms}
+            answers.append(_drain(self._generate(q, self._passages(r, s), max_new_tokens, timings, time.perf_counter())))
+        return answers
+
+
+def _drain(stream: Iterator[str]) -> Answer:
+    while True:
+        try:
+            next(stream)
+        except StopIteration as done:
+            return done.value

@@ -1,0 +1,223 @@
+"""Export tiny models to bundles and check the runtime against PyTorch, numpy and itself."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from runtime import BundleError, Pipeline, PromptError
+from runtime.manifest import MANIFEST, read_manifest, verify
+
+
+def _torch_greedy(generator_dir, prompt, max_new_tokens, stop):
+    from export.bundle import greedy_torch
+    from train.sources import load_generator
+
+    model, _ = load_generator(str(generator_dir))
+    return greedy_torch(model, prompt, max_new_tokens, stop)
+
+
+def _prompt(pipeline, question, passages):
+    from runtime.prompt import build_prompt_ids
+
+    return build_prompt_ids(pipeline._encode, pipeline.template, question, passages,
+                            pipeline.manifest["generator"]["max_context"] - 12)
+
+
+PROMPTS = [("Which team won Super Bowl 50?", [("Super Bowl 50", "The Denver Broncos defeated the Carolina Panthers.")]),
+           ("What is the capital of Poland?", [("Warsaw", "Warsaw is the capital and largest city of Poland.")]),
+           ("Where is Victoria?", [("Victoria", "Victoria is a state in the south east of Australia.")])]
+
+
+def test_fp32_onnx_greedy_equals_pytorch_token_for_token(tiny_models, tiny_bundle):
+    from train.sources import load_generator
+    from export.bundle import greedy_torch
+
+    model, _ = load_generator(str(tiny_models[1]))
+    pipeline = Pipeline.load(tiny_bundle)
+    stop = pipeline.manifest["prompt"]["stop_token_ids"]
+    for question, passages in PROMPTS:
+        prompt = _prompt(pipeline, question, passages)
+        onnx_tokens = list(pipeline.generator.generate(prompt, 12, {}))
+        assert onnx_tokens == greedy_torch(model, prompt, 12, stop)
+        assert len(onnx_tokens) > 0
+
+
+def _full_recompute_tokens(generator, prompt, n):
+    from export.bundle import last_logits_onnx
+
+    ids = list(prompt)
+    out = []
+    for _ in range(n):
+        token = int(last_logits_onnx(generator, ids).argmax())
+        if token in generator.stop:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8", "tiny_bundle_int4"])
+def test_kv_cache_decoding_equals_full_recomputation(bundle_fixture, request):
+    pipeline = Pipeline.load(request.getfixturevalue(bundle_fixture))
+    for question, passages in PROMPTS:
+        prompt = _prompt(pipeline, question, passages)
+        cached = list(pipeline.generator.generate(prompt, 12, {}))
+        assert cached == _full_recompute_tokens(pipeline.generator, prompt, 12)
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8", "tiny_bundle_int4"])
+def test_quantized_logits_within_recorded_tolerance(bundle_fixture, request, tiny_models):
+    from export.bundle import last_logits_onnx, last_logits_torch
+    from train.sources import load_generator
+
+    pipeline = Pipeline.load(request.getfixturevalue(bundle_fixture))
+    method = pipeline.manifest["generator"]["quantization"]["method"]
+    figures = pipeline.manifest["parity"]["generator"]
+    recorded = figures[method]["max_abs_logit_delta"]
+    assert recorded > figures["fp32"]["max_abs_logit_delta"]  # quantization does change the numbers
+    model, _ = load_generator(str(tiny_models[1]))
+    for question, passages in PROMPTS:  # prompts the export never saw
+        prompt = _prompt(pipeline, question, passages)
+        delta = np.abs(last_logits_onnx(pipeline.generator, prompt) - last_logits_torch(model, prompt)).max()
+        assert delta <= 2 * recorded + 1e-4
+
+
+def test_fp32_parity_figures_recorded(tiny_bundle):
+    parity = read_manifest(tiny_bundle)["parity"]
+    assert parity["max_abs_embedding_delta"]["fp32"] < 1e-4
+    assert parity["generator"]["fp32"]["max_abs_logit_delta"] < 1e-3
+    assert parity["generator"]["fp32"]["greedy_exact_match"] == 1.0
+
+
+def test_query_embedding_matches_pytorch_and_is_normalized(tiny_models, tiny_bundle):
+    from export.bundle import embed_passages
+    from train.sources import load_encoder
+
+    model, tokenizer, pooling, max_length = load_encoder(str(tiny_models[0]))
+    texts = ["What is the capital of Poland?", "A much longer question about steam engines and heat and work?"]
+    reference = embed_passages(model, tokenizer, pooling, max_length, texts, 8)
+    pipeline = Pipeline.load(tiny_bundle)
+    got = pipeline.encoder.encode(texts)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_retrieval_equals_exact_numpy_search(tiny_bundle):
+    import sqlite3
+
+    pipeline = Pipeline.load(tiny_bundle)
+    db = sqlite3.connect(tiny_bundle / "passages.sqlite")
+    rows = db.execute("SELECT id, title, text FROM passages ORDER BY row").fetchall()
+    fmt = pipeline.manifest["index"]["passage_format"]
+    # the bundle's passages were embedded with the same (PyTorch) encoder the ONNX graph reproduces
+    matrix = pipeline.encoder.encode([fmt.format(title=t, text=x) for _, t, x in rows])
+    for question in ["Which team won Super Bowl 50?", "capital of Poland", "oxygen atomic number", "steam"]:
+        scores = matrix @ pipeline.encoder.encode([question])[0]
+        exact = [rows[i][0] for i in np.argsort(-scores)[:5]]
+        got = pipeline.retrieve(question, k=5)
+        assert [p["id"] for p in got] == exact
+        np.testing.assert_allclose([p["score"] for p in got], np.sort(scores)[::-1][:5], atol=1e-4)
+
+
+def test_ask_stream_and_batch_agree(tiny_bundle):
+    pipeline = Pipeline.load(tiny_bundle)
+    question = "Which team won Super Bowl 50?"
+    answer = pipeline.ask(question, max_new_tokens=8)
+    assert set(answer.timings) >= {"encode_ms", "search_ms", "prefill_ms", "decode_ms", "total_ms"}
+    assert len(answer.passages) == 2 and {"id", "title", "score", "text"} <= set(answer.passages[0])
+    assert answer.new_tokens > 0  # a random model may emit only whitespace, so the text may be empty
+    streamed = "".join(pipeline.stream(question, max_new_tokens=8))
+    assert streamed.strip() == answer.answer
+    batch = pipeline.ask_batch([question, "What is the capital of Poland?"], max_new_tokens=8)
+    assert batch[0].answer == answer.answer and len(batch) == 2
+
+
+def test_question_far_over_context_is_truncated_not_crashed(tiny_bundle):
+    pipeline = Pipeline.load(tiny_bundle)
+    answer = pipeline.ask("Which team won? " * 400, max_new_tokens=4)
+    assert answer.prompt_tokens <= pipeline.manifest["generator"]["max_context"] - 4
+
+
+def test_empty_question_is_refused(tiny_bundle):
+    pipeline = Pipeline.load(tiny_bundle)
+    for bad in ["", "   "]:
+        with pytest.raises(PromptError, match="empty"):
+            pipeline.ask(bad)
+
+
+def test_added_passages_are_retrievable(tiny_bundle):
+    pipeline = Pipeline.load(tiny_bundle)
+    pipeline.add_passages([("extra1", "Zanzibar", "Zanzibar is an archipelago off the coast of Tanzania.")])
+    found = pipeline.retrieve("Zanzibar is an archipelago off the coast of Tanzania.", k=1)
+    assert found[0]["id"] == "extra1"
+
+
+def _copy(bundle, tmp_path):
+    target = tmp_path / "b"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_every_byte_of_every_file_is_covered(tiny_bundle, tmp_path):
+    rng = np.random.default_rng(0)
+    names = sorted(p.name for p in tiny_bundle.iterdir())
+    assert MANIFEST in names and len(names) >= 7
+    for name in names:
+        size = (tiny_bundle / name).stat().st_size
+        for offset in {0, size - 1, int(rng.integers(size))}:
+            copy = _copy(tiny_bundle, tmp_path / f"{name}-{offset}")
+            data = bytearray((copy / name).read_bytes())
+            data[offset] ^= 0x01
+            (copy / name).write_bytes(bytes(data))
+            with pytest.raises(BundleError) as error:
+                Pipeline.load(copy)
+            assert name in str(error.value) or (name == MANIFEST and "manifest" in str(error.value))
+
+
+def test_missing_file_is_named(tiny_bundle, tmp_path):
+    copy = _copy(tiny_bundle, tmp_path)
+    (copy / "index.hnsw").unlink()
+    with pytest.raises(BundleError, match="missing file index.hnsw"):
+        Pipeline.load(copy)
+
+
+def test_unknown_format_version(tiny_bundle, tmp_path):
+    copy = _copy(tiny_bundle, tmp_path)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["format_version"] = 99
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="unknown bundle format version 99"):
+        Pipeline.load(copy)
+
+
+def test_verify_passes_on_a_good_bundle(tiny_bundle):
+    manifest = verify(tiny_bundle)
+    assert set(manifest["files"]) == {p.name for p in tiny_bundle.iterdir()} - {MANIFEST}
+
+
+def test_generator_logits_are_last_position_only(tiny_bundle):
+    import onnx
+
+    graph = onnx.load(str(tiny_bundle / "generator.onnx")).graph
+    logits = next(o for o in graph.output if o.name == "logits")
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    pipeline = Pipeline.load(tiny_bundle)
+    from export.bundle import last_logits_onnx
+    feed_len = 20
+    ids = list(range(5, 5 + feed_len))
+    out = pipeline.generator.session.run(["logits"], {
+        "input_ids": np.array([ids]), "attention_mask": np.ones((1, feed_len), dtype=np.int64),
+        "position_ids": np.arange(feed_len)[None], **pipeline.generator.empty_cache()})[0]
+    assert out.shape[1] == 1
+    np.testing.assert_allclose(out[0, -1], last_logits_onnx(pipeline.generator, ids))
+
+
+def test_tied_embeddings_stored_once_in_fp32(tiny_bundle):
+    import onnx
+
+    graph = onnx.load(str(tiny_bundle / "generator.onnx")).graph
+    vocab = read_manifest(tiny_bundle)["generator"]["vocab_size"]
+    embedding_sized = [i.name for i in graph.initializer if vocab in i.dims]
+    assert len(embedding_sized) == 1, embedding_sized

@@ -1,0 +1,147 @@
+"""The whole `distill` pipeline on tiny random models: eval.json, resume, DDP, the CLI."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from train import loop  # noqa: E402
+from train.pipeline import RunError, add_cli, distill  # noqa: E402
+from train.tiny import make_tiny_project  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20",
+               "generator_params", "encoder_params", "seconds_per_question"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_project(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    report = distill(tiny["recipe"], out)
+    return out, report
+
+
+def state(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_eval_json_schema(full_run):
+    out, report = full_run
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved == report
+    assert set(saved) == {"dataset", "n_questions", "k", "teacher", "student"}
+    assert saved["n_questions"] == 12 and saved["k"] == 2
+    for side in ("teacher", "student"):
+        assert set(saved[side]) == METRIC_KEYS
+        for m in ("em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20"):
+            assert 0.0 <= saved[side][m] <= 100.0
+        assert saved[side]["recall@1"] <= saved[side]["recall@5"] <= saved[side]["recall@20"]
+    assert saved["student"]["generator_params"] < saved["teacher"]["generator_params"]
+    assert saved["student"]["encoder_params"] < saved["teacher"]["encoder_params"]
+
+
+def test_run_folder_layout(full_run):
+    out, _ = full_run
+    for side in ("teacher", "student"):
+        assert (out / side / "generator" / "config.json").exists()
+        assert (out / side / "generator" / "tokenizer.json").exists()
+        enc = out / side / "query_encoder"
+        assert (enc / "config.json").exists() and (enc / "1_Pooling" / "config.json").exists()
+        assert (enc / "modules.json").exists()
+    cfg = json.loads((out / "student" / "generator" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["intermediate_size"] == 64 and cfg["num_key_value_heads"] == 1
+    for stage in ("data", "teacher", "index", "teacher_finetune", "student_init", "distill_encoder",
+                  "teacher_logits", "distill_generator", "eval"):
+        assert (out / "stages" / stage / "done").exists(), stage
+    # every training stage logged its losses, and they went down
+    for stage in ("teacher_finetune", "distill_encoder", "distill_generator"):
+        log = [json.loads(l) for l in (out / "stages" / stage / "log.jsonl").read_text().splitlines()]
+        assert log[-1]["loss"] < log[0]["loss"], stage
+
+
+def test_existing_run_needs_resume(full_run, tiny):
+    out, _ = full_run
+    with pytest.raises(RunError, match="--resume"):
+        distill(tiny["recipe"], out)
+    # resuming a finished run redoes nothing and gives the same report
+    assert distill(tiny["recipe"], out, resume=True) == json.loads((out / "eval.json").read_text())
+
+
+def test_resume_after_interruption_matches(full_run, tiny, tmp_path, capsys):
+    out_full, report_full = full_run
+    out = tmp_path / "run"
+    loop.INTERRUPT_AFTER_STEP = 2   # raises after the step-2 checkpoint of the first training stage
+    try:
+        with pytest.raises(loop.Interrupted):
+            distill(tiny["recipe"], out)
+    finally:
+        loop.INTERRUPT_AFTER_STEP = None
+    assert (out / "stages" / "teacher_finetune" / "checkpoint.pt").exists()
+    assert not (out / "stages" / "teacher_finetune" / "done").exists()
+    report = distill(tiny["recipe"], out, resume=True)
+    assert "resumed from step 2" in capsys.readouterr().out
+    for side in ("teacher", "student"):
+        for key in ("em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20", "generator_params"):
+            assert report[side][key] == report_full[side][key], (side, key)
+    for part in ("teacher/generator", "student/generator", "student/query_encoder"):
+        a, b = state(out_full / part), state(out / part)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), (part, k)
+
+
+def test_cli_eval_on_a_model_folder(full_run, tiny, tmp_path):
+    out, _ = full_run
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    target = tmp_path / "eval.json"
+    args = parser.parse_args(["eval", str(out / "student"), "--questions", str(tiny["eval"]), "--n", "4", "--k", "2",
+                              "--out", str(target)])
+    assert args.func(args) == 0
+    result = json.loads(target.read_text())
+    assert result["n_questions"] == 4 and result["k"] == 2
+    assert METRIC_KEYS <= set(result)
+
+
+def test_cli_distill_reports_recipe_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[student]\nlayerz = 3\n")
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["distill", str(bad), "--out", str(tmp_path / "run")])
+    assert args.func(args) == 2
+    assert "student.layerz" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ddp_two_processes_on_gloo(tiny, tmp_path):
+    """torchrun with 2 CPU processes: DDP training stages, rank 0 writes, and the run finishes."""
+    recipe = tmp_path / "ddp.toml"
+    text = tiny["recipe"].read_text().replace("[teacher_finetune]\n", "[teacher_finetune]\nenabled = false\n")
+    text = text.replace("seq_kd = true", "seq_kd = false")
+    recipe.write_text(text)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "train.pipeline", "distill",
+                           str(recipe), "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["student"]) == METRIC_KEYS
+    log = [json.loads(l) for l in (out / "stages" / "distill_generator" / "log.jsonl").read_text().splitlines()]
+    # 16 examples, batch 4 split over 2 ranks: 4 optimizer steps in all
+    assert len(log) == 4
+    assert not list(out.rglob("*.tmp"))

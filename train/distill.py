@@ -1,0 +1,138 @@
+"""Distillation losses: the student query encoder toward the teacher's embedding space, and the
+student generator toward the teacher's next-token distributions on the answer.
+
+Generator KD reads teacher logits from a cache made once (top-k log-probabilities per answer
+position at temperature T), so extra epochs never re-run the teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .retrieval import embed_batch
+from .teacher import Example, collate
+
+
+# ---------------------------------------------------------------- query encoder
+
+@dataclass
+class QueryExample:
+    text: str
+    target: object          # teacher's normalized query embedding (tensor [dim])
+    passage: int            # row of the gold passage in the passage-embedding matrix; -1 for a passage text
+
+
+def encoder_loss_fn(tokenizer, pooling: str, max_length: int, passage_embeddings, mse_weight=1.0, cosine_weight=0.0,
+                    contrastive_weight=0.1, temperature=0.05):
+    """loss(model, batch): squared distance to the teacher's query embedding (+ 1 - cosine), plus an
+    InfoNCE term that ranks the gold passage (teacher's passage embedding) above the other gold
+    passages of the batch. The passages stay fixed: the student must fit the teacher's index."""
+    import torch
+    import torch.nn.functional as F
+
+    def loss_fn(model, batch: list[QueryExample]):
+        student = embed_batch(model, tokenizer, [e.text for e in batch], pooling, max_length)
+        target = torch.stack([e.target for e in batch]).to(student.device)
+        mse = ((student - target) ** 2).sum(-1).mean()
+        cosine = (1 - (student * target).sum(-1)).mean()
+        queries = [i for i, e in enumerate(batch) if e.passage >= 0]  # passage texts have no gold passage
+        contrastive = student.new_zeros(())
+        if queries and contrastive_weight:
+            rows = sorted({batch[i].passage for i in queries})
+            passages = passage_embeddings[rows].to(student.device)
+            labels = torch.tensor([rows.index(batch[i].passage) for i in queries], device=student.device)
+            contrastive = F.cross_entropy(student[queries] @ passages.T / temperature, labels)
+        loss = mse_weight * mse + cosine_weight * cosine + contrastive_weight * contrastive
+        return loss, {"mse": mse.detach(), "contrastive": contrastive.detach()}
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------- generator
+
+def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: float, top_k: int, hidden: bool = False,
+                  batch_size: int = 4, progress: str | None = None) -> list[dict]:
+    """Per example: top-k teacher log-probs at temperature T and their token ids, at each position that
+    predicts a target token (and the final hidden state there, for hidden-state alignment)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    out = []
+    teacher.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, len(examples), batch_size), desc=progress, disable=progress is None):
+            chunk = examples[start:start + batch_size]
+            ids, mask, labels = collate(chunk, pad_id, next(teacher.parameters()).device)
+            res = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+            logits = res.logits[:, :-1].float()
+            for row, e in enumerate(chunk):
+                start_pos = len(e.prompt) - 1
+                sel = logits[row, start_pos:start_pos + len(e.target)]
+                logp = torch.log_softmax(sel / temperature, dim=-1)
+                values, indices = logp.topk(top_k, dim=-1)
+                item = {"logp": values.cpu(), "ids": indices.to(torch.int32).cpu()}
+                if hidden:
+                    item["hidden"] = res.hidden_states[-1][row, start_pos:start_pos + len(e.target)].float().cpu()
+                out.append(item)
+    return out
+
+
+@dataclass
+class KDExample:
+    example: Example
+    cache: dict
+
+
+def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weight: float = 0.0):
+    """alpha * CE(target) + (1 - alpha) * T^2 * KL(teacher_topk || student) (+ hidden-state MSE).
+
+    The teacher's top-k distribution is renormalized over its k tokens; the student's log-probs are
+    the full-vocabulary ones read at those tokens, so mass the student puts elsewhere is penalized.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def loss_fn(model, batch: list[KDExample]):
+        examples = [b.example for b in batch]
+        ids, mask, labels = collate(examples, pad_id, next(model.parameters()).device)
+        res = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_weight > 0)
+        logits = res.logits[:, :-1]
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+        kl_sum, hid_sum, n = 0.0, 0.0, 0
+        for row, b in enumerate(batch):
+            start = len(b.example.prompt) - 1
+            sel = logits[row, start:start + len(b.example.target)].float()
+            log_q = torch.log_softmax(sel / temperature, dim=-1).gather(-1, b.cache["ids"].long().to(sel.device))
+            p_logp = torch.log_softmax(b.cache["logp"].to(sel.device), dim=-1)  # renormalize over top-k
+            kl_sum = kl_sum + (p_logp.exp() * (p_logp - log_q)).sum()
+            if hidden_weight > 0:
+                h = res.hidden_states[-1][row, start:start + len(b.example.target)].float()
+                hid_sum = hid_sum + ((h - b.cache["hidden"].to(h.device)) ** 2).mean(-1).sum()
+            n += sel.shape[0]
+        kl = kl_sum / n * temperature ** 2
+        loss = alpha * ce + (1 - alpha) * kl
+        parts = {"ce": ce.detach(), "kl": kl.detach()}
+        if hidden_weight > 0:
+            hid = hid_sum / n
+            loss = loss + hidden_weight * hid
+            parts["hidden"] = hid.detach()
+        return loss, parts
+
+    return loss_fn
+
+
+def kl_teacher_student(teacher, student, examples: list[Example], pad_id: int, temperature: float = 1.0) -> float:
+    """Mean full-vocabulary KL(teacher || student) over answer positions: the distillation's target."""
+    import torch
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            ids, mask, _ = collate([e], pad_id)
+            start = len(e.prompt) - 1
+            sl = slice(start, start + len(e.target))
+            lt = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits[0, sl].float() / temperature, -1)
+            ls = torch.log_softmax(student(input_ids=ids, attention_mask=mask).logits[0, sl].float() / temperature, -1)
+            total += float((lt.exp() * (lt - ls)).sum())
+            n += len(e.target)
+    return total / max(n, 1)

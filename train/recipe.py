@@ -1,0 +1,290 @@
+"""A distillation recipe: a TOML file read into small dataclasses of plain values, and validated.
+
+Every key has a default here; a recipe names only what it changes. An unknown key or a value of
+the wrong type is an error that names the key, and so is a student layer list that does not fit
+the teacher, which we check from the teacher's config before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    train: str = "squad-v1.1-train.json.gz"
+    eval: str = "xquad-en.json.gz"
+    corpus: str = ""                 # a JSONL corpus; empty: the passages of the train and eval files
+    corpus_scope: str = "files"      # "files": every passage of both files; "sampled": the sampled train passages + the eval file
+    train_questions: int = 0         # questions sampled from the train file (0: all)
+    eval_questions: int = 0          # questions sampled from the eval file (0: all)
+    data_dir: str = ""               # where bare file names are looked up (default: EDGERAG_DATA or ../shared/data)
+
+
+@dataclass
+class PromptConfig:
+    max_prompt_tokens: int = 512
+    max_answer_tokens: int = 24
+
+
+@dataclass
+class TeacherConfig:
+    query_encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    generator: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class FinetuneConfig:
+    """RAG-style fine-tuning of the teacher generator: question + top-k retrieved passages -> gold answer."""
+    enabled: bool = True
+    examples: int = 600
+    k: int = 3                       # retrieved passages in the prompt
+    gold_probability: float = 0.5    # chance that the gold passage is inserted (at a random rank) when retrieval missed it
+    max_prompt_tokens: int = 384
+    epochs: int = 1
+    batch_size: int = 4
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+
+
+@dataclass
+class StudentConfig:
+    generator: str = ""              # a smaller pretrained model with the teacher's tokenizer; empty: derive from the teacher
+    layers: typing.Any = "all"       # "all", "auto:N" (drop the most redundant block), or a list of teacher layer indices
+    intermediate_size: int = 0       # MLP width after activation-importance pruning (0: keep)
+    kv_heads: int = 0                # key/value head groups kept, by attention importance (0: keep)
+    query_encoder: str = ""          # a smaller pretrained encoder; empty: derive from the teacher's
+    encoder_layers: typing.Any = 0   # int N (evenly spaced) or a list of teacher encoder layers (0: keep all)
+    calibration_passages: int = 16
+
+
+@dataclass
+class EncoderDistillConfig:
+    queries: int = 2000              # train questions used as distillation queries
+    passages: int = 500              # corpus passages also matched (the device embeds added passages with the student)
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-4
+    mse_weight: float = 1.0
+    cosine_weight: float = 0.0
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.05
+    warmup_steps: int = 5
+
+
+@dataclass
+class GeneratorDistillConfig:
+    examples: int = 600
+    k: int = 3
+    gold_probability: float = 0.5
+    max_prompt_tokens: int = 384
+    epochs: int = 1
+    batch_size: int = 4
+    lr: float = 5e-5
+    temperature: float = 2.0
+    alpha: float = 0.5               # loss = alpha * CE(gold) + (1 - alpha) * T^2 * KL(teacher || student)
+    top_k: int = 32                  # teacher logits cached as top-k per answer position
+    seq_kd: bool = False             # also train on teacher-generated answers (sequence-level KD)
+    hidden_weight: float = 0.0       # MSE between final hidden states at answer positions
+    warmup_steps: int = 5
+
+
+@dataclass
+class EvalConfig:
+    questions: int = 0               # 0: data.eval_questions
+    k: int = 3
+    batch_size: int = 8
+
+
+@dataclass
+class RunConfig:
+    checkpoint_every: int = 50       # optimizer steps between checkpoints
+    threads: int = 0                 # torch threads (0: torch's default)
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill_encoder: EncoderDistillConfig = field(default_factory=EncoderDistillConfig)
+    distill_generator: GeneratorDistillConfig = field(default_factory=GeneratorDistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(name: str, value, annotation):
+    if annotation is typing.Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
+        raise RecipeError(f"{name}: expected {annotation.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a table, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = prefix + key
+        if key not in known:
+            raise RecipeError(f"unknown key {name!r} (known under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(known))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, name + ".")
+        else:
+            kwargs[key] = _check_type(name, value, hint)
+    return cls(**kwargs)
+
+
+def parse_layers(spec, depth: int, name: str) -> list[int] | str:
+    """'all' -> every layer; 'auto:N' stays a string (resolved with calibration data); a list is checked."""
+    if spec in ("all", 0):
+        return list(range(depth))
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if not 0 < spec <= depth:
+            raise RecipeError(f"{name}: {spec} layers requested but the teacher has {depth}")
+        return evenly_spaced(depth, spec)
+    if isinstance(spec, str) and spec.startswith("auto:"):
+        try:
+            n = int(spec[5:])
+        except ValueError:
+            raise RecipeError(f"{name}: expected 'auto:N', got {spec!r}") from None
+        if not 0 < n <= depth:
+            raise RecipeError(f"{name}: auto:{n} asks for {n} layers but the teacher has {depth}")
+        return spec
+    if isinstance(spec, list) and spec and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        bad = [i for i in spec if not 0 <= i < depth]
+        if bad:
+            raise RecipeError(f"{name}: layers {bad} are outside the teacher's depth (0..{depth - 1})")
+        if len(set(spec)) != len(spec):
+            raise RecipeError(f"{name}: a layer is listed twice: {spec}")
+        return sorted(spec)
+    raise RecipeError(f"{name}: expected 'all', 'auto:N', an int, or a list of layer indices, got {spec!r}")
+
+
+def evenly_spaced(depth: int, n: int) -> list[int]:
+    if n == 1:
+        return [0]
+    return sorted({round(i * (depth - 1) / (n - 1)) for i in range(n)})
+
+
+def model_depth(name: str) -> int | None:
+    """Number of transformer layers, read from config.json or the GGUF header (no weights loaded)."""
+    from .sources import resolve
+
+    try:
+        source = resolve(name)
+    except FileNotFoundError:
+        return None
+    folder = Path(source.path)
+    if source.gguf_file:
+        return _gguf_block_count(folder / source.gguf_file)
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        return None
+    c = json.loads(cfg.read_text())
+    return c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers")
+
+
+def load_recipe(path: str | Path, check_models: bool = True) -> Recipe:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    try:
+        recipe = _build(Recipe, raw, "")
+        validate(recipe, check_models)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+    return recipe
+
+
+def validate(r: Recipe, check_models: bool = True) -> None:
+    if r.data.corpus_scope not in ("files", "sampled"):
+        raise RecipeError(f"data.corpus_scope: expected 'files' or 'sampled', got {r.data.corpus_scope!r}")
+    for name, value in [("teacher_finetune.gold_probability", r.teacher_finetune.gold_probability),
+                        ("distill_generator.gold_probability", r.distill_generator.gold_probability),
+                        ("distill_generator.alpha", r.distill_generator.alpha)]:
+        if not 0.0 <= value <= 1.0:
+            raise RecipeError(f"{name}: must be between 0 and 1, got {value}")
+    for name, value in [("teacher_finetune.epochs", r.teacher_finetune.epochs), ("distill_encoder.batch_size", r.distill_encoder.batch_size),
+                        ("distill_generator.batch_size", r.distill_generator.batch_size), ("teacher_finetune.batch_size", r.teacher_finetune.batch_size),
+                        ("distill_generator.top_k", r.distill_generator.top_k), ("eval.k", r.eval.k), ("prompt.max_prompt_tokens", r.prompt.max_prompt_tokens)]:
+        if value < 1:
+            raise RecipeError(f"{name}: must be at least 1, got {value}")
+    if r.distill_generator.temperature <= 0:
+        raise RecipeError(f"distill_generator.temperature: must be positive, got {r.distill_generator.temperature}")
+    if not check_models:
+        return
+    if not r.student.generator:
+        depth = model_depth(r.teacher.generator)
+        if depth is not None:
+            parse_layers(r.student.layers, depth, "student.layers")
+    elif r.student.layers != "all":
+        raise RecipeError("student.layers: only applies to a student derived from the teacher (student.generator is set)")
+    if not r.student.query_encoder:
+        depth = model_depth(r.teacher.query_encoder)
+        if depth is not None:
+            parse_layers(r.student.encoder_layers, depth, "student.encoder_layers")
+
+
+def _gguf_block_count(path: Path) -> int | None:
+    """`<arch>.block_count` from a GGUF header, reading only the metadata before it (fast on big files)."""
+    import struct
+
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    formats = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return None
+        version, = struct.unpack("<I", f.read(4))
+        _, n_kv = struct.unpack("<QQ", f.read(16))
+
+        def read_str():
+            n, = struct.unpack("<Q", f.read(8))
+            return f.read(n).decode("utf-8", "replace")
+
+        def skip(kind):
+            if kind == 8:
+                read_str()
+            elif kind == 9:
+                inner, n = struct.unpack("<IQ", f.read(12))
+                if inner in sizes:
+                    f.seek(sizes[inner] * n, 1)
+                else:
+                    for _ in range(n):
+                        skip(inner)
+            else:
+                f.seek(sizes[kind], 1)
+
+        for _ in range(n_kv):
+            key = read_str()
+            kind, = struct.unpack("<I", f.read(4))
+            if key.endswith(".block_count") and kind in formats:
+                return int(struct.unpack("<" + formats[kind], f.read(sizes[kind]))[0])
+            skip(kind)
+    return None

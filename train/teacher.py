@@ -1,0 +1,141 @@
+"""The RAG generator side: prompts, training examples, the answer-only loss, and greedy generation.
+
+One prompt for everything: `runtime.prompt.build_prompt_ids` with the template the tokenizer calls
+for, so the student sees in training exactly what the device will give it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from runtime.prompt import PromptTemplate, build_prompt_ids
+
+
+@dataclass
+class Example:
+    """One generator training example: the prompt, the target (answer + answer_end), and provenance."""
+    question_id: str
+    prompt: list[int]
+    target: list[int]
+
+
+class Prompter:
+    """Token-level prompt building for one tokenizer."""
+
+    def __init__(self, tokenizer, max_prompt_tokens: int, max_answer_tokens: int = 24):
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        self.template = PromptTemplate.for_vocab(lambda t: vocab.get(t))
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_answer_tokens = max_answer_tokens
+        end = self.encode(self.template.answer_end)
+        # Generation stops at the template's answer end (its first token) or at eos.
+        self.stop_ids = sorted({i for i in [end[0] if end else None, tokenizer.eos_token_id] if i is not None})
+
+    def encode(self, text: str) -> list[int]:
+        # No special tokens: a GGUF tokenizer would add a BOS the device never sees.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, question: str, passages) -> list[int]:
+        return build_prompt_ids(self.encode, self.template, question, passages, self.max_prompt_tokens)
+
+    def target(self, answer: str) -> list[int]:
+        ids = self.encode(answer.strip())[: self.max_answer_tokens]
+        return ids + self.encode(self.template.answer_end)
+
+
+def rag_context(question, ranked_passages, k: int, gold_probability: float, rng: random.Random):
+    """Top-k retrieved passages as (title, text) pairs. Where retrieval missed the gold passage, it
+    replaces one at a random rank with probability `gold_probability`, so the model learns both to
+    read the answer off a passage and to cope with contexts that lack it."""
+    from .data import Passage
+
+    top = list(ranked_passages[:k])
+    if k > 0 and all(p.id != question.passage_id for p in top) and rng.random() < gold_probability:
+        gold = Passage(question.passage_id, question.title, question.context)
+        if top:
+            top[rng.randrange(len(top))] = gold
+        else:
+            top = [gold]
+    return [(p.title, p.text) for p in top]
+
+
+def make_examples(prompter: Prompter, questions, contexts, answers=None) -> list[Example]:
+    """Examples from questions, their contexts ((title, text) lists) and answers (default: the first gold one)."""
+    out = []
+    for i, q in enumerate(questions):
+        answer = answers[i] if answers is not None else q.answers[0]
+        out.append(Example(q.id, prompter.prompt(q.question, contexts[i]), prompter.target(answer)))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int, device=None):
+    """Right-padded input ids, attention mask, and labels that are -100 everywhere but the target."""
+    import torch
+
+    seqs = [e.prompt + e.target for e in examples]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for row, (e, s) in enumerate(zip(examples, seqs)):
+        ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :len(s)] = 1
+        labels[row, len(e.prompt):len(s)] = torch.tensor(e.target)
+    if device is not None:
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    return ids, mask, labels
+
+
+def answer_positions(labels):
+    """Positions whose logits predict a target token: (row, position) pairs for logits[:, :-1]."""
+    shifted = labels[:, 1:]
+    return shifted != -100, shifted
+
+
+def answer_loss(model, examples: list[Example], pad_id: int):
+    """Cross-entropy on the answer tokens only (the prompt is context, not something to learn)."""
+    import torch.nn.functional as F
+
+    ids, mask, labels = collate(examples, pad_id, _device(model))
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def generate(model, prompter: Prompter, prompts: list[list[int]], batch_size: int = 8, max_new_tokens: int | None = None, progress: str | None = None) -> list[str]:
+    """Greedy answers for prompt token ids, left-padded in batches, stopping at answer_end or eos."""
+    import torch
+    from tqdm.auto import tqdm
+
+    max_new_tokens = max_new_tokens or prompter.max_answer_tokens
+    pad_id = prompter.tokenizer.pad_token_id if prompter.tokenizer.pad_token_id is not None else prompter.stop_ids[0]
+    dev = _device(model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, leave=False):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=prompter.stop_ids, pad_token_id=pad_id)
+        for row, i in enumerate(idx):
+            new = out[row, width:].tolist()
+            for n, t in enumerate(new):
+                if t in prompter.stop_ids:
+                    new = new[:n]
+                    break
+            answers[i] = prompter.tokenizer.decode(new, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return answers
