@@ -28,7 +28,7 @@ from runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
 from runtime.prompt import PromptTemplate, build_prompt_ids
 from tokenizers import Tokenizer
 from train.data import Passage, read_passages, read_squad, is_squad, data_path
-from train.sources import load_encoder, load_generator
+from train.sources import load_encoder, load_generator, resolve
 
 PASSAGE_FORMAT = "{title}: {text}"
 
@@ -189,6 +189,9 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
     out = Path(out)
     if out.exists() and not opts.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    for name in (query_encoder, generator, passage_encoder):
+        if name:
+            resolve(name)  # a typo in a model name fails here, before minutes of work
     passages_path = data_path(str(passages_file))
     passages = read_passages(passages_path)  # bad lines fail here, before any model loads
     if not passages:

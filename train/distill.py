@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .retrieval import embed_batch
-from .teacher import Example, collate
+from .teacher import Example, target_logits
 
 
 # ---------------------------------------------------------------- query encoder
@@ -62,17 +62,13 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
     with torch.no_grad():
         for start in tqdm(range(0, len(examples), batch_size), desc=progress, disable=progress is None):
             chunk = examples[start:start + batch_size]
-            ids, mask, labels = collate(chunk, pad_id, next(teacher.parameters()).device)
-            res = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
-            logits = res.logits[:, :-1].float()
+            logits, _, h = target_logits(teacher, chunk, pad_id, hidden)
             for row, e in enumerate(chunk):
-                start_pos = len(e.prompt) - 1
-                sel = logits[row, start_pos:start_pos + len(e.target)]
-                logp = torch.log_softmax(sel / temperature, dim=-1)
-                values, indices = logp.topk(top_k, dim=-1)
+                sel = logits[row, logits.shape[1] - len(e.target):].float()
+                values, indices = torch.log_softmax(sel / temperature, dim=-1).topk(top_k, dim=-1)
                 item = {"logp": values.cpu(), "ids": indices.to(torch.int32).cpu()}
                 if hidden:
-                    item["hidden"] = res.hidden_states[-1][row, start_pos:start_pos + len(e.target)].float().cpu()
+                    item["hidden"] = h[row, h.shape[1] - len(e.target):].float().cpu()
                 out.append(item)
     return out
 
@@ -93,22 +89,18 @@ def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weig
     import torch.nn.functional as F
 
     def loss_fn(model, batch: list[KDExample]):
-        examples = [b.example for b in batch]
-        ids, mask, labels = collate(examples, pad_id, next(model.parameters()).device)
-        res = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_weight > 0)
-        logits = res.logits[:, :-1]
-        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+        logits, labels, h = target_logits(model, [b.example for b in batch], pad_id, hidden_weight > 0)
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
         kl_sum, hid_sum, n = 0.0, 0.0, 0
         for row, b in enumerate(batch):
-            start = len(b.example.prompt) - 1
-            sel = logits[row, start:start + len(b.example.target)].float()
+            t = len(b.example.target)
+            sel = logits[row, logits.shape[1] - t:].float()
             log_q = torch.log_softmax(sel / temperature, dim=-1).gather(-1, b.cache["ids"].long().to(sel.device))
             p_logp = torch.log_softmax(b.cache["logp"].to(sel.device), dim=-1)  # renormalize over top-k
             kl_sum = kl_sum + (p_logp.exp() * (p_logp - log_q)).sum()
             if hidden_weight > 0:
-                h = res.hidden_states[-1][row, start:start + len(b.example.target)].float()
-                hid_sum = hid_sum + ((h - b.cache["hidden"].to(h.device)) ** 2).mean(-1).sum()
-            n += sel.shape[0]
+                hid_sum = hid_sum + ((h[row, h.shape[1] - t:].float() - b.cache["hidden"].to(sel.device)) ** 2).mean(-1).sum()
+            n += t
         kl = kl_sum / n * temperature ** 2
         loss = alpha * ce + (1 - alpha) * kl
         parts = {"ce": ce.detach(), "kl": kl.detach()}
@@ -128,11 +120,8 @@ def kl_teacher_student(teacher, student, examples: list[Example], pad_id: int, t
     total, n = 0.0, 0
     with torch.no_grad():
         for e in examples:
-            ids, mask, _ = collate([e], pad_id)
-            start = len(e.prompt) - 1
-            sl = slice(start, start + len(e.target))
-            lt = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits[0, sl].float() / temperature, -1)
-            ls = torch.log_softmax(student(input_ids=ids, attention_mask=mask).logits[0, sl].float() / temperature, -1)
+            lt = torch.log_softmax(target_logits(teacher, [e], pad_id)[0][0].float() / temperature, -1)
+            ls = torch.log_softmax(target_logits(student, [e], pad_id)[0][0].float() / temperature, -1)
             total += float((lt.exp() * (lt - ls)).sum())
             n += len(e.target)
     return total / max(n, 1)

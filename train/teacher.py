@@ -71,7 +71,11 @@ def make_examples(prompter: Prompter, questions, contexts, answers=None) -> list
 
 
 def collate(examples: list[Example], pad_id: int, device=None):
-    """Right-padded input ids, attention mask, and labels that are -100 everywhere but the target."""
+    """Left-padded batch: every row ends with its target, so the logits we need are the last few.
+
+    Returns ids, attention mask, position ids (counting from the first real token, as on the device)
+    and labels that are -100 everywhere but the target.
+    """
     import torch
 
     seqs = [e.prompt + e.target for e in examples]
@@ -80,27 +84,36 @@ def collate(examples: list[Example], pad_id: int, device=None):
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     for row, (e, s) in enumerate(zip(examples, seqs)):
-        ids[row, :len(s)] = torch.tensor(s)
-        mask[row, :len(s)] = 1
-        labels[row, len(e.prompt):len(s)] = torch.tensor(e.target)
+        ids[row, width - len(s):] = torch.tensor(s)
+        mask[row, width - len(s):] = 1
+        labels[row, width - len(e.target):] = torch.tensor(e.target)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     if device is not None:
-        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    return ids, mask, labels
+        ids, mask, positions, labels = ids.to(device), mask.to(device), positions.to(device), labels.to(device)
+    return ids, mask, positions, labels
 
 
-def answer_positions(labels):
-    """Positions whose logits predict a target token: (row, position) pairs for logits[:, :-1]."""
-    shifted = labels[:, 1:]
-    return shifted != -100, shifted
+def target_logits(model, examples: list[Example], pad_id: int, hidden: bool = False):
+    """Logits that predict each target token, [batch, max_target, vocab], right-aligned per row, and the
+    labels they predict (-100 where a shorter target has none); optionally the final hidden states there.
+
+    Only the last positions go through the LM head: with a 49k vocabulary the head costs as much as
+    the rest of a small model, and the prompt positions carry no loss."""
+    ids, mask, positions, labels = collate(examples, pad_id, _device(model))
+    n = max(len(e.target) for e in examples)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=n + 1,
+                output_hidden_states=hidden)
+    logits = out.logits[:, :-1]
+    h = out.hidden_states[-1][:, -n - 1:-1] if hidden else None
+    return logits, labels[:, -n:], h
 
 
 def answer_loss(model, examples: list[Example], pad_id: int):
     """Cross-entropy on the answer tokens only (the prompt is context, not something to learn)."""
     import torch.nn.functional as F
 
-    ids, mask, labels = collate(examples, pad_id, _device(model))
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+    logits, labels, _ = target_logits(model, examples, pad_id)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
 
 
 def _device(model):

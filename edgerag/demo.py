@@ -1,0 +1,77 @@
+"""`make demo`: the built-in default, end to end, in about 15 minutes on 2 CPU cores.
+
+distill (recipes/demo.toml) -> export a quantized bundle -> ask XQuAD questions through the
+device runtime -> print teacher against student for quality, size and time. Re-running resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [
+    "Which NFL team represented the AFC at Super Bowl 50?",
+    "What is the name of the region in France the Normans gave their name to?",
+    "What is the largest city of Poland?",
+]
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", default="../shared/data")
+    parser.add_argument("--run", default="runs/demo")
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo.toml"))
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    timings = {}
+
+    from train.pipeline import distill
+
+    t = time.time()
+    distill(args.recipe, run, resume=True)
+    timings["distill_s"] = time.time() - t
+
+    from export.bundle import ExportOptions, export_bundle
+
+    bundle = run / "bundle"
+    t = time.time()
+    if not (bundle / "manifest.json").exists():
+        export_bundle(str(run / "student" / "query_encoder"), str(run / "student" / "generator"),
+                      Path(args.data) / "xquad-en.json.gz", bundle, options=ExportOptions(parity_questions=4))
+    timings["export_s"] = time.time() - t
+
+    from runtime import Pipeline
+
+    t = time.time()
+    pipeline = Pipeline.load(bundle)
+    timings["load_s"] = time.time() - t
+    print("\n== asking the bundle (onnxruntime only) ==")
+    for question in QUESTIONS:
+        answer = pipeline.ask(question)
+        top = answer.passages[0]
+        print(f"Q: {question}\nA: {answer.answer}\n   top passage: {top['title']} (score {top['score']:.3f}); "
+              f"prefill {answer.timings['prefill_ms']:.0f} ms for {answer.prompt_tokens} tokens, "
+              f"{answer.tokens_per_second:.1f} tok/s, total {answer.timings['total_ms']:.0f} ms")
+
+    report = json.loads((run / "eval.json").read_text())
+    print(f"\n== teacher vs student ({report['dataset']}, {report['n_questions']} questions, k={report['k']}) ==")
+    keys = ["em", "f1", "em_gold", "f1_gold", "recall@5", "generator_params", "encoder_params", "seconds_per_question"]
+    print(f"{'':10}" + "".join(f"{k:>22}" for k in keys))
+    for who in ("teacher", "student"):
+        row = report[who]
+        print(f"{who:10}" + "".join(f"{row.get(k, float('nan')):>22.4g}" for k in keys))
+    print(f"\nsizes: student folder {folder_mb(run / 'student'):.0f} MB, bundle {folder_mb(bundle):.0f} MB")
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
