@@ -183,6 +183,9 @@ def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_pat
 def export_bundle(query_encoder: str, generator: str, passages_file: str | Path, out: str | Path,
                   passage_encoder: str | None = None, options: ExportOptions | None = None) -> Path:
     opts = options or ExportOptions()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # keep the progress bars readable
     for method in (opts.quantize, opts.quantize_encoder):
         if method not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZATIONS)}")

@@ -53,9 +53,17 @@ def materialize(name: str, workdir: Path) -> Path:
 
 
 def _optimum_export(folder: Path, task: str) -> onnx.ModelProto:
-    from optimum.exporters.onnx import main_export
+    import warnings
 
-    with tempfile.TemporaryDirectory() as out:
+    from optimum.exporters.onnx import main_export
+    from optimum.utils import logging as optimum_logging
+    from transformers.utils import logging as hf_logging
+
+    # the tracer's warnings are about shapes that the exported graph keeps dynamic anyway
+    hf_logging.set_verbosity_error()
+    optimum_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         main_export(str(folder), output=out, task=task, do_validation=False)
         return onnx.load(str(Path(out) / "model.onnx"))
 

@@ -46,3 +46,8 @@ def tiny_bundle_int4(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle_int8(tiny_models, tmp_path_factory):
     return _export(tiny_models, tmp_path_factory, "int8")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8wo(tiny_models, tmp_path_factory):
+    return _export(tiny_models, tmp_path_factory, "int8wo")

@@ -58,7 +58,7 @@ def _full_recompute_tokens(generator, prompt, n):
     return out
 
 
-@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8", "tiny_bundle_int4"])
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo"])
 def test_kv_cache_decoding_equals_full_recomputation(bundle_fixture, request):
     pipeline = Pipeline.load(request.getfixturevalue(bundle_fixture))
     for question, passages in PROMPTS:
@@ -67,7 +67,7 @@ def test_kv_cache_decoding_equals_full_recomputation(bundle_fixture, request):
         assert cached == _full_recompute_tokens(pipeline.generator, prompt, 12)
 
 
-@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8", "tiny_bundle_int4"])
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo"])
 def test_quantized_logits_within_recorded_tolerance(bundle_fixture, request, tiny_models):
     from export.bundle import last_logits_onnx, last_logits_torch
     from train.sources import load_generator

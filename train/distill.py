@@ -15,6 +15,15 @@ from .teacher import Example, target_logits
 
 # ---------------------------------------------------------------- query encoder
 
+def disable_dropout(model) -> None:
+    """Distillation matches a deterministic teacher output; dropout would only add noise to the target gap."""
+    import torch.nn as nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
 @dataclass
 class QueryExample:
     text: str
@@ -80,10 +89,12 @@ class KDExample:
 
 
 def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weight: float = 0.0):
-    """alpha * CE(target) + (1 - alpha) * T^2 * KL(teacher_topk || student) (+ hidden-state MSE).
+    """alpha * CE(target) + (1 - alpha) * T^2 * KL(teacher || student) (+ hidden-state MSE).
 
-    The teacher's top-k distribution is renormalized over its k tokens; the student's log-probs are
-    the full-vocabulary ones read at those tokens, so mass the student puts elsewhere is penalized.
+    The KL is taken over k + 1 outcomes: the teacher's top-k tokens and "everything else", with the
+    student's probabilities of the same k tokens and of the rest. That is exact for the coarsened
+    distributions (a lower bound of the full KL) and, unlike renormalizing over the top k, does not
+    push the student to pile the teacher's tail mass onto the top k.
     """
     import torch
     import torch.nn.functional as F
@@ -96,8 +107,8 @@ def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weig
             t = len(b.example.target)
             sel = logits[row, logits.shape[1] - t:].float()
             log_q = torch.log_softmax(sel / temperature, dim=-1).gather(-1, b.cache["ids"].long().to(sel.device))
-            p_logp = torch.log_softmax(b.cache["logp"].to(sel.device), dim=-1)  # renormalize over top-k
-            kl_sum = kl_sum + (p_logp.exp() * (p_logp - log_q)).sum()
+            log_p = b.cache["logp"].to(sel.device)
+            kl_sum = kl_sum + (log_p.exp() * (log_p - log_q)).sum() + _rest_kl(log_p, log_q)
             if hidden_weight > 0:
                 hid_sum = hid_sum + ((h[row, h.shape[1] - t:].float() - b.cache["hidden"].to(sel.device)) ** 2).mean(-1).sum()
             n += t
@@ -111,6 +122,15 @@ def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weig
         return loss, parts
 
     return loss_fn
+
+
+def _rest_kl(log_p, log_q):
+    """p_rest * log(p_rest / q_rest), summed over positions, for the mass outside the top k."""
+    import torch
+
+    p_rest = (1 - log_p.exp().sum(-1)).clamp(min=1e-6)
+    q_rest = (1 - log_q.exp().sum(-1)).clamp(min=1e-6)
+    return (p_rest * (torch.log(p_rest) - torch.log(q_rest))).sum()
 
 
 def kl_teacher_student(teacher, student, examples: list[Example], pad_id: int, temperature: float = 1.0) -> float:

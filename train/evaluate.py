@@ -24,11 +24,10 @@ RECALL_DEPTH = 20
 
 
 def sample_questions(questions: list[Question], n: int | None, seed: int = 0) -> list[Question]:
-    """A seeded sample of n questions (all of them when n is None or 0), in a stable order."""
-    if not n or n >= len(questions):
+    """A seeded random sample of n questions; all of them, in file order, when n is None or 0."""
+    if not n:
         return list(questions)
-    rng = random.Random(seed)
-    return rng.sample(list(questions), n)
+    return random.Random(seed).sample(list(questions), min(n, len(questions)))
 
 
 def score(questions, open_answers, ranked_ids, gold_answers) -> dict:

@@ -119,7 +119,7 @@ def stage_data(run: Run) -> dict:
     for name, skipped in ((d.train, train_skipped), (d.eval, eval_skipped)):
         if skipped:
             print(f"[data] {name}: skipped {skipped} questions without answers")
-    pool = sample_questions(train_q, d.train_questions, r.seed)
+    pool = sample_questions(train_q, d.train_questions or len(train_q), r.seed)  # shuffled: stages take the first N
     eval_sample = sample_questions(eval_q, r.eval.questions or d.eval_questions, r.seed)
     if d.corpus:
         corpus = read_passages(data_path(d.corpus, d.data_dir or None))
@@ -270,7 +270,7 @@ def stage_distill_encoder(run: Run) -> dict:
     import numpy as np
     import torch
 
-    from .distill import QueryExample, encoder_loss_fn
+    from .distill import QueryExample, disable_dropout, encoder_loss_fn
     from .retrieval import embed, passage_text
     from .sources import load_encoder
 
@@ -290,6 +290,9 @@ def stage_distill_encoder(run: Run) -> dict:
     targets = torch.from_numpy(embed(teacher, t_tok, texts, pooling, max_length, progress="teacher embeddings"))
     examples = [QueryExample(t, targets[i], rows[i]) for i, t in enumerate(texts)]
     before = _embedding_distance(student, s_tok, s_pooling, s_max_length, examples)
+    disable_dropout(student)
+    if getattr(student, "pooler", None) is not None:
+        student.pooler.requires_grad_(False)  # unused by mean/CLS pooling; DDP wants every trained weight used
     student.to(loop.device())
     loss_fn = encoder_loss_fn(s_tok, s_pooling, s_max_length, passage_emb, cfg.mse_weight, cfg.cosine_weight,
                               cfg.contrastive_weight, cfg.contrastive_temperature)
@@ -351,6 +354,9 @@ def stage_distill_generator(run: Run) -> dict:
     student, tok = load_generator(run.stage_dir("student_init") / "generator")
     saved = torch.load(run.stage_dir("teacher_logits") / "cache.pt", weights_only=False)
     examples = [KDExample(Example(**e), c) for e, c in zip(saved["examples"], saved["cache"])]
+    if cfg.hidden_weight > 0 and examples and examples[0].cache["hidden"].shape[-1] != student.config.hidden_size:
+        raise RunError(f"distill_generator.hidden_weight: the student's hidden size ({student.config.hidden_size}) "
+                       f"differs from the teacher's ({examples[0].cache['hidden'].shape[-1]}); set it to 0")
     student.to(loop.device())
     loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, cfg.alpha, cfg.hidden_weight)
     log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_generator"),

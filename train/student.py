@@ -92,6 +92,8 @@ def drop_layers(model, keep: list[int]) -> None:
 def choose_layers(model, spec, batches) -> tuple[list[int], dict]:
     """Resolve 'auto:N' on calibration data; returns (kept layers, info for the report)."""
     depth = len(_decoder_layers(model))
+    if spec == "all":
+        return list(range(depth)), {}
     if not (isinstance(spec, str) and spec.startswith("auto:")):
         return list(spec), {}
     n_keep = int(spec[5:])

@@ -49,7 +49,8 @@ def make_tiny_encoder(folder, layers: int = 2, hidden: int = 32, seed: int = 0) 
     tokenizer = AutoTokenizer.from_pretrained(resolve(DEFAULT_QUERY_ENCODER).path)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512)
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
+                        initializer_range=0.2)  # larger than BERT's 0.02, so random embeddings are not all alike
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     write_sentence_transformers_config(folder, "mean", 128, hidden)
@@ -108,6 +109,7 @@ batch_size = 8
 max_answer_tokens = 8
 [run]
 checkpoint_every = 2
+threads = 1
 """
 
 

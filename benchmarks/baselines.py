@@ -1,0 +1,122 @@
+"""The other runtimes the bundle is measured against, prepared once into a cache directory.
+
+  optimum-ort   Optimum's ORTModelForCausalLM on the bundle's own generator.onnx. Our graph keeps
+                Optimum's inputs and outputs, with logits of the last position only, and Optimum's
+                generate reads only `logits[:, -1]`, so the graph is used as is: the folder holds a
+                symlink to it beside the generator's config.json.
+  ortgenai-*    onnxruntime-genai with its own model builder (int4 or fp32) from the same Hugging
+                Face generator. The builder needs a newer transformers than optimum-onnx allows, so
+                it runs in a separate venv that sees this venv's packages (torch, onnxruntime, numpy)
+                through a .pth file and shadows transformers with its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+class Skip(Exception):
+    """A system that cannot run here, with the reason (recorded in results.json, never faked)."""
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:12]
+
+
+def generator_config(source: str):
+    """The generator's transformers config, with an architectures entry the builders recognize."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from train.sources import resolve
+
+    src = resolve(source)
+    config = AutoConfig.from_pretrained(src.path, **src.kwargs())
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if arch:
+        config.architectures = [arch]  # a GGUF config says e.g. LlamaModel
+    return config
+
+
+def optimum_folder(bundle: Path, generator_source: str, cache: Path) -> Path:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    digest = manifest["files"][manifest["generator"]["onnx"]]["sha256"][:12]
+    out = cache / f"optimum-{digest}"
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    generator_config(generator_source).save_pretrained(out)
+    link = out / "model.onnx"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to((bundle / manifest["generator"]["onnx"]).resolve())
+    return out
+
+
+def hf_generator_folder(source: str, cache: Path) -> Path:
+    """A plain Hugging Face folder (safetensors + config + tokenizer) of the generator, for the builder."""
+    from train.sources import resolve
+
+    src = resolve(source)
+    if not src.gguf_file and (Path(src.path) / "config.json").exists() and (Path(src.path) / "tokenizer.json").exists():
+        return Path(src.path)
+    out = cache / f"hf-{_key(src)}"
+    if (out / "config.json").exists():
+        return out
+    from train.sources import load_generator
+
+    model, tokenizer = load_generator(source)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def genai_python(venv: Path, log) -> Path:
+    """The onnxruntime-genai venv's python, created on first use (needs PyPI once)."""
+    python = venv / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import onnxruntime_genai"],
+                                          capture_output=True).returncode == 0:
+        return python
+    import site
+    import sysconfig
+
+    base = Path(getattr(sys, "_base_executable", sys.executable))
+    log(f"creating the onnxruntime-genai venv in {venv}")
+    r = subprocess.run([str(base), "-m", "venv", str(venv)], capture_output=True, text=True)
+    if r.returncode:
+        raise Skip(f"could not create a venv for onnxruntime-genai: {r.stderr.strip()[-300:]}")
+    here = sysconfig.get_paths()["purelib"]
+    there = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    # appended after the venv's own site-packages: torch & co. come from here, transformers from there
+    Path(there, "zz_edgerag_parent.pth").write_text("\n".join([here, *site.getsitepackages()]) + "\n")
+    r = subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime-genai", "transformers>=5"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise Skip(f"pip install onnxruntime-genai failed: {r.stderr.strip()[-400:]}")
+    return python
+
+
+def ortgenai_folder(source: str, precision: str, cache: Path, log) -> tuple[Path, Path]:
+    """(the genai venv's python, a model-builder output folder) for the generator at `precision`."""
+    python = genai_python(cache / "ortgenai-venv", log)
+    hf = hf_generator_folder(source, cache)
+    out = cache / f"ortgenai-{precision}-{_key(hf.resolve(), precision)}"
+    if (out / "genai_config.json").exists():
+        return python, out
+    log(f"building the onnxruntime-genai {precision} model into {out}")
+    logfile = cache / f"{out.name}.log"
+    with open(logfile, "w") as f:
+        r = subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-i", str(hf),
+                            "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache / "ortgenai-build")],
+                           stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if r.returncode or not (out / "genai_config.json").exists():
+        tail = logfile.read_text().strip().splitlines()[-1:] or ["no output"]
+        raise Skip(f"onnxruntime-genai model builder failed ({precision}): {tail[0][:300]} (log: {logfile})")
+    return python, out

@@ -1,0 +1,252 @@
+"""`edgerag bench`: the bundle against the teacher, the student and other runtimes, on this machine.
+
+    edgerag bench --bundle B [--bundle B2 ...] [--teacher RUN/teacher] [--student RUN/student]
+                  --questions ../shared/data/xquad-en.json.gz [--n 200] [--threads 1,2]
+                  [--systems ...] [--index-sizes 10000,100000,1000000] --out RESULTS
+
+Every (system, threads) runs in a fresh process (benchmarks.worker) so its peak RSS and cold start
+are its own. All systems answer the same questions from the same passages (the first bundle's top-k),
+so their generation times and EM/F1 compare like for like; each also runs its own retriever for the
+encode/search times and recall@5. Writes RESULTS/results.json, RESULTS/report.md and PNG plots.
+
+This module imports no torch: heavy libraries are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SYSTEMS = ("teacher-torch", "student-torch", "bundle", "optimum-ort", "ortgenai-int4", "ortgenai-fp32")
+
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="latency, memory, quality and floors of bundles vs baselines (workstation)")
+    p.add_argument("--bundle", action="append", required=True, help="a bundle directory (repeatable)")
+    p.add_argument("--teacher", help="a run's teacher/ folder (query_encoder/ + generator/)")
+    p.add_argument("--student", help="a run's student/ folder")
+    p.add_argument("--questions", required=True, help="SQuAD JSON (optionally .gz)")
+    p.add_argument("--n", type=int, default=200, help="questions (a seeded sample)")
+    p.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help="comma-separated, from: %(default)s ('bundle' means every --bundle)")
+    p.add_argument("--index-sizes", default="10000,100000,1000000", help="random vectors for the hnswlib sweep ('' skips it)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the first bundle's")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "edgerag" / "bench"),
+                   help="baseline models and the onnxruntime-genai venv are built here once")
+    p.add_argument("--quick-machine", action="store_true", help="small machine probes (for tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from benchmarks import report
+
+    results = run_bench(args)
+    out = Path(args.out)
+    report.write(results, out)
+    log(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+def quant_name(manifest: dict) -> str:
+    method = manifest["generator"].get("quantization", {}).get("method", "none")
+    return "fp32" if method == "none" else method
+
+
+def plan_systems(args, bundles: list[Path], manifests: list[dict], cache: Path) -> tuple[list[dict], list[dict]]:
+    """(systems to run, systems skipped with their reasons)."""
+    from benchmarks import baselines
+
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in DEFAULT_SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(DEFAULT_SYSTEMS)}")
+    first, python = bundles[0], sys.executable
+    source = manifests[0]["sources"]["generator"]
+    if args.student:
+        source_candidates = [source, str(Path(args.student) / "generator")]
+    else:
+        source_candidates = [source]
+    plan, skipped = [], []
+    for name in wanted:
+        try:
+            if name in ("teacher-torch", "student-torch"):
+                folder = args.teacher if name == "teacher-torch" else args.student
+                if not folder:
+                    skipped.append({"name": name, "reason": f"no --{name.split('-')[0]} folder given"})
+                    continue
+                plan.append({"name": name, "kind": "torch", "folder": str(Path(folder).resolve()), "python": python})
+            elif name == "bundle":
+                seen = set()
+                for b, m in zip(bundles, manifests):
+                    label = f"bundle-{quant_name(m)}"
+                    while label in seen:
+                        label += "'"
+                    seen.add(label)
+                    plan.append({"name": label, "kind": "bundle", "bundle": str(b), "python": python,
+                                 "quant": quant_name(m)})
+            elif name == "optimum-ort":
+                folder = baselines.optimum_folder(first, _first_resolvable(source_candidates), cache)
+                plan.append({"name": name, "kind": "optimum", "model_dir": str(folder), "python": python,
+                             "quant": quant_name(manifests[0]), "note": f"on {first.name}/generator.onnx"})
+            elif name.startswith("ortgenai-"):
+                precision = name.split("-", 1)[1]
+                gpython, folder = baselines.ortgenai_folder(_first_resolvable(source_candidates), precision, cache, log)
+                plan.append({"name": name, "kind": "ortgenai", "model_dir": str(folder), "python": str(gpython),
+                             "quant": precision})
+        except baselines.Skip as e:
+            skipped.append({"name": name, "reason": str(e)})
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot be prepared is reported, not fatal
+            skipped.append({"name": name, "reason": f"{type(e).__name__}: {e}"})
+    for s in skipped:
+        log(f"skipping {s['name']}: {s['reason']}")
+    return plan, skipped
+
+
+def _first_resolvable(candidates: list[str]) -> str:
+    from train.sources import resolve
+
+    errors = []
+    for c in candidates:
+        try:
+            resolve(c)
+            return c
+        except (FileNotFoundError, ValueError) as e:
+            errors.append(str(e))
+    raise FileNotFoundError("; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+def shared_passages(bundle: Path, questions, k: int) -> list[list[tuple[str, str]]]:
+    """The first bundle's top-k for every question: what every system generates from."""
+    from runtime.pipeline import PassageStore, QueryEncoder, make_session
+    from runtime.manifest import read_manifest
+
+    import hnswlib
+    from tokenizers import Tokenizer
+
+    m = read_manifest(bundle)
+    enc, idx = m["query_encoder"], m["index"]
+    encoder = QueryEncoder(make_session(bundle / enc["onnx"], None), Tokenizer.from_file(str(bundle / enc["tokenizer"])),
+                           enc["max_length"])
+    index = hnswlib.Index(space=idx["space"], dim=idx["dim"])
+    index.load_index(str(bundle / idx["file"]), max_elements=idx["count"])
+    index.set_ef(max(idx["ef"], k))
+    store = PassageStore(bundle / m["passages"]["file"])
+    vectors = encoder.encode([q.question for q in questions])
+    rows, _ = index.knn_query(vectors, k=min(k, idx["count"]))
+    return [[(title, text) for _, title, text in store.get(r)] for r in rows]
+
+
+def run_worker(system: dict, spec: dict, workdir: Path, timeout: float | None = None) -> dict:
+    spec = {**spec, **{k: v for k, v in system.items() if k != "python"}}
+    tag = f"{system['name']}-t{spec['threads']}".replace("'", "p")
+    spec_path, out_path, err_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json", workdir / f"{tag}.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
+    spec["launched"] = time.time()
+    spec_path.write_text(json.dumps(spec))
+    with open(err_path, "w") as err:
+        r = subprocess.run([system["python"], "-m", "benchmarks.worker", str(spec_path), str(out_path)],
+                           cwd=ROOT, env=env, stdout=err, stderr=subprocess.STDOUT, timeout=timeout)
+    if r.returncode or not out_path.exists():
+        lines = [l for l in err_path.read_text().splitlines() if l.strip()]
+        raise RuntimeError(f"worker exited {r.returncode}: {lines[-1][:400] if lines else 'no output'}")
+    return json.loads(out_path.read_text())
+
+
+def run_index_sizes(sizes: list[int], dim: int, m: int, ef_construction: int, workdir: Path) -> list[dict]:
+    rows = []
+    for n in sizes:
+        out = workdir / f"index-{n}.json"
+        log(f"index: {n} random unit vectors, dim {dim}")
+        r = subprocess.run([sys.executable, "-m", "benchmarks.index_scale", str(n), str(dim), str(m),
+                            str(ef_construction), str(out)], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if r.returncode:
+            rows.append({"n": n, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
+            continue
+        rows.append(json.loads(out.read_text()))
+    return rows
+
+
+def run_bench(args) -> dict:
+    from benchmarks import machine, summary
+    from runtime.manifest import read_manifest
+    from train.data import read_squad
+    from train.evaluate import sample_questions
+
+    started = time.time()
+    bundles = [Path(b).resolve() for b in args.bundle]
+    manifests = [read_manifest(b) for b in bundles]
+    threads = _ints(args.threads)
+    cache = Path(args.cache).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = out / "work"
+    workdir.mkdir(exist_ok=True)
+
+    _, questions, _ = read_squad(args.questions)
+    questions = sample_questions(questions, args.n, seed=args.seed)
+    first = manifests[0]
+    k = first["generation"]["k"]
+    max_new_tokens = args.max_new_tokens or first["generation"]["max_new_tokens"]
+    log(f"{len(questions)} questions; shared passages: top-{k} of {bundles[0].name}")
+    passages = shared_passages(bundles[0], questions, k)
+
+    log("machine limits")
+    limits = machine.measure(threads, quick=args.quick_machine)
+
+    plan, skipped = plan_systems(args, bundles, manifests, cache)
+    spec = {"bundle": str(bundles[0]), "questions": [{"question": q.question, "answers": list(q.answers),
+                                                      "passage_id": q.passage_id} for q in questions],
+            "passages": passages, "k": k, "max_new_tokens": max_new_tokens,
+            "max_context": first["generator"]["max_context"], "scratch": str(workdir / "scratch")}
+    raw = []
+    for system in plan:
+        for t in threads:
+            log(f"{system['name']} with {t} thread(s)")
+            try:
+                result = run_worker(system, {**spec, "threads": t}, workdir)
+                result["kind"], result["quant"], result["note"] = system["kind"], system.get("quant"), system.get("note")
+                raw.append(result)
+            except Exception as e:  # noqa: BLE001 - one failing system must not lose the others' results
+                log(f"{system['name']} (t={t}) failed: {e}")
+                skipped.append({"name": system["name"], "threads": t, "reason": f"failed: {e}"})
+
+    index_rows = []
+    sizes = _ints(args.index_sizes)
+    if sizes:
+        idx = first["index"]
+        index_rows = run_index_sizes(sizes, idx["dim"], idx["M"], idx["ef_construction"], workdir)
+
+    rows = [summary.system_row(r, limits) for r in raw]
+    return {"machine": {k: limits[k] for k in ("cpu", "cores", "bandwidth_gb_s", "matmul_gflops")},
+            "machine_detail": {"ort_matmul_gflops": limits["ort_matmul_gflops"]},
+            "systems": rows, "index": index_rows, "skipped": skipped,
+            "setup": {"questions": str(args.questions), "n": len(questions), "threads": threads, "k": k,
+                      "max_new_tokens": max_new_tokens, "shared_passages_from": str(bundles[0]),
+                      "bundles": [str(b) for b in bundles], "teacher": args.teacher, "student": args.student,
+                      "seconds": round(time.time() - started, 1), "argv": sys.argv[1:]}}

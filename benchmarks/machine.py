@@ -1,0 +1,153 @@
+"""What this machine can do at best: memory bandwidth and matmul throughput, and the floors they set.
+
+A decoder reads every weight once per generated token, so decode cannot be faster than
+bytes-of-weights / bandwidth. Prefill is compute-bound: FLOPs / matmul throughput. A system's
+measured time divided by its floor says how much headroom its runtime leaves.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm up: page faults, thread pools
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bandwidth_gb_s(mb: int = 256, repeats: int = 5) -> float:
+    """STREAM-like copy: a buffer far larger than the caches copied into another; read + write bytes
+    per second (best of `repeats`). numpy copies on one core, which on small CPUs is close to the
+    socket's bandwidth; the decode floor uses it as the bound."""
+    a = np.ones(mb * (1 << 20) // 8, dtype=np.float64)
+    b = np.empty_like(a)
+    seconds = _best(lambda: np.copyto(b, a), repeats)
+    return 2 * a.nbytes / seconds / 1e9
+
+
+def numpy_matmul_gflops(n: int = 1024, repeats: int = 3) -> float:
+    """fp32 GEMM through numpy's BLAS with its default threads."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    return 2 * n ** 3 / _best(lambda: a @ b, repeats) / 1e9
+
+
+def _matmul_model(m: int, k: int, n: int):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def ort_matmul_gflops(threads: int, int8: bool = False, m: int = 256, k: int = 1024, n: int = 1024,
+                      repeats: int = 5) -> float:
+    """GEMM throughput through onnxruntime at `threads` intra-op threads: fp32 MatMul, or (int8=True)
+    the dynamically quantized graph (DynamicQuantizeLinear + MatMulInteger), the int8 kernels that
+    quantized generators use for prefill. The shape is a prefill's: m tokens times a k x n weight."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "matmul.onnx"
+        onnx.save(_matmul_model(m, k, n), path)
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8)
+            path = Path(tmp) / "q.onnx"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+    return 2 * m * k * n / _best(lambda: session.run(None, {"x": x}), repeats) / 1e9
+
+
+def measure(threads: list[int], quick: bool = False) -> dict:
+    """The machine block of results.json, plus ORT throughput per thread count for the floors."""
+    mb, n = (32, 256) if quick else (256, 1024)
+    out = {"cpu": cpu_name(), "cores": cores(), "bandwidth_gb_s": round(bandwidth_gb_s(mb), 2),
+           "matmul_gflops": round(numpy_matmul_gflops(n), 2), "ort_matmul_gflops": {}}
+    shape = dict(m=64, k=256, n=256) if quick else {}
+    for t in threads:
+        out["ort_matmul_gflops"][str(t)] = {"fp32": round(ort_matmul_gflops(t, False, **shape), 2),
+                                            "int8": round(ort_matmul_gflops(t, True, **shape), 2)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- floors
+
+def onnx_weight_bytes(path: str | Path) -> int:
+    """Bytes a decode step reads from an ONNX graph's weights: all initializers except tables that are
+    only gathered from (the input embedding: one row per token)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    gathered, used_otherwise = set(), set()
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if node.op_type == "Gather" and i == 0:
+                gathered.add(name)
+            else:
+                used_otherwise.add(name)
+    total = 0
+    for init in model.graph.initializer:
+        if init.name in gathered and init.name not in used_otherwise:
+            continue
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in init.external_data}.get("length", 0))
+        else:
+            total += len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+    return total
+
+
+def torch_weight_bytes(model) -> int:
+    """Parameter bytes of a torch causal LM, less the input embedding unless it is tied to the LM head."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() != emb.weight.data_ptr():
+        total -= emb.weight.numel() * emb.weight.element_size()
+    return total
+
+
+def prefill_flops(params_non_embedding: int, layers: int, hidden: int, tokens: int) -> float:
+    """2 FLOPs per weight per token, plus causal attention (QK^T and AV: 2 * 2 * T^2/2 * hidden per layer)."""
+    return 2.0 * params_non_embedding * tokens + 2.0 * layers * hidden * tokens ** 2
+
+
+def decode_floor_ms(weight_bytes: int, bandwidth_gb_s: float) -> float:
+    return weight_bytes / (bandwidth_gb_s * 1e9) * 1000
+
+
+def prefill_floor_ms(flops: float, gflops: float) -> float:
+    return flops / (gflops * 1e9) * 1000

@@ -1,0 +1,50 @@
+"""A worker's per-question measurements -> one row of results.json, with its floors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.machine import decode_floor_ms, prefill_flops, prefill_floor_ms
+
+INT8_COMPUTE = ("int4", "int8")  # MatMulNBits at accuracy level 4 and dynamic int8 both run int8 GEMMs
+
+
+def _pct(values, q) -> float:
+    return float(np.percentile(values, q)) if len(values) else 0.0
+
+
+def system_row(r: dict, limits: dict) -> dict:
+    rows = r["per_question"]
+    col = lambda key: np.array([x[key] for x in rows], dtype=float)  # noqa: E731
+    decode_tokens = sum(max(x["new_tokens"] - 1, 0) for x in rows)
+    decode_ms_per_token = float(col("decode_ms").sum() / decode_tokens) if decode_tokens else None
+    prompt_tokens = float(col("prompt_tokens").mean()) if rows else 0.0
+
+    # floors: decode reads every weight once per token; prefill is FLOPs at the best GEMM rate
+    ort = limits["ort_matmul_gflops"][str(r["threads"])]
+    int8 = r["kind"] != "torch" and r.get("quant") in INT8_COMPUTE
+    gflops = ort["int8"] if int8 else ort["fp32"]
+    decode_floor = decode_floor_ms(r["weight_bytes"], limits["bandwidth_gb_s"])
+    prefill_floor = prefill_floor_ms(prefill_flops(r["matmul_params"], r["layers"], r["hidden"], prompt_tokens), gflops)
+    prefill_ms = _pct(col("prefill_ms"), 50)
+    row = {
+        "name": r["name"], "threads": r["threads"],
+        "p50_ms": _pct(col("total_ms"), 50), "p95_ms": _pct(col("total_ms"), 95),
+        "ttft_ms": _pct(col("ttft_ms"), 50), "prefill_ms": prefill_ms,
+        "decode_ms_per_token": decode_ms_per_token, "decode_floor_ms_per_token": decode_floor,
+        "peak_rss_mb": r["peak_rss_mb"], "cold_start_s": r["cold_start_s"], "size_mb": r["size_mb"],
+        "em": 100 * float(col("em").mean()), "f1": 100 * float(col("f1").mean()),
+        "recall@5": 100 * float(col("recall@5").mean()),
+        # beyond the required schema
+        "kind": r["kind"], "quant": r.get("quant"), "note": r.get("note"),
+        "encode_ms": _pct(col("encode_ms"), 50), "search_ms": _pct(col("search_ms"), 50),
+        "decode_ms": _pct(col("decode_ms"), 50),
+        "mean_ms": {s: float(col(f"{s}_ms").mean()) for s in ("encode", "search", "prefill", "decode")},
+        "tokens_per_second": 1000 / decode_ms_per_token if decode_ms_per_token else None,
+        "prefill_floor_ms": prefill_floor, "prefill_gflops_used": gflops,
+        "prefill_x_floor": prefill_ms / prefill_floor if prefill_floor else None,
+        "decode_x_floor": decode_ms_per_token / decode_floor if decode_ms_per_token and decode_floor else None,
+        "mean_prompt_tokens": prompt_tokens, "mean_new_tokens": float(col("new_tokens").mean()) if rows else 0.0,
+        "load_s": r["load_s"], "weight_bytes_per_token": r["weight_bytes"], "n": len(rows),
+    }
+    return row

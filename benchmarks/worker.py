@@ -1,0 +1,361 @@
+"""One system, one process: `python -m benchmarks.worker spec.json result.json`.
+
+The bench starts a fresh process per (system, threads), so peak RSS and cold start are that
+system's alone. The spec names the system, the questions, and the passages every system answers
+from (the same for all, so generation times compare like for like); each system also runs its own
+retriever on every question, which gives the encode and search times and recall@5.
+
+Kinds:
+  torch     a teacher/student folder (query_encoder/ + generator/) in PyTorch; its own index of
+            the bundle's passages, embedded with the folder's passage encoder; transformers generate.
+  bundle    edgerag's runtime (onnxruntime) on a bundle.
+  optimum   Optimum's ORTModelForCausalLM.generate on an Optimum ONNX folder; retrieval by the bundle.
+  ortgenai  onnxruntime-genai on a model-builder folder; retrieval by the bundle. Runs in its own venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RECALL_K = 5
+
+
+def peak_rss_mb() -> float:
+    """This process's high-water RSS. VmHWM, because ru_maxrss survives fork+exec on Linux and would
+    report the (larger) parent's peak for a small child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def dir_size_mb(paths) -> float:
+    total = 0
+    for p in paths:
+        p = Path(p)
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        total += sum(f.stat().st_size for f in files)  # stat follows symlinks: the real bytes
+    return total / 1e6
+
+
+def bundle_passages(bundle: Path) -> list[tuple[str, str, str]]:
+    db = sqlite3.connect(f"file:{bundle / 'passages.sqlite'}?mode=ro&immutable=1", uri=True)
+    rows = db.execute("SELECT id, title, text FROM passages ORDER BY row").fetchall()
+    db.close()
+    return rows
+
+
+def manifest_shape(manifest: dict) -> dict:
+    """Parameters that take part in matmuls (the manifest counts a tied embedding once, as the LM head)."""
+    g = manifest["generator"]
+    return {"matmul_params": g["parameters"], "layers": g["num_layers"], "hidden": g["hidden_size"]}
+
+
+class Stopwatch:
+    """Timestamps of each new token, recorded from inside transformers' generate loop."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):  # a LogitsProcessor: called once per generated token
+        self.times.append(time.perf_counter())
+        return scores
+
+
+# ---------------------------------------------------------------------------------------- systems
+
+class BundleRetriever:
+    """The device retriever (ONNX query encoder + hnswlib), shared by the ONNX systems."""
+
+    def __init__(self, pipeline):
+        self.p = pipeline
+
+    def retrieve(self, question: str, k: int) -> tuple[list[str], dict]:
+        t0 = time.perf_counter()
+        vector = self.p.encoder.encode([question])
+        t1 = time.perf_counter()
+        rows, _ = self.p.search(vector, k)
+        t2 = time.perf_counter()
+        ids = [pid for pid, _, _ in self.p.store.get(rows[0])]
+        return ids, {"encode_ms": (t1 - t0) * 1000, "search_ms": (t2 - t1) * 1000}
+
+
+class BundleSystem:
+    def __init__(self, spec: dict):
+        from runtime import Pipeline
+
+        self.p = Pipeline.load(spec["bundle"], threads=spec["threads"], check=False)
+        self.retriever = BundleRetriever(self.p)
+        m = self.p.manifest
+        self.size_mb = sum(f["bytes"] for f in m["files"].values()) / 1e6
+        self.generator_onnx = Path(spec["bundle"]) / m["generator"]["onnx"]
+
+    def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
+        a = self.p.answer_with_passages(question, passages, max_new_tokens)
+        t = a.timings
+        return {"answer": a.answer, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+                "prefill_ms": t.get("prefill_ms", 0.0), "decode_ms": t.get("decode_ms", 0.0),
+                "ttft_ms": t.get("ttft_ms", t.get("total_ms", 0.0)), "generate_ms": t["total_ms"]}
+
+    def floors(self) -> dict:
+        from benchmarks.machine import onnx_weight_bytes
+
+        return {"weight_bytes": onnx_weight_bytes(self.generator_onnx), **manifest_shape(self.p.manifest)}
+
+
+class TorchSystem:
+    def __init__(self, spec: dict):
+        import torch
+
+        from export.bundle import stop_token_ids
+        from runtime.prompt import PromptTemplate, build_prompt_ids
+        from train.evaluate import read_info
+        from train.retrieval import embed, passage_text
+        from train.sources import load_encoder, load_generator
+
+        torch.set_num_threads(spec["threads"])
+        torch.set_flush_denormal(True)  # denormals make CPU matmuls several times slower
+        self.torch, self.build_prompt_ids, self.embed = torch, build_prompt_ids, embed
+        folder = Path(spec["folder"])
+        self.encoder, self.enc_tok, self.pooling, self.max_length = load_encoder(folder / "query_encoder")
+        self.model, self.tokenizer = load_generator(folder / "generator")
+        self.model.eval()
+        self.template = PromptTemplate.for_vocab(self.tokenizer.get_vocab().get)
+        self.stop = stop_token_ids(self.tokenizer, self.template)
+        self.budget = spec["max_context"] - spec["max_new_tokens"]
+
+        # the system's own retriever: the bundle's passages, embedded with this folder's passage encoder
+        import hnswlib
+
+        info = read_info(folder)
+        p_folder = folder / info["passage_encoder"] if info.get("passage_encoder") else None
+        p_enc = load_encoder(p_folder) if p_folder else (self.encoder, self.enc_tok, self.pooling, self.max_length)
+        self.corpus = bundle_passages(Path(spec["bundle"]))
+        vectors = embed(p_enc[0], p_enc[1], [passage_text(t, x) for _, t, x in self.corpus], p_enc[2], p_enc[3])
+        self.index = hnswlib.Index(space="ip", dim=vectors.shape[1])
+        self.index.init_index(max_elements=len(vectors), ef_construction=200, M=32, random_seed=0)
+        self.index.add_items(vectors, np.arange(len(vectors)))
+        self.index.set_ef(64)
+        self.index.set_num_threads(1)
+        self.size_mb = dir_size_mb([folder / "query_encoder", folder / "generator"])
+        self.retriever = self
+
+    def retrieve(self, question: str, k: int) -> tuple[list[str], dict]:
+        t0 = time.perf_counter()
+        vector = self.embed(self.encoder, self.enc_tok, [question], self.pooling, self.max_length)
+        t1 = time.perf_counter()
+        rows, _ = self.index.knn_query(vector, k=min(k, len(self.corpus)))
+        t2 = time.perf_counter()
+        return [self.corpus[r][0] for r in rows[0]], {"encode_ms": (t1 - t0) * 1000, "search_ms": (t2 - t1) * 1000}
+
+    def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
+        from transformers import LogitsProcessorList
+
+        torch = self.torch
+        start = time.perf_counter()
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        prompt = self.build_prompt_ids(encode, self.template, question, passages, self.budget)
+        watch = Stopwatch()
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop,
+                                      pad_token_id=self.stop[0], logits_processor=LogitsProcessorList([watch]))
+        end = time.perf_counter()
+        tokens = out[0, len(prompt):].tolist()
+        for i, t in enumerate(tokens):
+            if t in self.stop:
+                tokens = tokens[:i]
+                break
+        first = watch.times[0] if watch.times else end
+        return {"answer": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                "prompt_tokens": len(prompt), "new_tokens": len(tokens),
+                "prefill_ms": (first - start) * 1000,
+                "decode_ms": (watch.times[-1] - first) * 1000 if watch.times else 0.0,
+                "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
+
+    def floors(self) -> dict:
+        from benchmarks.machine import torch_weight_bytes
+
+        c = self.model.config
+        emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        params = sum(p.numel() for p in self.model.parameters())
+        if head is None or head.weight.data_ptr() != emb.weight.data_ptr():
+            params -= emb.weight.numel()  # a gathered table, not a matmul
+        return {"weight_bytes": torch_weight_bytes(self.model), "matmul_params": params,
+                "layers": c.num_hidden_layers, "hidden": c.hidden_size}
+
+
+class OptimumSystem:
+    """Optimum's ORTModelForCausalLM on a folder made by benchmarks.baselines.optimum_folder."""
+
+    def __init__(self, spec: dict):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        from runtime import Pipeline
+
+        self.p = Pipeline.load(spec["bundle"], threads=spec["threads"], check=False)
+        self.retriever = BundleRetriever(self.p)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = spec["threads"]
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        folder = Path(spec["model_dir"])
+        self.model = ORTModelForCausalLM.from_pretrained(folder, session_options=options, use_cache=True,
+                                                         use_io_binding=False, provider="CPUExecutionProvider")
+        self.stop = self.p.manifest["prompt"]["stop_token_ids"]
+        self.size_mb = dir_size_mb([f for f in folder.iterdir() if f.suffix in (".onnx", ".onnx_data", ".data")])
+        self.onnx = folder / "model.onnx"
+
+    def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
+        import torch
+        from transformers import LogitsProcessorList
+
+        from runtime.prompt import build_prompt_ids
+
+        start = time.perf_counter()
+        m = self.p.manifest
+        prompt = build_prompt_ids(self.p._encode, self.p.template, question, passages,
+                                  m["generator"]["max_context"] - max_new_tokens)
+        watch = Stopwatch()
+        out = self.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop,
+                                  pad_token_id=self.stop[0], logits_processor=LogitsProcessorList([watch]))
+        end = time.perf_counter()
+        tokens = out[0, len(prompt):].tolist()
+        for i, t in enumerate(tokens):
+            if t in self.stop:
+                tokens = tokens[:i]
+                break
+        first = watch.times[0] if watch.times else end
+        return {"answer": self.p.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                "prompt_tokens": len(prompt), "new_tokens": len(tokens), "prefill_ms": (first - start) * 1000,
+                "decode_ms": (watch.times[-1] - first) * 1000 if watch.times else 0.0,
+                "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
+
+    def floors(self) -> dict:
+        from benchmarks.machine import onnx_weight_bytes
+
+        return {"weight_bytes": onnx_weight_bytes(self.onnx), **manifest_shape(self.p.manifest)}
+
+
+class OrtGenAISystem:
+    """onnxruntime-genai's own generation loop on a model-builder folder."""
+
+    def __init__(self, spec: dict):
+        import onnxruntime_genai as og
+
+        from runtime import Pipeline
+
+        self.og = og
+        self.p = Pipeline.load(spec["bundle"], threads=spec["threads"], check=False)
+        self.retriever = BundleRetriever(self.p)
+        folder = Path(spec["model_dir"])
+        self.model = og.Model(str(_threaded_copy(folder, spec["threads"], Path(spec["scratch"]))))
+        self.stop = set(self.p.manifest["prompt"]["stop_token_ids"])
+        self.size_mb = dir_size_mb([f for f in folder.iterdir() if f.name.startswith("model.onnx")])
+        self.onnx = folder / "model.onnx"
+
+    def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
+        from runtime.prompt import build_prompt_ids
+
+        og = self.og
+        start = time.perf_counter()
+        m = self.p.manifest
+        prompt = build_prompt_ids(self.p._encode, self.p.template, question, passages,
+                                  m["generator"]["max_context"] - max_new_tokens)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(prompt)  # the prefill
+        tokens, times = [], []
+        while not generator.is_done() and len(tokens) < max_new_tokens:
+            if tokens:
+                generator.generate_next_token()  # a decode step (the first token comes from the prefill)
+            token = int(generator.get_next_tokens()[0])
+            times.append(time.perf_counter())
+            if token in self.stop:
+                break
+            tokens.append(token)
+        end = time.perf_counter()
+        first = times[0] if times else end
+        return {"answer": self.p.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                "prompt_tokens": len(prompt), "new_tokens": len(tokens), "prefill_ms": (first - start) * 1000,
+                "decode_ms": (times[-1] - first) * 1000 if times else 0.0,
+                "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
+
+    def floors(self) -> dict:
+        from benchmarks.machine import onnx_weight_bytes
+
+        return {"weight_bytes": onnx_weight_bytes(self.onnx), **manifest_shape(self.p.manifest)}
+
+
+def _threaded_copy(folder: Path, threads: int, scratch: Path) -> Path:
+    """The model folder with genai_config.json set to `threads` intra-op threads (the weights are symlinked)."""
+    out = scratch / f"{folder.name}-t{threads}"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "genai_config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    config = json.loads((folder / "genai_config.json").read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options["intra_op_num_threads"] = threads
+    options["inter_op_num_threads"] = 1
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+KINDS = {"bundle": BundleSystem, "torch": TorchSystem, "optimum": OptimumSystem, "ortgenai": OrtGenAISystem}
+
+
+def run(spec: dict) -> dict:
+    from train.metrics import best_over_references, exact_match, f1, recall_at
+
+    system = KINDS[spec["kind"]](spec)
+    load_s = time.time() - spec["launched"]
+    questions, shared, n_new = spec["questions"], spec["passages"], spec["max_new_tokens"]
+
+    def ask(i: int) -> dict:
+        q = questions[i]
+        ids, times = system.retriever.retrieve(q["question"], max(spec["k"], RECALL_K))
+        out = system.answer(q["question"], [tuple(p) for p in shared[i]], n_new)
+        out.update(times)
+        out["ranked_ids"] = ids
+        out["total_ms"] = times["encode_ms"] + times["search_ms"] + out["generate_ms"]
+        out["ttft_ms"] += times["encode_ms"] + times["search_ms"]
+        return out
+
+    ask(0)  # cold: process start to the first answer, then it is asked again warm
+    cold_start_s = time.time() - spec["launched"]
+    rows = []
+    for i, q in enumerate(questions):
+        r = ask(i)
+        r["em"] = best_over_references(exact_match, r["answer"], q["answers"])
+        r["f1"] = best_over_references(f1, r["answer"], q["answers"])
+        r["recall@5"] = recall_at(r["ranked_ids"], q["passage_id"], RECALL_K)
+        rows.append(r)
+    return {"name": spec["name"], "threads": spec["threads"], "load_s": load_s, "cold_start_s": cold_start_s,
+            "peak_rss_mb": peak_rss_mb(), "size_mb": system.size_mb, **system.floors(), "per_question": rows}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = run(spec)
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,99 @@
+"""`edgerag bench` end to end on tiny models: every system that can run here, tiny n and index sizes.
+
+Checks the outputs' shape (schema keys, finite numbers, PNG plots), never timings.
+"""
+
+import json
+import math
+
+import pytest
+
+from benchmarks import machine
+from benchmarks.bench import DEFAULT_SYSTEMS
+
+SYSTEM_KEYS = ("name", "threads", "p50_ms", "p95_ms", "ttft_ms", "prefill_ms", "decode_ms_per_token",
+               "decode_floor_ms_per_token", "peak_rss_mb", "cold_start_s", "size_mb", "em", "f1", "recall@5")
+INDEX_KEYS = ("n", "ef", "recall@10", "p50_query_ms", "build_s", "memory_mb")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tiny_models, tmp_path_factory):
+    """A run-like folder (query_encoder/ + generator/) over the tiny models, used as teacher and student."""
+    encoder, generator, _, _ = tiny_models
+    folder = tmp_path_factory.mktemp("run") / "teacher"
+    folder.mkdir()
+    (folder / "query_encoder").symlink_to(encoder)
+    (folder / "generator").symlink_to(generator)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bench_out(tiny_bundle, tiny_bundle_int4, tiny_models, run_folder, tmp_path_factory):
+    from edgerag.cli import main
+
+    out = tmp_path_factory.mktemp("bench")
+    squad = tiny_models[3]
+    code = main(["bench", "--bundle", str(tiny_bundle), "--bundle", str(tiny_bundle_int4),
+                 "--teacher", str(run_folder), "--student", str(run_folder), "--questions", str(squad),
+                 "--n", "3", "--threads", "1", "--systems", "teacher-torch,student-torch,bundle,optimum-ort",
+                 "--index-sizes", "300,600", "--quick-machine", "--max-new-tokens", "6",
+                 "--cache", str(out / "cache"), "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_results_follow_the_schema(bench_out):
+    results = json.loads((bench_out / "results.json").read_text())
+    assert set(results) >= {"machine", "systems", "index"}
+    for key in ("cpu", "cores", "bandwidth_gb_s", "matmul_gflops"):
+        assert key in results["machine"]
+    assert all(_finite(results["machine"][k]) and results["machine"][k] > 0 for k in ("bandwidth_gb_s", "matmul_gflops"))
+    names = {s["name"] for s in results["systems"]}
+    assert names == {"teacher-torch", "student-torch", "bundle-fp32", "bundle-int4", "optimum-ort"}, results.get("skipped")
+    for row in results["systems"]:
+        for key in SYSTEM_KEYS:
+            assert key in row, key
+            if key not in ("name",):
+                assert _finite(row[key]) or (key == "decode_ms_per_token" and row[key] is None), (row["name"], key, row[key])
+        assert row["threads"] == 1 and row["peak_rss_mb"] > 0 and row["size_mb"] > 0
+        assert 0 <= row["f1"] <= 100 and 0 <= row["recall@5"] <= 100
+    assert [r["n"] for r in results["index"]] == [300, 600]
+    for row in results["index"]:
+        for key in INDEX_KEYS:
+            assert _finite(row[key]), key
+        assert 0 <= row["recall@10"] <= 1
+
+
+def test_report_and_plots(bench_out):
+    report = (bench_out / "report.md").read_text()
+    assert "| teacher-torch | 1 |" in report and "(1.00×)" in report  # ratios to the teacher
+    assert "bundle-int4" in report
+    for name in ("latency_by_stage.png", "quality_vs_latency.png", "peak_memory.png"):
+        assert (bench_out / name).read_bytes()[:8] == PNG
+
+
+def test_bench_module_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, benchmarks.bench; assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_floors():
+    assert machine.decode_floor_ms(10e9, 10.0) == pytest.approx(1000.0)
+    assert machine.prefill_floor_ms(machine.prefill_flops(1_000_000, 2, 64, 100), 1.0) == pytest.approx(
+        (2e6 * 100 + 2 * 2 * 64 * 100 ** 2) / 1e9 * 1000)
+    assert "ortgenai-int4" in DEFAULT_SYSTEMS
+
+
+def test_cli_registers_bench():
+    from edgerag.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--bundle", "b", "--questions", "q.json", "--out", "o"])
+    assert args.n == 200 and args.threads == "1,2" and callable(args.func)
