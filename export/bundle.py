@@ -82,6 +82,7 @@ def write_passage_store(path: Path, passages: list[Passage]) -> None:
     db.execute("CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT NOT NULL, title TEXT, text TEXT NOT NULL)")
     db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)",
                    ((row, p.id, p.title, p.text) for row, p in enumerate(passages)))
+    db.execute("CREATE INDEX passages_id ON passages (id)")
     db.commit()
     db.execute("VACUUM")
     db.close()
@@ -241,6 +242,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
             onnx_encoder = QueryEncoder(make_session(path, None), Tokenizer.from_file(str(bundle / "query_tokenizer.json")),
                                         max_length)
             embedding_parity[name] = float(np.abs(onnx_encoder.encode(sample_questions) - reference).max())
+        encoder_parameters = sum(p.numel() for p in enc_model.parameters())
         del enc_model
         stages.update()
 
@@ -276,7 +278,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
                         "passage_encoder": str(passage_encoder or query_encoder), "passages": str(passages_file)},
             "query_encoder": {"onnx": "query_encoder.onnx", "tokenizer": "query_tokenizer.json",
                               "pooling": pooling, "normalized": True, "max_length": max_length,
-                              "dim": int(vectors.shape[1]), "quantization": enc_quant},
+                              "dim": int(vectors.shape[1]), "quantization": enc_quant,
+                              "parameters": encoder_parameters},
             "generator": {"family": "decoder-only", "onnx": "generator.onnx", "tokenizer": "generator_tokenizer.json",
                           "model_type": config.model_type, "num_layers": config.num_hidden_layers,
                           "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,

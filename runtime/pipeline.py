@@ -68,6 +68,12 @@ class PassageStore:
         self.db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
         self.extra: dict[int, tuple[str, str, str]] = {}
 
+    def has_ids(self, ids: list[str]) -> set[str]:
+        marks = ",".join("?" * len(ids))
+        found = {pid for (pid,) in self.db.execute(f"SELECT id FROM passages WHERE id IN ({marks})", ids)}
+        wanted = set(ids)
+        return found | {pid for pid, _, _ in self.extra.values() if pid in wanted}
+
     def get(self, rows: Iterable[int]) -> list[tuple[str, str, str]]:
         rows = [int(r) for r in rows]
         found = {r: self.extra[r] for r in rows if r in self.extra}
@@ -122,6 +128,9 @@ class DecoderOnlyGenerator:
             length += 1
 
 
+GENERATORS = {"decoder-only": DecoderOnlyGenerator}
+
+
 @dataclass
 class Answer:
     question: str
@@ -163,7 +172,10 @@ class Pipeline:
         index = hnswlib.Index(space=idx["space"], dim=idx["dim"])
         index.load_index(str(bundle / idx["file"]), max_elements=idx["count"])
         index.set_ef(idx["ef"])
-        generator = DecoderOnlyGenerator(make_session(bundle / gen["onnx"], threads), manifest["prompt"]["stop_token_ids"])
+        # read_manifest has refused families without a generation loop here; a new family
+        # (e.g. "encoder-decoder" with encoder and decoder graphs) adds its class to GENERATORS
+        generator = GENERATORS[gen["family"]](make_session(bundle / gen["onnx"], threads),
+                                              manifest["prompt"]["stop_token_ids"])
         return cls(bundle, manifest, encoder, index, PassageStore(bundle / manifest["passages"]["file"]),
                    generator, Tokenizer.from_file(str(bundle / gen["tokenizer"])),
                    PromptTemplate.from_dict(manifest["prompt"]["template"]), idx["count"])
@@ -183,17 +195,28 @@ class Pipeline:
         return [{"id": pid, "title": title, "score": float(score), "text": text}
                 for (pid, title, text), score in zip(self.store.get(rows), scores)]
 
-    def add_passages(self, passages: list[tuple[str, str, str]], batch_size: int = 64) -> None:
-        """Add (id, title, text) passages to the in-memory index, embedded with the bundle's query encoder."""
+    def add_passages(self, passages: list[tuple[str, str, str]], batch_size: int = 64) -> int:
+        """Add (id, title, text) passages to the in-memory index, embedded with the bundle's query encoder.
+
+        Passages whose id the bundle already holds are skipped, so a corpus that overlaps the
+        bundle's own passages does not duplicate them. Returns how many were added.
+        """
         self.index.resize_index(self.size + len(passages))
+        fmt = self.manifest["index"]["passage_format"]
+        added = 0
         for start in range(0, len(passages), batch_size):
             chunk = passages[start:start + batch_size]
-            fmt = self.manifest["index"]["passage_format"]
+            known = self.store.has_ids([pid for pid, _, _ in chunk])
+            chunk = [p for p in chunk if p[0] not in known]
+            if not chunk:
+                continue
             vectors = self.encoder.encode([fmt.format(title=title, text=text) for _, title, text in chunk])
             rows = np.arange(self.size, self.size + len(chunk))
             self.index.add_items(vectors, rows)
             self.store.extra.update({int(r): p for r, p in zip(rows, chunk)})
             self.size += len(chunk)
+            added += len(chunk)
+        return added
 
     # generation --------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:

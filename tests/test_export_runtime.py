@@ -149,9 +149,13 @@ def test_empty_question_is_refused(tiny_bundle):
 
 def test_added_passages_are_retrievable(tiny_bundle):
     pipeline = Pipeline.load(tiny_bundle)
-    pipeline.add_passages([("extra1", "Zanzibar", "Zanzibar is an archipelago off the coast of Tanzania.")])
-    found = pipeline.retrieve("Zanzibar is an archipelago off the coast of Tanzania.", k=1)
+    own = pipeline.retrieve("Warsaw", k=1)[0]
+    extra = ("extra1", "Zanzibar", "Zanzibar is an archipelago off the coast of Tanzania.")
+    assert pipeline.add_passages([extra, (own["id"], own["title"], own["text"])]) == 1  # known ids are skipped
+    assert pipeline.add_passages([extra]) == 0
+    found = pipeline.retrieve("Zanzibar is an archipelago off the coast of Tanzania.", k=pipeline.size)
     assert found[0]["id"] == "extra1"
+    assert len({p["id"] for p in found}) == len(found) == pipeline.size
 
 
 def _copy(bundle, tmp_path):

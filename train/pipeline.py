@@ -205,6 +205,7 @@ def rag_examples(run: Run, questions, prompter, k: int, gold_probability: float,
 
 def stage_teacher_finetune(run: Run) -> dict:
     from .sources import load_generator
+    from .student import train_top_layers
     from .teacher import Prompter, answer_loss
 
     cfg = run.recipe.teacher_finetune
@@ -213,6 +214,7 @@ def stage_teacher_finetune(run: Run) -> dict:
     prompter = Prompter(tok, cfg.max_prompt_tokens, run.recipe.prompt.max_answer_tokens)
     questions = run.questions("train")[:cfg.examples]
     examples, _ = rag_examples(run, questions, prompter, cfg.k, cfg.gold_probability, seed_offset=1)
+    train_top_layers(model, cfg.train_layers)
     log = loop.train(model, examples, lambda m, b: (answer_loss(m, b, tok.pad_token_id), {}),
                      train_config(cfg, run.recipe), run.stage_dir("teacher_finetune"), desc="teacher fine-tune")
     save_generator(model.cpu(), tok, run.out / "teacher" / "generator")
@@ -348,6 +350,7 @@ def stage_distill_generator(run: Run) -> dict:
 
     from .distill import KDExample, generator_loss_fn
     from .sources import load_generator
+    from .student import train_top_layers
     from .teacher import Example
 
     cfg = run.recipe.distill_generator
@@ -357,6 +360,7 @@ def stage_distill_generator(run: Run) -> dict:
     if cfg.hidden_weight > 0 and examples and examples[0].cache["hidden"].shape[-1] != student.config.hidden_size:
         raise RunError(f"distill_generator.hidden_weight: the student's hidden size ({student.config.hidden_size}) "
                        f"differs from the teacher's ({examples[0].cache['hidden'].shape[-1]}); set it to 0")
+    train_top_layers(student, cfg.train_layers)
     student.to(loop.device())
     loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, cfg.alpha, cfg.hidden_weight)
     log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_generator"),

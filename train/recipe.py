@@ -55,6 +55,7 @@ class FinetuneConfig:
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 5
+    train_layers: int = 0            # train only the top N decoder layers (+ final norm); 0: everything
 
 
 @dataclass
@@ -97,6 +98,7 @@ class GeneratorDistillConfig:
     seq_kd: bool = False             # also train on teacher-generated answers (sequence-level KD)
     hidden_weight: float = 0.0       # MSE between final hidden states at answer positions
     warmup_steps: int = 5
+    train_layers: int = 0            # train only the top N decoder layers (+ final norm); 0: everything
 
 
 @dataclass

@@ -221,3 +221,16 @@ def shrink_encoder(model, keep: list[int]) -> dict:
                 module.layer_idx = new
     model.config.num_hidden_layers = len(keep)
     return {"teacher_params": before, "layers": list(keep), "params": count_params(model)}
+
+
+def train_top_layers(model, n: int) -> None:
+    """Freeze all but the top `n` decoder layers and the final norm (n = 0: train everything).
+
+    Backpropagation then stops n layers down, and the (tied) embeddings get no optimizer state:
+    on a CPU the cheapest way to buy steps."""
+    if not n:
+        return
+    model.requires_grad_(False)
+    for layer in _decoder_layers(model)[-n:]:
+        layer.requires_grad_(True)
+    model.model.norm.requires_grad_(True)
