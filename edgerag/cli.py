@@ -13,6 +13,8 @@ import json
 import sys
 
 WORKSTATION_MODULES = ("torch", "transformers", "optimum", "onnx")
+EXTRAS = {"train": WORKSTATION_MODULES + ("accelerate", "gguf", "safetensors", "tqdm", "onnx_ir"),
+          "bench": ("psutil", "matplotlib")}
 
 
 class MissingExtra(Exception):
@@ -164,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MissingExtra as e:
         print(f"edgerag: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = next((x for x, modules in EXTRAS.items() if (e.name or "").split(".")[0] in modules), None)
+        if extra is None:
+            raise
+        print(f"edgerag: `edgerag {args.command}` needs the {extra} extra ({e.name} missing): "
+              f"pip install 'edgerag[{extra}]'", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - one clear line for users; EDGERAG_DEBUG=1 shows the traceback
         import os

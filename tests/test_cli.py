@@ -118,7 +118,10 @@ def test_base_install_has_no_torch_and_answers(tiny_bundle):
 @needs_base_venv
 def test_workstation_command_on_base_install_names_the_extra(tiny_models, tmp_path):
     encoder, generator, jsonl, _ = tiny_models
-    result = edgerag("export", "--query-encoder", encoder, "--generator", generator, "--passages", jsonl,
-                     "--out", tmp_path / "b", python=BASE_VENV / "bin" / "python")
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "edgerag[train]" in result.stderr
+    for command in (["export", "--query-encoder", encoder, "--generator", generator, "--passages", jsonl,
+                     "--out", tmp_path / "b"],
+                    ["distill", ROOT / "recipes" / "demo.toml", "--out", tmp_path / "run"]):
+        result = edgerag(*command, python=BASE_VENV / "bin" / "python")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and "edgerag[train]" in result.stderr
+    assert list(tmp_path.iterdir()) == []
