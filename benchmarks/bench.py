@@ -94,7 +94,9 @@ def plan_systems(args, bundles: list[Path], manifests: list[dict], cache: Path) 
                 if not folder:
                     skipped.append({"name": name, "reason": f"no --{name.split('-')[0]} folder given"})
                     continue
-                plan.append({"name": name, "kind": "torch", "folder": str(Path(folder).resolve()), "python": python})
+                plan.append({"name": name, "kind": "torch", "folder": str(Path(folder).resolve()), "python": python,
+                             "note": "PyTorch fp32; its cold start includes embedding the bundle's passages "
+                                     "for its own hnswlib index"})
             elif name == "bundle":
                 seen = set()
                 for b, m in zip(bundles, manifests):

@@ -7,6 +7,7 @@ measured time divided by its floor says how much headroom its runtime leaves.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import tempfile
@@ -82,7 +83,11 @@ def ort_matmul_gflops(threads: int, int8: bool = False, m: int = 256, k: int = 1
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8)
+            logging.disable(logging.WARNING)  # its "consider pre-processing" advice is about models, not this probe
+            try:
+                quantize_dynamic(str(path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8)
+            finally:
+                logging.disable(logging.NOTSET)
             path = Path(tmp) / "q.onnx"
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

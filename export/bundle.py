@@ -247,7 +247,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.update()
 
         stages.set_postfix_str("generator")
-        gen_folder = onnx_export.materialize(generator, work / "generator")
+        gen_folder = onnx_export.materialize(generator, work / "generator", causal_lm=True)
         gen_model, gen_tokenizer = load_generator(str(gen_folder))
         vocab = gen_tokenizer.get_vocab()
         template = PromptTemplate.for_vocab(vocab.get)

@@ -26,7 +26,7 @@ ENCODER_OUTPUT = "embedding"
 LOGITS = "logits"
 
 
-def materialize(name: str, workdir: Path) -> Path:
+def materialize(name: str, workdir: Path, causal_lm: bool = False) -> Path:
     """A local Hugging Face folder for any model source; GGUF and hub models are saved to `workdir`."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -39,7 +39,8 @@ def materialize(name: str, workdir: Path) -> Path:
     if config.is_encoder_decoder:
         raise NotImplementedError("encoder-decoder generators are not exported yet (manifest family 'encoder-decoder')")
     from transformers import AutoModel, AutoModelForCausalLM
-    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in config.architectures or []) else AutoModel
+    # a GGUF config names no architecture, so the caller says which head the model needs
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
     model = auto.from_pretrained(source.path, **source.kwargs())
     model.save_pretrained(workdir)
     AutoTokenizer.from_pretrained(source.path, **source.kwargs()).save_pretrained(workdir)

@@ -101,19 +101,33 @@ class DecoderOnlyGenerator:
         return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=ORT_DTYPES[i.type]) for i in self.past_inputs}
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, timings: dict) -> Iterator[int]:
-        """Yield new token ids; fills timings['prefill_ms'] and timings['decode_ms']."""
-        cache = self.empty_cache()
+        """Yield new token ids; fills timings['prefill_ms'] and timings['decode_ms'].
+
+        The KV cache stays in onnxruntime's own buffers (IOBinding): each step's `present` values
+        are bound as the next step's `past` without a round trip through numpy.
+        """
+        binding = self.session.io_binding()
+        cache = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self.empty_cache().items()}
         ids = np.array([prompt_ids], dtype=np.int64)
         length = len(prompt_ids)
         positions = np.arange(length, dtype=np.int64)[None, :]
         timings["decode_ms"] = 0.0
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            feed = {"input_ids": ids, "attention_mask": np.ones((1, length), dtype=np.int64), **cache}
+            binding.bind_cpu_input("input_ids", ids)
+            binding.bind_cpu_input("attention_mask", np.ones((1, length), dtype=np.int64))
             if "position_ids" in self.input_names:
-                feed["position_ids"] = positions
-            logits, *presents = self.session.run(["logits", *self.present_outputs], feed)
-            token = int(logits[0, -1].argmax())
+                binding.bind_cpu_input("position_ids", positions)
+            for name, value in cache.items():
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output("logits")
+            for name in self.present_outputs:
+                binding.bind_output(name)
+            self.session.run_with_iobinding(binding)
+            logits, *presents = binding.get_outputs()
+            token = int(logits.numpy()[0, -1].argmax())
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
             elapsed = (time.perf_counter() - start) * 1000
             if step == 0:
                 timings["prefill_ms"] = elapsed

@@ -97,3 +97,21 @@ def test_cli_registers_bench():
 
     args = build_parser().parse_args(["bench", "--bundle", "b", "--questions", "q.json", "--out", "o"])
     assert args.n == 200 and args.threads == "1,2" and callable(args.func)
+
+
+def test_unavailable_baseline_is_recorded_as_skipped(tiny_bundle, monkeypatch, tmp_path):
+    """onnxruntime-genai that cannot be installed is reported with its reason, not faked or fatal."""
+    import argparse
+
+    from benchmarks import baselines, bench
+    from runtime.manifest import read_manifest
+
+    def no_venv(venv, log):
+        raise baselines.Skip("pip install onnxruntime-genai failed: no network")
+
+    monkeypatch.setattr(baselines, "genai_python", no_venv)
+    args = argparse.Namespace(systems="bundle,ortgenai-int4,teacher-torch", student=None, teacher=None)
+    plan, skipped = bench.plan_systems(args, [tiny_bundle], [read_manifest(tiny_bundle)], tmp_path)
+    assert [p["name"] for p in plan] == ["bundle-fp32"]
+    reasons = {s["name"]: s["reason"] for s in skipped}
+    assert "no network" in reasons["ortgenai-int4"] and "teacher" in reasons["teacher-torch"]

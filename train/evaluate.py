@@ -120,7 +120,8 @@ def _write_answers(path, questions, open_answers, gold_answers, ranked_ids) -> N
 
 # ---------------------------------------------------------------- bundles (no torch)
 
-def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Passage] | None, k: int = 3) -> dict:
+def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Passage] | None, k: int = 3,
+                    answers_out: Path | None = None) -> dict:
     """Metrics of an exported bundle through the device runtime; `passages` (if given) are added to its corpus."""
     from runtime import Pipeline
 
@@ -141,6 +142,8 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     result.update({"generator_params": _find_params(manifest.get("generator", {})),
                    "encoder_params": _find_params(manifest.get("query_encoder", {})),
                    "seconds_per_question": round(seconds, 4)})
+    if answers_out is not None:
+        _write_answers(answers_out, questions, open_answers, gold_answers, ranked_ids)
     return result
 
 
@@ -154,23 +157,24 @@ def _find_params(section: dict):
 # ---------------------------------------------------------------- public entry point
 
 def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int = 3, seed: int = 0,
-                   batch_size: int = 8) -> dict:
+                   batch_size: int = 8, answers_out=None) -> dict:
     """Evaluate a teacher/student folder or a bundle on a SQuAD-format file.
 
     The corpus is `corpus_path` (SQuAD or JSONL) if given, else the passages of the questions file.
-    Returns {"dataset", "n_questions", "k", "model", "em", "f1", ..., "seconds_per_question"}.
+    Returns {"dataset", "n_questions", "k", "model", "em", "f1", ..., "seconds_per_question"};
+    `answers_out` (a path) also gets every question's answers and retrieved passage ids as JSONL.
     """
     model_path = Path(model_path)
     questions = sample_questions(read_questions(questions_path), n, seed)
     is_bundle = (model_path / "manifest.json").exists()
     if is_bundle:
         passages = read_passages(corpus_path) if corpus_path else None
-        metrics = evaluate_bundle(model_path, questions, passages, k)
+        metrics = evaluate_bundle(model_path, questions, passages, k, answers_out)
     else:
         if not (model_path / "generator").is_dir() or not (model_path / "query_encoder").is_dir():
             raise FileNotFoundError(f"{model_path}: neither a bundle (manifest.json) nor a model folder (query_encoder/ and generator/)")
         passages = read_passages(corpus_path or questions_path)
-        metrics = evaluate_folder(model_path, questions, passages, k, batch_size=batch_size)
+        metrics = evaluate_folder(model_path, questions, passages, k, batch_size=batch_size, answers_out=answers_out)
     return {"dataset": str(data_path(str(questions_path))), "n_questions": len(questions), "k": k,
             "model": str(model_path), **metrics}
 

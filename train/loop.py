@@ -39,8 +39,11 @@ def world() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        import datetime
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # Long timeout: ranks > 0 wait at a barrier while rank 0 alone indexes or evaluates.
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
