@@ -26,6 +26,14 @@ from export.onnx_export import untie_lm_head
 def quantize(model: onnx.ModelProto, method: str, block_size: int = 32, accuracy_level: int = 4,
              is_generator: bool = True) -> tuple[onnx.ModelProto, dict]:
     """(quantized model, description for the manifest)."""
+    logging.disable(logging.INFO)  # onnxruntime's quantizers log every node at INFO
+    try:
+        return _quantize(model, method, block_size, accuracy_level, is_generator)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _quantize(model, method, block_size, accuracy_level, is_generator):
     if method not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZATIONS)}")
     if method == "none":
@@ -43,7 +51,6 @@ def quantize(model: onnx.ModelProto, method: str, block_size: int = 32, accuracy
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     bits = 4 if method == "int4" else 8
-    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
