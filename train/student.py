@@ -40,7 +40,9 @@ def _calibrate(model, batches, hooks):
             h.remove()
 
 
-def calibration_batches(sequences: list[list[int]], pad_id: int, batch_size: int = 4):
+def calibration_batches(sequences: list[list[int]], pad_id: int, batch_size: int = 1):
+    """Batches of (ids, mask). One sequence a batch by default: the importance hooks then see no padding,
+    whose activations would otherwise skew the statistics (and a few calibration passages are cheap)."""
     import torch
 
     out = []
@@ -136,7 +138,6 @@ def mlp_importance(model, batches) -> list:
             counts[i] += x.shape[0] * x.shape[1]
         return hook
 
-    # The hook sees padding too; with right padding and short batches that is a small bias we accept.
     _calibrate(model, batches, [(layer.mlp.down_proj, hook_for(i)) for i, layer in enumerate(layers)])
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
