@@ -73,7 +73,30 @@ class Stopwatch:
         return scores
 
 
+def hf_generate(model, prompt: list[int], max_new_tokens: int, stop: list[int], decode, start: float) -> dict:
+    """Greedy `model.generate` (transformers or Optimum), with prefill and decode split by a Stopwatch."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    watch = Stopwatch()
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                         pad_token_id=stop[0], logits_processor=LogitsProcessorList([watch]))
+    end = time.perf_counter()
+    tokens = out[0, len(prompt):].tolist()
+    for i, t in enumerate(tokens):
+        if t in stop:
+            tokens = tokens[:i]
+            break
+    first = watch.times[0] if watch.times else end
+    return {"answer": decode(tokens, skip_special_tokens=True).strip(),
+            "prompt_tokens": len(prompt), "new_tokens": len(tokens), "prefill_ms": (first - start) * 1000,
+            "decode_ms": (watch.times[-1] - first) * 1000 if watch.times else 0.0,
+            "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
+
+
 # ---------------------------------------------------------------------------------------- systems
+
 
 class BundleRetriever:
     """The device retriever (ONNX query encoder + hnswlib), shared by the ONNX systems."""
@@ -160,29 +183,12 @@ class TorchSystem:
         return [self.corpus[r][0] for r in rows[0]], {"encode_ms": (t1 - t0) * 1000, "search_ms": (t2 - t1) * 1000}
 
     def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
-        from transformers import LogitsProcessorList
-
         torch = self.torch
         start = time.perf_counter()
         encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         prompt = self.build_prompt_ids(encode, self.template, question, passages, self.budget)
-        watch = Stopwatch()
         with torch.inference_mode():
-            out = self.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop,
-                                      pad_token_id=self.stop[0], logits_processor=LogitsProcessorList([watch]))
-        end = time.perf_counter()
-        tokens = out[0, len(prompt):].tolist()
-        for i, t in enumerate(tokens):
-            if t in self.stop:
-                tokens = tokens[:i]
-                break
-        first = watch.times[0] if watch.times else end
-        return {"answer": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                "prompt_tokens": len(prompt), "new_tokens": len(tokens),
-                "prefill_ms": (first - start) * 1000,
-                "decode_ms": (watch.times[-1] - first) * 1000 if watch.times else 0.0,
-                "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
+            return hf_generate(self.model, prompt, max_new_tokens, self.stop, self.tokenizer.decode, start)
 
     def floors(self) -> dict:
         from benchmarks.machine import torch_weight_bytes
@@ -219,30 +225,13 @@ class OptimumSystem:
         self.onnx = folder / "model.onnx"
 
     def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
-        import torch
-        from transformers import LogitsProcessorList
-
         from runtime.prompt import build_prompt_ids
 
         start = time.perf_counter()
         m = self.p.manifest
         prompt = build_prompt_ids(self.p._encode, self.p.template, question, passages,
                                   m["generator"]["max_context"] - max_new_tokens)
-        watch = Stopwatch()
-        out = self.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop,
-                                  pad_token_id=self.stop[0], logits_processor=LogitsProcessorList([watch]))
-        end = time.perf_counter()
-        tokens = out[0, len(prompt):].tolist()
-        for i, t in enumerate(tokens):
-            if t in self.stop:
-                tokens = tokens[:i]
-                break
-        first = watch.times[0] if watch.times else end
-        return {"answer": self.p.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                "prompt_tokens": len(prompt), "new_tokens": len(tokens), "prefill_ms": (first - start) * 1000,
-                "decode_ms": (watch.times[-1] - first) * 1000 if watch.times else 0.0,
-                "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
+        return hf_generate(self.model, prompt, max_new_tokens, self.stop, self.p.tokenizer.decode, start)
 
     def floors(self) -> dict:
         from benchmarks.machine import onnx_weight_bytes
