@@ -129,10 +129,9 @@ def stop_token_ids(tokenizer, template: PromptTemplate) -> list[int]:
     return sorted(ids)
 
 
-def sample_prompts(passages_path: Path, passages: list[Passage], n: int) -> list[tuple[str, list[tuple[str, str]]]]:
+def sample_prompts(questions: list, passages: list[Passage], n: int) -> list[tuple[str, list[tuple[str, str]]]]:
     """(question, [(title, text)]) pairs for parity checks: the file's own questions where it has them."""
-    if is_squad(passages_path):
-        _, questions, _ = read_squad(passages_path)
+    if questions:
         step = max(len(questions) // n, 1)
         return [(q.question, [(q.title, q.context)]) for q in questions[::step][:n]]
     return [(f"What is {p.title or 'this passage'} about?", [(p.title, p.text)]) for p in passages[:n]]
@@ -217,7 +216,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         if name:
             resolve(name)  # a typo in a model name fails here, before minutes of work
     passages_path = data_path(str(passages_file))
-    passages = read_passages(passages_path)  # bad lines fail here, before any model loads
+    # bad lines fail here, before any model loads; a SQuAD file is parsed once, for passages and questions
+    passages, questions, _ = read_squad(passages_path) if is_squad(passages_path) else (read_passages(passages_path), [], 0)
     if not passages:
         raise ValueError(f"{passages_path} holds no passages")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.update()
 
         stages.set_postfix_str("embedding parity")
-        prompts = sample_prompts(passages_path, passages, opts.parity_questions)
+        prompts = sample_prompts(questions, passages, opts.parity_questions)
         sample_questions = [q for q, _ in prompts] or ["What is this about?"]
         reference = embed_passages(enc_model, enc_tokenizer, pooling, max_length, sample_questions, opts.batch_size)
         embedding_parity = {}
