@@ -91,7 +91,7 @@ def cmd_export(args) -> int:
                             block_size=args.block_size, accuracy_level=args.accuracy_level, k=args.k,
                             max_new_tokens=args.max_new_tokens, max_context=args.max_context,
                             hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef=args.ef,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, graph=args.graph)
     out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options)
     from runtime.manifest import read_manifest
 
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--hnsw-m", type=int, default=32)
     exp.add_argument("--ef-construction", type=int, default=200)
     exp.add_argument("--ef", type=int, default=64)
+    exp.add_argument("--graph", choices=("auto", "fused", "optimum"), default="auto",
+                     help="generator graph: onnxruntime's fused operators for Llama-family models (auto: where the model allows), or Optimum's trace")
     exp.add_argument("--overwrite", action="store_true")
     exp.set_defaults(func=cmd_export)
 

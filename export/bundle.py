@@ -48,6 +48,7 @@ class ExportOptions:
     parity_questions: int = 8
     batch_size: int = 64
     overwrite: bool = False
+    graph: str = "auto"
 
 
 def student_folder_models(folder: Path) -> tuple[str, str]:
@@ -273,7 +274,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         vocab = gen_tokenizer.get_vocab()
         template = PromptTemplate.for_vocab(vocab.get)
         stop = stop_token_ids(gen_tokenizer, template)
-        gen_graph = onnx_export.export_generator(gen_folder)
+        gen_graph, gen_builder = onnx_export.export_generator(gen_folder, gen_model, opts.graph)
         onnx_export.save(gen_graph, work / "generator.fp32.onnx")
         gen_graph, gen_quant = quantize(gen_graph, opts.quantize, opts.block_size, opts.accuracy_level)
         onnx_export.save(gen_graph, work / "generator.onnx")
@@ -307,7 +308,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
                           "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
                           "parameters": sum(p.numel() for p in gen_model.parameters()),
                           "max_context": min(opts.max_context, getattr(config, "max_position_embeddings", opts.max_context)),
-                          "logits": "last-position", "quantization": gen_quant,
+                          "logits": "last-position", "graph": gen_builder, "quantization": gen_quant,
                           "graph_optimization": gen_optimization},
             "prompt": {"template": template.to_dict(), "stop_token_ids": stop,
                        "truncation": "passages first, lowest-ranked first; then the question's tail"},

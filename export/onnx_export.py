@@ -120,9 +120,31 @@ def add_pooling(model: onnx.ModelProto, pooling: str) -> onnx.ModelProto:
     return model
 
 
-def export_generator(folder: Path) -> onnx.ModelProto:
+GRAPHS = ("auto", "fused", "optimum")
+
+
+def export_generator(folder: Path, model=None, graph: str = "auto") -> tuple[onnx.ModelProto, str]:
+    """(generator graph, which builder wrote it).
+
+    graph: "fused" writes Llama-family models with onnxruntime's fused operators (llama_graph.py),
+    "optimum" traces any causal LM with Optimum, "auto" takes "fused" where the model allows.
+    """
+    if graph not in GRAPHS:
+        raise ValueError(f"unknown generator graph {graph!r}; choose from {', '.join(GRAPHS)}")
+    if graph in ("auto", "fused"):
+        from export.llama_graph import UnsupportedModel, build_llama_graph
+
+        if model is None:
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(folder)
+        try:
+            return build_llama_graph(model), "fused-llama"
+        except UnsupportedModel as reason:
+            if graph == "fused":
+                raise
+            log.info("%s; exporting with Optimum", reason)
     model = _optimum_export(folder, "text-generation-with-past")
-    return last_position_logits(model)
+    return last_position_logits(model), "optimum"
 
 
 def _producer(graph, name):

@@ -46,7 +46,9 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save_model(model, str(src))
-            quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
+            # shape inference stops at contrib operators (GroupQueryAttention), so say the tensor type
+            quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             return onnx.load(str(dst)), {"method": "int8", "kind": "dynamic", "per_channel": True}
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -23,13 +23,13 @@ def tiny_models(tmp_path_factory):
     return (tiny.build_encoder(root / "encoder"), tiny.build_generator(root / "generator"), jsonl, squad)
 
 
-def _export(tiny_models, tmp_path_factory, quantize):
+def _export(tiny_models, tmp_path_factory, quantize, graph="auto"):
     from export.bundle import ExportOptions, export_bundle
 
     encoder, generator, jsonl, squad = tiny_models
-    out = tmp_path_factory.mktemp("bundles") / f"tiny-{quantize}"
+    out = tmp_path_factory.mktemp("bundles") / f"tiny-{quantize}-{graph}"
     options = ExportOptions(quantize=quantize, block_size=32, max_new_tokens=12, max_context=256,
-                            parity_questions=4, k=2)
+                            parity_questions=4, k=2, graph=graph)
     return export_bundle(str(encoder), str(generator), squad, out, options=options)
 
 
@@ -51,3 +51,9 @@ def tiny_bundle_int8(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle_int8wo(tiny_models, tmp_path_factory):
     return _export(tiny_models, tmp_path_factory, "int8wo")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_optimum(tiny_models, tmp_path_factory):
+    """The same tiny models through Optimum's traced graph instead of the fused Llama graph."""
+    return _export(tiny_models, tmp_path_factory, "int8wo", graph="optimum")

@@ -58,7 +58,8 @@ def _full_recompute_tokens(generator, prompt, n):
     return out
 
 
-@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo"])
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo",
+                                            "tiny_bundle_optimum"])
 def test_kv_cache_decoding_equals_full_recomputation(bundle_fixture, request):
     pipeline = Pipeline.load(request.getfixturevalue(bundle_fixture))
     for question, passages in PROMPTS:
@@ -84,11 +85,35 @@ def test_quantized_logits_within_recorded_tolerance(bundle_fixture, request, tin
         assert delta <= 2 * recorded + 1e-4
 
 
-def test_fp32_parity_figures_recorded(tiny_bundle):
-    parity = read_manifest(tiny_bundle)["parity"]
+@pytest.mark.parametrize("bundle_fixture,builder", [("tiny_bundle", "fused-llama"), ("tiny_bundle_optimum", "optimum")])
+def test_fp32_parity_figures_recorded(bundle_fixture, builder, request):
+    manifest = read_manifest(request.getfixturevalue(bundle_fixture))
+    assert manifest["generator"]["graph"] == builder
+    parity = manifest["parity"]
     assert parity["max_abs_embedding_delta"]["fp32"] < 1e-4
     assert parity["generator"]["fp32"]["max_abs_logit_delta"] < 1e-3
     assert parity["generator"]["fp32"]["greedy_exact_match"] == 1.0
+
+
+def test_fused_graph_uses_onnxruntime_attention(tiny_bundle, tiny_bundle_optimum):
+    import onnx
+
+    fused = {n.op_type for n in onnx.load(str(tiny_bundle / "generator.onnx")).graph.node}
+    traced = {n.op_type for n in onnx.load(str(tiny_bundle_optimum / "generator.onnx")).graph.node}
+    assert "GroupQueryAttention" in fused and "Softmax" not in fused
+    assert "GroupQueryAttention" not in traced
+
+
+def test_fused_graph_refuses_what_it_cannot_reproduce():
+    from transformers import LlamaConfig, MistralConfig
+
+    from export.llama_graph import UnsupportedModel, check_supported
+
+    check_supported(LlamaConfig())
+    for config in (LlamaConfig(attention_bias=True), LlamaConfig(hidden_act="gelu"),
+                   LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), MistralConfig()):
+        with pytest.raises(UnsupportedModel):
+            check_supported(config)
 
 
 def test_query_embedding_matches_pytorch_and_is_normalized(tiny_models, tiny_bundle):
@@ -211,9 +236,11 @@ def test_generator_logits_are_last_position_only(tiny_bundle):
     from export.bundle import last_logits_onnx
     feed_len = 20
     ids = list(range(5, 5 + feed_len))
-    out = pipeline.generator.session.run(["logits"], {
-        "input_ids": np.array([ids]), "attention_mask": np.ones((1, feed_len), dtype=np.int64),
-        "position_ids": np.arange(feed_len)[None], **pipeline.generator.empty_cache()})[0]
+    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, feed_len), dtype=np.int64),
+            **pipeline.generator.empty_cache()}
+    if "position_ids" in pipeline.generator.input_names:
+        feed["position_ids"] = np.arange(feed_len)[None]
+    out = pipeline.generator.session.run(["logits"], feed)[0]
     assert out.shape[1] == 1
     np.testing.assert_allclose(out[0, -1], last_logits_onnx(pipeline.generator, ids))
 
