@@ -17,7 +17,9 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from export import QUANTIZATIONS
 from export.onnx_export import untie_lm_head
@@ -56,5 +58,54 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
-    return quantizer.model.model, {"method": method, "kind": "weight-only MatMulNBits", "bits": bits,
-                                   "block_size": block_size, "accuracy_level": accuracy_level}
+    model = quantizer.model.model
+    embeddings = quantize_embeddings(model, block_size) if is_generator else []
+    return model, {"method": method, "kind": "weight-only MatMulNBits", "bits": bits,
+                   "block_size": block_size, "accuracy_level": accuracy_level,
+                   "embeddings": {"bits": 8, "block_size": block_size, "tables": embeddings}}
+
+
+def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32) -> list[str]:
+    """Store embedding tables read only by Gather in 8-bit blocks (GatherBlockQuantized).
+
+    A tied SmolLM2 embedding is 113 MB of fp32, half of an int8 bundle, and a lookup reads one row
+    per token, so dequantizing on the fly costs nothing measurable. onnxruntime's quantizer
+    writes 4-bit tables only; 8 bits keep the input embeddings within int8wo's error.
+    Returns the names of the tables replaced.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    replaced = []
+    for name, init in list(inits.items()):
+        users = readers.get(name, [])
+        if (len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT or init.dims[1] % block_size
+                or not users or any(n.op_type != "Gather" or n.input[0] != name for n in users)
+                or any(a.name == "axis" and a.i != 0 for n in users for a in n.attribute)):
+            continue
+        table = numpy_helper.to_array(init)
+        rows, dim = table.shape
+        blocks = table.reshape(rows, dim // block_size, block_size)
+        scales = np.abs(blocks).max(-1) / 127.0
+        scales[scales == 0] = 1.0
+        quantized = (np.clip(np.round(blocks / scales[..., None]), -127, 127) + 128).astype(np.uint8)
+        graph.initializer.remove(init)
+        graph.initializer.extend([
+            numpy_helper.from_array(quantized.reshape(rows, dim), name + "_Q8"),
+            numpy_helper.from_array(scales.astype(np.float32), name + "_scales"),
+            numpy_helper.from_array(np.full(scales.shape, 128, dtype=np.uint8), name + "_zero_points"),
+        ])
+        for node in users:
+            index = list(graph.node).index(node)
+            graph.node.remove(node)
+            graph.node.insert(index, helper.make_node(
+                "GatherBlockQuantized", [name + "_Q8", node.input[1], name + "_scales", name + "_zero_points"],
+                list(node.output), name=node.name + "_Q8", domain="com.microsoft",
+                gather_axis=0, quantize_axis=1, block_size=block_size, bits=8))
+        replaced.append(name)
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return replaced

@@ -252,3 +252,16 @@ def test_tied_embeddings_stored_once_in_fp32(tiny_bundle):
     vocab = read_manifest(tiny_bundle)["generator"]["vocab_size"]
     embedding_sized = [i.name for i in graph.initializer if vocab in i.dims]
     assert len(embedding_sized) == 1, embedding_sized
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8wo", "tiny_bundle_int4", "tiny_bundle_optimum"])
+def test_quantized_bundles_keep_no_fp32_vocabulary_table(bundle_fixture, request):
+    import onnx
+
+    bundle = request.getfixturevalue(bundle_fixture)
+    graph = onnx.load(str(bundle / "generator.onnx")).graph
+    manifest = read_manifest(bundle)["generator"]
+    shapes = ([manifest["vocab_size"], manifest["hidden_size"]], [manifest["hidden_size"], manifest["vocab_size"]])
+    fp32_tables = [i.name for i in graph.initializer if list(i.dims) in shapes and i.data_type == onnx.TensorProto.FLOAT]
+    assert fp32_tables == []
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
