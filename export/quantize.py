@@ -59,7 +59,7 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
                                      accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
     model = quantizer.model.model
-    embeddings = quantize_embeddings(model, block_size) if is_generator else []
+    embeddings = quantize_embeddings(model, block_size)
     return model, {"method": method, "kind": "weight-only MatMulNBits", "bits": bits,
                    "block_size": block_size, "accuracy_level": accuracy_level,
                    "embeddings": {"bits": 8, "block_size": block_size, "tables": embeddings}}

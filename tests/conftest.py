@@ -28,7 +28,9 @@ def _export(tiny_models, tmp_path_factory, quantize, graph="auto"):
 
     encoder, generator, jsonl, squad = tiny_models
     out = tmp_path_factory.mktemp("bundles") / f"tiny-{quantize}-{graph}"
-    options = ExportOptions(quantize=quantize, block_size=32, max_new_tokens=12, max_context=256,
+    # the fp32 bundle is fp32 throughout; the others ship the default (quantized) query encoder
+    encoder_quantize = "none" if quantize == "none" else ExportOptions.quantize_encoder
+    options = ExportOptions(quantize=quantize, quantize_encoder=encoder_quantize, block_size=32, max_new_tokens=12, max_context=256,
                             parity_questions=4, k=2, graph=graph)
     return export_bundle(str(encoder), str(generator), squad, out, options=options)
 

@@ -129,6 +129,21 @@ def test_query_embedding_matches_pytorch_and_is_normalized(tiny_models, tiny_bun
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+def test_quantized_query_encoder_within_recorded_delta(tiny_models, tiny_bundle_int8wo):
+    from export.bundle import embed_passages
+    from train.sources import load_encoder
+
+    model, tokenizer, pooling, max_length = load_encoder(str(tiny_models[0]))
+    texts = ["Which river flows through Warsaw?", "Who designed the first practical steam engine?"]
+    pipeline = Pipeline.load(tiny_bundle_int8wo)
+    assert pipeline.manifest["query_encoder"]["quantization"]["method"] == "int8wo"
+    recorded = pipeline.manifest["parity"]["max_abs_embedding_delta"]["shipped"]
+    assert recorded > 0  # the shipped encoder is not the fp32 one
+    got = pipeline.encoder.encode(texts)
+    assert np.abs(got - embed_passages(model, tokenizer, pooling, max_length, texts, 8)).max() <= 3 * recorded + 1e-5
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
 def test_retrieval_equals_exact_numpy_search(tiny_bundle):
     import sqlite3
 
