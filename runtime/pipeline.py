@@ -89,12 +89,18 @@ class PassageStore:
 class DecoderOnlyGenerator:
     """Greedy decoding over one ONNX graph (Optimum's layout) that serves prefill and decode with a KV cache."""
 
-    def __init__(self, session: ort.InferenceSession, stop_token_ids: list[int]):
+    # reuse a previous prompt's KV only when it saves at least this many positions
+    MIN_REUSED_TOKENS = 8
+
+    def __init__(self, session: ort.InferenceSession, stop_token_ids: list[int], reuse_prefix: bool = True):
         self.session = session
         self.stop = set(stop_token_ids)
         self.past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
         self.present_outputs = [n.replace("past_key_values.", "present.") for n in (i.name for i in self.past_inputs)]
         self.input_names = {i.name for i in session.get_inputs()}
+        self.reuse_prefix = reuse_prefix
+        self._last_prompt: list[int] = []
+        self._last_prompt_cache: list[np.ndarray] = []
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         # inputs are [batch, kv_heads, past_length, head_dim]; kv_heads and head_dim are fixed in the graph
@@ -107,11 +113,19 @@ class DecoderOnlyGenerator:
         are bound as the next step's `past` without a round trip through numpy.
         """
         binding = self.session.io_binding()
-        cache = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self.empty_cache().items()}
-        ids = np.array([prompt_ids], dtype=np.int64)
+        reused = self._reusable_prefix(prompt_ids)
+        if reused:
+            # RAG prompts share the template's opening, and follow-up questions often share their
+            # top passages: the KV of the previous prompt's common prefix is exact for this one
+            past = {i.name: c[:, :, :reused] for i, c in zip(self.past_inputs, self._last_prompt_cache)}
+        else:
+            past = self.empty_cache()
+        cache = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in past.items()}
+        ids = np.array([prompt_ids[reused:]], dtype=np.int64)
         length = len(prompt_ids)
-        positions = np.arange(length, dtype=np.int64)[None, :]
+        positions = np.arange(reused, length, dtype=np.int64)[None, :]
         timings["decode_ms"] = 0.0
+        timings["reused_prompt_tokens"] = reused
         for step in range(max_new_tokens):
             start = time.perf_counter()
             binding.bind_cpu_input("input_ids", ids)
@@ -131,6 +145,9 @@ class DecoderOnlyGenerator:
             elapsed = (time.perf_counter() - start) * 1000
             if step == 0:
                 timings["prefill_ms"] = elapsed
+                if self.reuse_prefix:
+                    self._last_prompt = list(prompt_ids)
+                    self._last_prompt_cache = [p.numpy() for p in presents]
             else:
                 timings["decode_ms"] += elapsed
             if token in self.stop:
@@ -140,6 +157,17 @@ class DecoderOnlyGenerator:
             ids = np.array([[token]], dtype=np.int64)
             positions = np.array([[length]], dtype=np.int64)
             length += 1
+
+
+    def _reusable_prefix(self, prompt_ids: list[int]) -> int:
+        """Positions of `prompt_ids` whose KV the previous prompt already computed (0: none)."""
+        if not self.reuse_prefix or not self._last_prompt:
+            return 0
+        limit = min(len(self._last_prompt), len(prompt_ids) - 1)  # at least one position is fed
+        common = 0
+        while common < limit and self._last_prompt[common] == prompt_ids[common]:
+            common += 1
+        return common if common >= self.MIN_REUSED_TOKENS else 0
 
 
 GENERATORS = {"decoder-only": DecoderOnlyGenerator}
@@ -174,8 +202,12 @@ class Pipeline:
     size: int = field(default=0)
 
     @classmethod
-    def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True) -> "Pipeline":
-        """Load a bundle directory. Every file's checksum is verified first (`check=False` skips that)."""
+    def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
+             reuse_prefix: bool = True) -> "Pipeline":
+        """Load a bundle directory. Every file's checksum is verified first (`check=False` skips that).
+
+        reuse_prefix: keep the last prompt's KV cache and start the next prompt from the part they share.
+        """
         bundle = Path(bundle)
         manifest = read_manifest(bundle)
         if check:
@@ -189,7 +221,7 @@ class Pipeline:
         # read_manifest has refused families without a generation loop here; a new family
         # (e.g. "encoder-decoder" with encoder and decoder graphs) adds its class to GENERATORS
         generator = GENERATORS[gen["family"]](make_session(bundle / gen["onnx"], threads),
-                                              manifest["prompt"]["stop_token_ids"])
+                                              manifest["prompt"]["stop_token_ids"], reuse_prefix)
         return cls(bundle, manifest, encoder, index, PassageStore(bundle / manifest["passages"]["file"]),
                    generator, Tokenizer.from_file(str(bundle / gen["tokenizer"])),
                    PromptTemplate.from_dict(manifest["prompt"]["template"]), idx["count"])

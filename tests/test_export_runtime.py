@@ -68,6 +68,34 @@ def test_kv_cache_decoding_equals_full_recomputation(bundle_fixture, request):
         assert cached == _full_recompute_tokens(pipeline.generator, prompt, 12)
 
 
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8wo", "tiny_bundle_optimum"])
+def test_prefix_reuse_gives_the_tokens_of_a_fresh_start(bundle_fixture, request):
+    bundle = request.getfixturevalue(bundle_fixture)
+    reusing = Pipeline.load(bundle)
+    fresh = Pipeline.load(bundle, reuse_prefix=False)
+    passages = PROMPTS[0][1] + PROMPTS[1][1]
+    # same passages, other questions: everything before the question is shared
+    questions = ["Which team won Super Bowl 50?", "Which team lost Super Bowl 50?", "What is the capital of Poland?"]
+    reused = []
+    for question in questions + questions[-1:]:
+        prompt = _prompt(reusing, question, passages)
+        timings = {}
+        assert list(reusing.generator.generate(prompt, 12, timings)) == list(fresh.generator.generate(prompt, 12, {}))
+        reused.append(timings["reused_prompt_tokens"])
+    prompts = [_prompt(reusing, q, passages) for q in questions + questions[-1:]]
+
+    def common_prefix(a, b):
+        n = 0
+        while n < min(len(a), len(b) - 1) and a[n] == b[n]:
+            n += 1
+        return n
+
+    assert reused[0] == 0
+    assert reused[1:] == [common_prefix(a, b) for a, b in zip(prompts, prompts[1:])]
+    assert reused[3] == len(prompts[3]) - 1  # a repeated prompt feeds only its last token
+    assert min(reused[1:]) > len(reusing._encode(reusing.template.prefix))  # the passages are reused too
+
+
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo"])
 def test_quantized_logits_within_recorded_tolerance(bundle_fixture, request, tiny_models):
     from export.bundle import last_logits_onnx, last_logits_torch
