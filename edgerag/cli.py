@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True)
     exp.add_argument("--quantize", choices=QUANTIZATIONS, default=DEFAULTS["quantize"],
                      help="generator quantization (default: %(default)s, measured fastest and smallest here)")
-    exp.add_argument("--quantize-encoder", choices=QUANTIZATIONS, default=DEFAULTS["quantize_encoder"])
+    exp.add_argument("--quantize-encoder", choices=[q for q in QUANTIZATIONS if q != "int8sq"],
+                     default=DEFAULTS["quantize_encoder"])
     exp.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size")
     exp.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy level (4: int8 compute)")
     exp.add_argument("-k", type=int, default=3, help="default passages per question")

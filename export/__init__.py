@@ -3,7 +3,7 @@
 This package's top level imports nothing heavy, so the CLI can list the options on a base install.
 """
 
-QUANTIZATIONS = ("none", "int8", "int4", "int8wo")
+QUANTIZATIONS = ("none", "int8", "int4", "int8wo", "int8sq")
 
 # Measured on the 2-core development machine (README, "Quantization"): int8 weight-only is half
 # the size of fp32, decodes faster, and keeps SmolLM2's greedy answers; int4 (any block size,

@@ -49,6 +49,7 @@ class ExportOptions:
     batch_size: int = 64
     overwrite: bool = False
     graph: str = "auto"
+    calibration_prompts: int = 16   # int8sq: RAG prompts for the activation ranges
 
 
 def student_folder_models(folder: Path) -> tuple[str, str]:
@@ -171,9 +172,27 @@ def last_logits_onnx(generator: DecoderOnlyGenerator, prompt: list[int]) -> np.n
     return generator.session.run(["logits"], feed)[0][0, -1]
 
 
+def encode_with(tokenizer):
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def smoothed_generator_graph(model, builder: str, encode, template, questions, passages, opts: ExportOptions):
+    """(fused graph of a SmoothQuant-smoothed copy of `model`, description) for int8sq."""
+    from export.llama_graph import build_llama_graph
+    from export.smoothquant import DEFAULT_ALPHA, calibration_prompts, smooth_llama
+
+    if builder != "fused-llama":
+        raise ValueError(f"--quantize int8sq needs the fused Llama graph; this generator was exported by {builder}")
+    prompts = calibration_prompts(questions, passages, opts.calibration_prompts)
+    budget = opts.max_context - opts.max_new_tokens
+    ids = [build_prompt_ids(encode, template, q, ps, budget) for q, ps in prompts]
+    smoothed = smooth_llama(model, ids, DEFAULT_ALPHA)
+    return build_llama_graph(smoothed), {"smoothquant_alpha": DEFAULT_ALPHA, "calibration_prompts": len(ids)}
+
+
 def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_paths: dict, opts: ExportOptions) -> dict:
     """Largest |Δ logits| and greedy agreement of each ONNX variant against PyTorch fp32, plus its speed."""
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = encode_with(tokenizer)
     budget = opts.max_context - opts.max_new_tokens
     prompt_ids = [build_prompt_ids(encode, template, q, ps, budget) for q, ps in prompts]
     reference_logits = [last_logits_torch(model, p) for p in prompt_ids]
@@ -182,7 +201,7 @@ def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_pat
     figures = {"n_prompts": len(prompt_ids),
                "mean_prompt_tokens": float(np.mean([len(p) for p in prompt_ids])) if prompt_ids else 0.0}
     for name, path in onnx_paths.items():
-        generator = DecoderOnlyGenerator(make_session(path, None), stop)
+        generator = DecoderOnlyGenerator(make_session(path, None), stop, reuse_prefix=False)
         delta = max(float(np.abs(last_logits_onnx(generator, p) - r).max())
                     for p, r in zip(prompt_ids, reference_logits))
         same, prefill, decode, decode_tokens = 0, [], 0.0, 0
@@ -276,7 +295,12 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stop = stop_token_ids(gen_tokenizer, template)
         gen_graph, gen_builder = onnx_export.export_generator(gen_folder, gen_model, opts.graph)
         onnx_export.save(gen_graph, work / "generator.fp32.onnx")
+        smoothing = {}
+        if opts.quantize == "int8sq":
+            gen_graph, smoothing = smoothed_generator_graph(gen_model, gen_builder, encode_with(gen_tokenizer),
+                                                            template, questions, passages, opts)
         gen_graph, gen_quant = quantize(gen_graph, opts.quantize, opts.block_size, opts.accuracy_level)
+        gen_quant.update(smoothing)
         onnx_export.save(gen_graph, work / "generator.onnx")
         del gen_graph
         gen_optimization = optimize_offline(work / "generator.onnx", bundle / "generator.onnx")

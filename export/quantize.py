@@ -5,6 +5,8 @@
   int4      weight-only MatMulNBits, 4-bit blocks (activations stay fp32; accuracy level 4
             lets ORT compute in int8 where the CPU supports it).
   int8wo    weight-only MatMulNBits with 8-bit blocks.
+  int8sq    SmoothQuant: dynamic int8 for the QKV and gate/up projections of a smoothed fused Llama
+            graph (export/smoothquant.py), int8wo for the other MatMuls.
 
 Which one is fastest depends on the CPU: measure (`edgerag export` records parity, and
 `edgerag bench` measures speed). On our 2-core development machine dynamic int8 made a small
@@ -43,15 +45,16 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
     if is_generator:
         model = untie_lm_head(model)
     if method == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        return _dynamic_int8(model), {"method": "int8", "kind": "dynamic", "per_channel": True}
+    description = {}
+    if method == "int8sq":
+        from export.smoothquant import DYNAMIC_INT8_NODES
 
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-            onnx.save_model(model, str(src))
-            # shape inference stops at contrib operators (GroupQueryAttention), so say the tensor type
-            quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            return onnx.load(str(dst)), {"method": "int8", "kind": "dynamic", "per_channel": True}
+        nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(DYNAMIC_INT8_NODES)]
+        if not nodes:
+            raise ValueError("int8sq needs a fused Llama generator graph (export --graph fused)")
+        model = _dynamic_int8(model, nodes)
+        description = {"dynamic_int8_matmuls": len(nodes)}
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     bits = 4 if method == "int4" else 8
@@ -62,7 +65,20 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
     embeddings = quantize_embeddings(model, block_size)
     return model, {"method": method, "kind": "weight-only MatMulNBits", "bits": bits,
                    "block_size": block_size, "accuracy_level": accuracy_level,
-                   "embeddings": {"bits": 8, "block_size": block_size, "tables": embeddings}}
+                   "embeddings": {"bits": 8, "block_size": block_size, "tables": embeddings}, **description}
+
+
+def _dynamic_int8(model: onnx.ModelProto, nodes: list[str] | None = None) -> onnx.ModelProto:
+    """onnxruntime's dynamic int8 (per-channel weights) on `nodes`, or on every MatMul."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save_model(model, str(src))
+        # shape inference stops at contrib operators (GroupQueryAttention), so say the tensor type
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_quantize=nodes, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        return onnx.load(str(dst))
 
 
 def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32) -> list[str]:

@@ -59,3 +59,8 @@ def tiny_bundle_int8wo(tiny_models, tmp_path_factory):
 def tiny_bundle_optimum(tiny_models, tmp_path_factory):
     """The same tiny models through Optimum's traced graph instead of the fused Llama graph."""
     return _export(tiny_models, tmp_path_factory, "int8wo", graph="optimum")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8sq(tiny_models, tmp_path_factory):
+    return _export(tiny_models, tmp_path_factory, "int8sq")

@@ -59,7 +59,7 @@ def _full_recompute_tokens(generator, prompt, n):
 
 
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo",
-                                            "tiny_bundle_optimum"])
+                                            "tiny_bundle_optimum", "tiny_bundle_int8sq"])
 def test_kv_cache_decoding_equals_full_recomputation(bundle_fixture, request):
     pipeline = Pipeline.load(request.getfixturevalue(bundle_fixture))
     for question, passages in PROMPTS:
@@ -96,7 +96,7 @@ def test_prefix_reuse_gives_the_tokens_of_a_fresh_start(bundle_fixture, request)
     assert min(reused[1:]) > len(reusing._encode(reusing.template.prefix))  # the passages are reused too
 
 
-@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo"])
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo", "tiny_bundle_int8sq"])
 def test_quantized_logits_within_recorded_tolerance(bundle_fixture, request, tiny_models):
     from export.bundle import last_logits_onnx, last_logits_torch
     from train.sources import load_generator
@@ -297,7 +297,8 @@ def test_tied_embeddings_stored_once_in_fp32(tiny_bundle):
     assert len(embedding_sized) == 1, embedding_sized
 
 
-@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8wo", "tiny_bundle_int4", "tiny_bundle_optimum"])
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8wo", "tiny_bundle_int4", "tiny_bundle_optimum",
+                                            "tiny_bundle_int8sq"])
 def test_quantized_bundles_keep_no_fp32_vocabulary_table(bundle_fixture, request):
     import onnx
 
@@ -308,3 +309,34 @@ def test_quantized_bundles_keep_no_fp32_vocabulary_table(bundle_fixture, request
     fp32_tables = [i.name for i in graph.initializer if list(i.dims) in shapes and i.data_type == onnx.TensorProto.FLOAT]
     assert fp32_tables == []
     assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
+
+
+def test_smoothing_is_exact_in_fp32_and_moves_the_ranges(tiny_models):
+    import torch
+
+    from export.smoothquant import smooth_llama
+    from train.sources import load_generator
+
+    model, _ = load_generator(str(tiny_models[1]))
+    prompt = list(range(5, 45))
+    smoothed = smooth_llama(model, [prompt, list(range(50, 80))])
+    with torch.no_grad():
+        before = model(torch.tensor([prompt])).logits
+        after = smoothed(torch.tensor([prompt])).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    norm, smoothed_norm = model.model.layers[0].input_layernorm.weight, smoothed.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm, smoothed_norm)  # the copy changed, the original did not
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, norm)
+
+
+def test_int8sq_makes_the_normed_projections_dynamic_int8(tiny_bundle_int8sq):
+    import onnx
+
+    manifest = read_manifest(tiny_bundle_int8sq)
+    quantization = manifest["generator"]["quantization"]
+    assert quantization["method"] == "int8sq" and quantization["calibration_prompts"] > 0
+    ops = [n.op_type for n in onnx.load(str(tiny_bundle_int8sq / "generator.onnx")).graph.node]
+    layers = manifest["generator"]["num_layers"]
+    dynamic = sum(op in ("DynamicQuantizeMatMul", "MatMulInteger") for op in ops)
+    assert dynamic == 2 * layers  # QKV and gate/up in every layer
+    assert ops.count("MatMulNBits") == 2 * layers + 1  # attention output, down projection, LM head
