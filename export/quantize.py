@@ -54,7 +54,8 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
         if not nodes:
             raise ValueError("int8sq needs a fused Llama generator graph (export --graph fused)")
         model = _dynamic_int8(model, nodes)
-        description = {"dynamic_int8_matmuls": len(nodes)}
+        description = {"kind": "SmoothQuant dynamic int8 (QKV, gate/up) + weight-only MatMulNBits",
+                       "dynamic_int8_matmuls": len(nodes)}
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     bits = 4 if method == "int4" else 8
@@ -63,7 +64,7 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
     quantizer.process()
     model = quantizer.model.model
     embeddings = quantize_embeddings(model, block_size)
-    return model, {"method": method, "kind": "weight-only MatMulNBits", "bits": bits,
+    return model, {"method": method, "kind": "weight-only MatMulNBits", "bits": bits,  # int8sq overrides kind
                    "block_size": block_size, "accuracy_level": accuracy_level,
                    "embeddings": {"bits": 8, "block_size": block_size, "tables": embeddings}, **description}
 
