@@ -20,7 +20,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = {"none": {}, "int8wo": {}, "int8": {}, "int4": {}, "int4-block128": {"block_size": 128}}
+VARIANTS = {"none": {}, "int8wo": {}, "int8sq": {}, "int8": {}, "int4": {}, "int4-block128": {"block_size": 128}}
+
+
+def smoothed_graph(folder, encode, template, calibration_questions):
+    """The fused graph of a SmoothQuant-smoothed generator, calibrated on other questions than the measured ones."""
+    from export.llama_graph import build_llama_graph
+    from export.smoothquant import smooth_llama
+    from runtime.prompt import build_prompt_ids
+    from train.sources import load_generator
+
+    model, _ = load_generator(str(folder))
+    ids = [build_prompt_ids(encode, template, q.question, [(q.title, q.context)], 2000) for q in calibration_questions]
+    return build_llama_graph(smooth_llama(model, ids))
 
 
 def main(argv=None) -> int:
@@ -49,7 +61,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = onnx_export.materialize(args.generator, tmp / "hf", causal_lm=True)
-        onnx_export.save(onnx_export.export_generator(folder), tmp / "none.onnx")
+        fp32_graph, builder = onnx_export.export_generator(folder)
+        onnx_export.save(fp32_graph, tmp / "none.onnx")
+        del fp32_graph
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         template = PromptTemplate.for_vocab(tokenizer.token_to_id)
         encode = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
@@ -61,12 +75,17 @@ def main(argv=None) -> int:
         generators = {}
         for name in args.variants.split(","):
             path = tmp / f"{name}.onnx"
-            if name != "none":
+            if name == "int8sq":
+                source = smoothed_graph(folder, encode, template, read_questions(args.questions)[1::7][:16])
+                model, _ = quantize(source, "int8sq")
+                onnx_export.save(model, path)
+            elif name != "none":
                 method = name.split("-")[0]
                 model, _ = quantize(onnx.load(str(tmp / "none.onnx")), method, **VARIANTS[name])
                 onnx_export.save(model, path)
-            generators[name] = DecoderOnlyGenerator(make_session(path, args.threads), stop)
-        reference = generators.get("none") or DecoderOnlyGenerator(make_session(tmp / "none.onnx", args.threads), stop)
+            generators[name] = DecoderOnlyGenerator(make_session(path, args.threads), stop, reuse_prefix=False)
+        reference = generators.get("none") or DecoderOnlyGenerator(make_session(tmp / "none.onnx", args.threads), stop,
+                                                                   reuse_prefix=False)
         ref_logits = [last_logits_onnx(reference, p) for p in prompts]
         ref_answers = [greedy_onnx(reference, p, args.max_new_tokens)[0] for p in prompts]
 

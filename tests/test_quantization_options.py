@@ -1,0 +1,22 @@
+"""The quantization comparison script runs on a tiny generator and reports every variant asked for."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_quantization_options_rows(tiny_models, tmp_path):
+    import quantization_options
+
+    _, generator, _, squad = tiny_models
+    out = tmp_path / "rows.json"
+    assert quantization_options.main(["--generator", str(generator), "--questions", str(squad), "--n", "2",
+                                      "--rounds", "1", "--max-new-tokens", "4", "--threads", "1",
+                                      "--variants", "none,int8wo,int8sq", "--out", str(out)]) == 0
+    rows = {r["quantize"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"none", "int8wo", "int8sq"}
+    assert rows["none"]["max_abs_logit_delta"] == 0
+    assert rows["int8wo"]["max_abs_logit_delta"] > 0 and rows["int8sq"]["max_abs_logit_delta"] > 0
+    assert rows["int8wo"]["size_mb"] < rows["none"]["size_mb"]
