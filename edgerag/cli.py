@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--passage-encoder", help="embed passages with this encoder (default: the query encoder)")
     exp.add_argument("--passages", required=True, help="JSONL (id, title, text) or SQuAD JSON, optionally .gz")
     exp.add_argument("--out", required=True)
-    exp.add_argument("--quantize", choices=QUANTIZATIONS, default=DEFAULTS["quantize"],
-                     help="generator quantization (default: %(default)s, measured fastest and smallest here)")
+    exp.add_argument("--quantize", choices=("auto",) + QUANTIZATIONS, default=DEFAULTS["quantize"],
+                     help="generator quantization (default: auto = int8sq for the fused Llama graph, int8wo otherwise)")
     exp.add_argument("--quantize-encoder", choices=[q for q in QUANTIZATIONS if q != "int8sq"],
                      default=DEFAULTS["quantize_encoder"])
     exp.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size")

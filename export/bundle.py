@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import edgerag
-from export import DEFAULTS, onnx_export
+from export import DEFAULTS, onnx_export, resolve_quantization
 from export.quantize import QUANTIZATIONS, quantize
 from runtime.manifest import FORMAT_VERSION, MANIFEST, dump_manifest, file_record
 from runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
@@ -227,7 +227,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
 
     hf_logging.set_verbosity_error()  # keep the progress bars readable
     for method in (opts.quantize, opts.quantize_encoder):
-        if method not in QUANTIZATIONS:
+        if method not in QUANTIZATIONS + ("auto",):
             raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZATIONS)}")
     out = Path(out)
     if out.exists() and not opts.overwrite:
@@ -295,11 +295,12 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stop = stop_token_ids(gen_tokenizer, template)
         gen_graph, gen_builder = onnx_export.export_generator(gen_folder, gen_model, opts.graph)
         onnx_export.save(gen_graph, work / "generator.fp32.onnx")
+        method = resolve_quantization(opts.quantize, gen_builder)
         smoothing = {}
-        if opts.quantize == "int8sq":
+        if method == "int8sq":
             gen_graph, smoothing = smoothed_generator_graph(gen_model, gen_builder, encode_with(gen_tokenizer),
                                                             template, questions, passages, opts)
-        gen_graph, gen_quant = quantize(gen_graph, opts.quantize, opts.block_size, opts.accuracy_level)
+        gen_graph, gen_quant = quantize(gen_graph, method, opts.block_size, opts.accuracy_level)
         gen_quant.update(smoothing)
         onnx_export.save(gen_graph, work / "generator.onnx")
         del gen_graph
@@ -309,8 +310,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
 
         stages.set_postfix_str("generator parity")
         variants = {"fp32": work / "generator.fp32.onnx"}
-        if opts.quantize != "none":
-            variants[opts.quantize] = bundle / "generator.onnx"
+        if method != "none":
+            variants[method] = bundle / "generator.onnx"
         generator_parity = measure_generator_parity(gen_model, gen_tokenizer, template, stop, prompts, variants, opts)
         stages.update()
 

@@ -58,7 +58,7 @@ def tiny_bundle_int8wo(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle_optimum(tiny_models, tmp_path_factory):
     """The same tiny models through Optimum's traced graph instead of the fused Llama graph."""
-    return _export(tiny_models, tmp_path_factory, "int8wo", graph="optimum")
+    return _export(tiny_models, tmp_path_factory, "auto", graph="optimum")  # auto: int8wo for a traced graph
 
 
 @pytest.fixture(scope="session")

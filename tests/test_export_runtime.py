@@ -340,3 +340,11 @@ def test_int8sq_makes_the_normed_projections_dynamic_int8(tiny_bundle_int8sq):
     dynamic = sum(op in ("DynamicQuantizeMatMul", "MatMulInteger") for op in ops)
     assert dynamic == 2 * layers  # QKV and gate/up in every layer
     assert ops.count("MatMulNBits") == 2 * layers + 1  # attention output, down projection, LM head
+
+
+def test_auto_quantization_follows_the_generator_graph(tiny_bundle_optimum):
+    from export import resolve_quantization
+
+    assert read_manifest(tiny_bundle_optimum)["generator"]["quantization"]["method"] == "int8wo"
+    assert resolve_quantization("auto", "fused-llama") == "int8sq"
+    assert resolve_quantization("int4", "fused-llama") == "int4"
