@@ -87,7 +87,11 @@ class PassageStore:
 
 
 class DecoderOnlyGenerator:
-    """Greedy decoding over one ONNX graph (Optimum's layout) that serves prefill and decode with a KV cache."""
+    """Greedy decoding over one ONNX graph that serves prefill and decode with a KV cache.
+
+    Inputs input_ids, attention_mask, past_key_values.N.key/value (and position_ids where the graph
+    has them); outputs logits and present.N.key/value: the layout of both export builders.
+    """
 
     # reuse a previous prompt's KV only when it saves at least this many positions
     MIN_REUSED_TOKENS = 8
