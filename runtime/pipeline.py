@@ -104,7 +104,7 @@ class DecoderOnlyGenerator:
         self.input_names = {i.name for i in session.get_inputs()}
         self.reuse_prefix = reuse_prefix
         self._last_prompt: list[int] = []
-        self._last_prompt_cache: list[np.ndarray] = []
+        self._last_prompt_cache: list[ort.OrtValue] = []  # the prefill's present values, copied out only when reused
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         # inputs are [batch, kv_heads, past_length, head_dim]; kv_heads and head_dim are fixed in the graph
@@ -121,7 +121,7 @@ class DecoderOnlyGenerator:
         if reused:
             # RAG prompts share the template's opening, and follow-up questions often share their
             # top passages: the KV of the previous prompt's common prefix is exact for this one
-            past = {i.name: c[:, :, :reused] for i, c in zip(self.past_inputs, self._last_prompt_cache)}
+            past = {i.name: c.numpy()[:, :, :reused] for i, c in zip(self.past_inputs, self._last_prompt_cache)}
         else:
             past = self.empty_cache()
         cache = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in past.items()}
@@ -151,7 +151,7 @@ class DecoderOnlyGenerator:
                 timings["prefill_ms"] = elapsed
                 if self.reuse_prefix:
                     self._last_prompt = list(prompt_ids)
-                    self._last_prompt_cache = [p.numpy() for p in presents]
+                    self._last_prompt_cache = presents
             else:
                 timings["decode_ms"] += elapsed
             if token in self.stop:
