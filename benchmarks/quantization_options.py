@@ -23,18 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 VARIANTS = {"none": {}, "int8wo": {}, "int8sq": {}, "int8": {}, "int4": {}, "int4-block128": {"block_size": 128}}
 
 
-def smoothed_graph(folder, encode, template, calibration_questions):
-    """The fused graph of a SmoothQuant-smoothed generator, calibrated on other questions than the measured ones."""
-    from export.llama_graph import build_llama_graph
-    from export.smoothquant import smooth_llama
-    from runtime.prompt import build_prompt_ids
-    from train.sources import load_generator
-
-    model, _ = load_generator(str(folder))
-    ids = [build_prompt_ids(encode, template, q.question, [(q.title, q.context)], 2000) for q in calibration_questions]
-    return build_llama_graph(smooth_llama(model, ids))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--generator", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -55,7 +43,7 @@ def main(argv=None) -> int:
     from export.quantize import quantize
     from runtime.pipeline import DecoderOnlyGenerator, make_session
     from runtime.prompt import PromptTemplate, build_prompt_ids
-    from train.data import read_questions
+    from train.data import data_path, read_squad
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,16 +55,20 @@ def main(argv=None) -> int:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         template = PromptTemplate.for_vocab(tokenizer.token_to_id)
         encode = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
-        questions = read_questions(args.questions)
-        questions = questions[::max(len(questions) // args.n, 1)][:args.n]
+        passages, all_questions, _ = read_squad(data_path(args.questions))
+        questions = all_questions[::max(len(all_questions) // args.n, 1)][:args.n]
         prompts = [build_prompt_ids(encode, template, q.question, [(q.title, q.context)], 2000) for q in questions]
         stop = [i for i in (tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")) if i is not None]
 
         generators = {}
         for name in args.variants.split(","):
             path = tmp / f"{name}.onnx"
-            if name == "int8sq":
-                source = smoothed_graph(folder, encode, template, read_questions(args.questions)[1::7][:16])
+            if name == "int8sq":  # calibrated the way `edgerag export` calibrates it
+                from export.bundle import ExportOptions, smoothed_generator_graph
+                from train.sources import load_generator
+
+                source, _ = smoothed_generator_graph(load_generator(str(folder))[0], builder, encode, template,
+                                                     all_questions, passages, ExportOptions())
                 model, _ = quantize(source, "int8sq")
                 onnx_export.save(model, path)
             elif name != "none":
