@@ -226,9 +226,10 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # keep the progress bars readable
-    for method in (opts.quantize, opts.quantize_encoder):
-        if method not in QUANTIZATIONS + ("auto",):
-            raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZATIONS)}")
+    # `auto` depends on the generator's graph; the encoder's method is always named
+    for method, allowed in ((opts.quantize, ("auto",) + QUANTIZATIONS), (opts.quantize_encoder, QUANTIZATIONS)):
+        if method not in allowed:
+            raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(allowed)}")
     out = Path(out)
     if out.exists() and not opts.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
