@@ -88,6 +88,30 @@ class KDExample:
     cache: dict
 
 
+def remap_kd_examples(examples: list[KDExample], mapping: dict[int, int]) -> list[KDExample]:
+    """Examples in the teacher's token ids -> the student's (a trimmed vocabulary). An example whose
+    prompt or answer uses a token the student lacks is left out. A cached teacher token the student
+    lacks keeps its slot with a log-probability of -1e4: its mass joins "everything else" in the KL."""
+    import torch
+
+    table = torch.full((max(mapping) + 1,), -1, dtype=torch.long)
+    table[torch.tensor(list(mapping))] = torch.tensor(list(mapping.values()))
+    out = []
+    for kd in examples:
+        e = kd.example
+        ids = [mapping.get(i) for i in e.prompt + e.target]
+        if None in ids:
+            continue
+        teacher_ids = kd.cache["ids"].long()
+        inside = teacher_ids < len(table)
+        student_ids = torch.where(inside, table[teacher_ids.clamp(max=len(table) - 1)], -1)
+        missing = student_ids < 0
+        cache = {**kd.cache, "ids": student_ids.clamp(min=0).to(torch.int32),
+                 "logp": kd.cache["logp"].masked_fill(missing, -1e4)}
+        out.append(KDExample(Example(e.question_id, ids[:len(e.prompt)], ids[len(e.prompt):]), cache))
+    return out
+
+
 def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weight: float = 0.0):
     """alpha * CE(target) + (1 - alpha) * T^2 * KL(teacher || student) (+ hidden-state MSE).
 

@@ -106,6 +106,19 @@ def save_pretrained_atomic(model, tokenizer, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def copy_tree_atomic(source: Path, folder: Path) -> None:
+    """Copy a folder next to its destination, then swap it in."""
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
 def seed_everything(seed: int) -> None:
     import torch
 

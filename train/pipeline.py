@@ -231,6 +231,23 @@ def calibration_sequences(run: Run, prompter, n: int) -> list[list[int]]:
     return [e.prompt + e.target for e in examples]
 
 
+def vocabulary_texts(run: Run, max_rank: int = 20) -> list[str]:
+    """Every piece of text the student reads or writes, in the pieces the prompt tokenizes separately:
+    the template, corpus passages and their headers, the train questions and their answers."""
+    from runtime.prompt import CHATML, PLAIN
+
+    texts = []
+    for template in (CHATML, PLAIN):
+        texts += [template["prefix"], template["passage_end"], template["answer_end"], *template["question"].split("{question}")]
+    for p in run.corpus():
+        texts.append(p.text)
+        texts += [CHATML["passage"].format(rank=rank, title=p.title) for rank in range(1, max_rank + 1)]
+    for q in run.questions("train"):
+        texts.append(q.question.strip())
+        texts += [a.strip() for a in q.answers]
+    return texts
+
+
 def stage_student_init(run: Run) -> dict:
     from .sources import load_encoder, load_generator
     from .student import calibration_batches, count_params, shrink_encoder, shrink_generator
@@ -245,13 +262,20 @@ def stage_student_init(run: Run) -> dict:
         if s_tok.get_vocab() != tok.get_vocab():
             raise RunError(f"student.generator {s.generator!r} does not share the teacher's tokenizer")
         info["generator"] = {"from": s.generator, "params": count_params(model), "teacher_params": count_params(teacher)}
-        save_generator(model, s_tok, out / "generator")
     else:
         prompter = Prompter(tok, run.recipe.prompt.max_prompt_tokens, run.recipe.prompt.max_answer_tokens)
         batches = calibration_batches(calibration_sequences(run, prompter, s.calibration_passages), tok.pad_token_id)
         layers = parse_layers(s.layers, teacher.config.num_hidden_layers, "student.layers")
         info["generator"] = shrink_generator(teacher, layers, s.intermediate_size, s.kv_heads, batches)
-        save_generator(teacher, tok, out / "generator")
+        model, s_tok = teacher, tok
+    if s.vocabulary == "corpus":
+        from .vocab import trim_vocabulary
+
+        info["generator"]["vocabulary"] = trim_vocabulary(model, s_tok, vocabulary_texts(run))
+        info["generator"]["params"] = count_params(model)
+        print(f"[student] vocabulary {info['generator']['vocabulary']['vocab_size_before']:,} -> "
+              f"{info['generator']['vocabulary']['vocab_size']:,} tokens")
+    save_generator(model, s_tok, out / "generator")
     encoder, enc_tok, pooling, max_length = load_encoder(run.out / "teacher" / "query_encoder")
     if s.query_encoder:
         student_enc, s_tok, pooling, max_length = load_encoder(s.query_encoder)
@@ -348,15 +372,24 @@ def stage_teacher_logits(run: Run) -> dict:
 def stage_distill_generator(run: Run) -> dict:
     import torch
 
-    from .distill import KDExample, generator_loss_fn
-    from .sources import load_generator
+    from .distill import KDExample, generator_loss_fn, remap_kd_examples
+    from .sources import load_generator, load_tokenizer
     from .student import train_top_layers
     from .teacher import Example
+    from .vocab import id_map
 
     cfg = run.recipe.distill_generator
     student, tok = load_generator(run.stage_dir("student_init") / "generator")
     saved = torch.load(run.stage_dir("teacher_logits") / "cache.pt", weights_only=False)
     examples = [KDExample(Example(**e), c) for e, c in zip(saved["examples"], saved["cache"])]
+    mapping = id_map(load_tokenizer(run.out / "teacher" / "generator"), tok)
+    dropped = 0
+    if mapping is not None:  # a trimmed vocabulary: teacher token ids -> the student's
+        n = len(examples)
+        examples = remap_kd_examples(examples, mapping)
+        dropped = n - len(examples)
+        if dropped:
+            print(f"[distill generator] skipped {dropped} examples with tokens outside the student's vocabulary")
     if cfg.hidden_weight > 0 and examples and examples[0].cache["hidden"].shape[-1] != student.config.hidden_size:
         raise RunError(f"distill_generator.hidden_weight: the student's hidden size ({student.config.hidden_size}) "
                        f"differs from the teacher's ({examples[0].cache['hidden'].shape[-1]}); set it to 0")
@@ -366,7 +399,8 @@ def stage_distill_generator(run: Run) -> dict:
     log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_generator"),
                      desc="distill generator")
     save_generator(student.cpu(), tok, run.out / "student" / "generator")
-    return {"examples": len(examples), "steps": len(log), "first": log[0] if log else None, "last": log[-1] if log else None}
+    return {"examples": len(examples), "skipped_examples": dropped, "steps": len(log),
+            "first": log[0] if log else None, "last": log[-1] if log else None}
 
 
 def stage_eval(run: Run) -> dict:
@@ -379,12 +413,18 @@ def stage_eval(run: Run) -> dict:
     questions = run.questions("eval")
     corpus = run.corpus()
     info = json.loads((run.stage_dir("student_init") / "info.json").read_text())
+    teacher_passages = r.student.passage_encoder == "teacher"
+    if teacher_passages and is_main():
+        # The student's folder carries the encoder of its passage vectors, so export needs nothing else.
+        loop.copy_tree_atomic(run.out / "teacher" / "query_encoder", run.out / "student" / "passage_encoder")
     atomic_write_text(run.out / "student" / "edgerag.json", json.dumps(folder_info(
-        run, passage_encoder="query_encoder", student=info, teacher=r.teacher.generator), indent=2))
+        run, passage_encoder="passage_encoder" if teacher_passages else "query_encoder", student=info,
+        teacher=r.teacher.generator), indent=2))
     results = {}
     for name in ("teacher", "student"):
-        # The teacher's index is reused; the student embeds the corpus itself, as the device will.
-        emb = np.load(run.out / "index" / "embeddings.npy") if name == "teacher" else None
+        # The teacher's index is reused; a student with its own passage encoder embeds the corpus
+        # itself, as the device will.
+        emb = np.load(run.out / "index" / "embeddings.npy") if name == "teacher" or teacher_passages else None
         results[name] = evaluate_folder(run.out / name, questions, corpus, r.eval.k, passage_embeddings=emb,
                                         batch_size=r.eval.batch_size, max_prompt_tokens=r.prompt.max_prompt_tokens,
                                         max_answer_tokens=r.prompt.max_answer_tokens,

@@ -64,7 +64,9 @@ class StudentConfig:
     layers: typing.Any = "all"       # "all", "auto:N" (drop the most redundant block), or a list of teacher layer indices
     intermediate_size: int = 0       # MLP width after activation-importance pruning (0: keep)
     kv_heads: int = 0                # key/value head groups kept, by attention importance (0: keep)
+    vocabulary: str = "full"         # "corpus": keep only the tokens of the corpus, train questions, answers and prompt
     query_encoder: str = ""          # a smaller pretrained encoder; empty: derive from the teacher's
+    passage_encoder: str = "student" # "teacher": passages keep the teacher's vectors; only queries use the student encoder
     encoder_layers: typing.Any = 0   # int N (evenly spaced) or a list of teacher encoder layers (0: keep all)
     calibration_passages: int = 16
 
@@ -228,6 +230,10 @@ def load_recipe(path: str | Path, check_models: bool = True) -> Recipe:
 def validate(r: Recipe, check_models: bool = True) -> None:
     if r.data.corpus_scope not in ("files", "sampled"):
         raise RecipeError(f"data.corpus_scope: expected 'files' or 'sampled', got {r.data.corpus_scope!r}")
+    if r.student.passage_encoder not in ("student", "teacher"):
+        raise RecipeError(f"student.passage_encoder: expected 'student' or 'teacher', got {r.student.passage_encoder!r}")
+    if r.student.vocabulary not in ("full", "corpus"):
+        raise RecipeError(f"student.vocabulary: expected 'full' or 'corpus', got {r.student.vocabulary!r}")
     for name, value in [("teacher_finetune.gold_probability", r.teacher_finetune.gold_probability),
                         ("distill_generator.gold_probability", r.distill_generator.gold_probability),
                         ("distill_generator.alpha", r.distill_generator.alpha)]:

@@ -80,9 +80,20 @@ def load_generator(name: str | Path, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, **source.kwargs())
     model.eval()
+    if source.gguf_file:
+        # transformers points the tokenizer's vocab_file at the .gguf, and save_pretrained would copy
+        # the whole model file (98 MB for SmolLM2) into every folder as tokenizer.model.
+        tokenizer.vocab_file = None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_tokenizer(name: str | Path):
+    from transformers import AutoTokenizer
+
+    source = resolve(name)
+    return AutoTokenizer.from_pretrained(source.path, **source.kwargs())
 
 
 def load_encoder(name: str | Path):
