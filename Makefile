@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export EDGERAG_DATA := $(DATA)
 
-.PHONY: demo test test-all install install-base clean
+.PHONY: demo test test-all install install-base clean medium curve
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,25 @@ test-all: $(VENV)/.installed $(BASE_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m edgerag.demo --data $(DATA) --run $(RUN)
+
+# Hours on 2 cores, minutes on a GPU: the medium recipe, then three students from its teacher at about
+# 70%, 55% and 40% of its generator parameters (each run starts from medium's finished teacher stages,
+# hard-linked, so the teacher is fine-tuned once), each exported to a bundle.
+medium: $(VENV)/.installed
+	$(VENV)/bin/edgerag distill recipes/medium.toml --out runs/medium $(if $(wildcard runs/medium/stages),--resume)
+
+CURVE ?= 70 55 40
+curve: medium
+	for p in $(CURVE); do \
+	  run=runs/curve-$$p; \
+	  if [ ! -d $$run/stages ]; then \
+	    mkdir -p $$run/stages && cp -al runs/medium/data runs/medium/index runs/medium/teacher $$run/ && \
+	    for s in data teacher index teacher_finetune teacher_logits; do cp -al runs/medium/stages/$$s $$run/stages/; done; \
+	  fi; \
+	  $(VENV)/bin/edgerag distill recipes/curve-$$p.toml --out $$run --resume || exit 1; \
+	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
+	done
+	$(VENV)/bin/python -m benchmarks.curve runs/medium $(foreach p,$(CURVE),runs/curve-$(p))
 
 clean:
 	rm -rf $(VENV) $(BASE_VENV) runs

@@ -27,6 +27,27 @@ class AnyGenerator(DecoderOnlyGenerator):
                 for i in self.past_inputs}
 
 
+def measure(graphs, prompt_tokens: int = 600, new_tokens: int = 17, threads: int = 2, rounds: int = 3) -> dict:
+    """{graph: {"prefill_ms", "decode_ms_per_token"}}, medians over interleaved rounds."""
+    generators = {g: AnyGenerator(make_session(str(g), threads), [], reuse_prefix=False) for g in graphs}
+    prompt = list(np.random.RandomState(0).randint(100, 20000, prompt_tokens))
+    prefill = {g: [] for g in generators}
+    decode = {g: [] for g in generators}
+    for _ in range(rounds):
+        for g, generator in generators.items():
+            timings = {}
+            tokens = list(generator.generate(prompt, new_tokens, timings))
+            prefill[g].append(timings["prefill_ms"])
+            decode[g].append(timings["decode_ms"] / max(len(tokens) - 1, 1))
+    return {g: {"prefill_ms": float(np.median(prefill[g])), "decode_ms_per_token": float(np.median(decode[g]))}
+            for g in generators}
+
+
+def graph_megabytes(graph) -> float:
+    """The graph file and its external-data file(s)."""
+    return sum(f.stat().st_size for f in Path(graph).parent.glob(Path(graph).name + "*")) / 1e6
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("graphs", nargs="+")
@@ -35,22 +56,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    generators = {g: AnyGenerator(make_session(g, args.threads), [], reuse_prefix=False) for g in args.graphs}
-    prompt = list(np.random.RandomState(0).randint(100, 20000, args.prompt_tokens))
-    prefill = {g: [] for g in generators}
-    decode = {g: [] for g in generators}
-    for _ in range(args.rounds):
-        for g, generator in generators.items():
-            timings = {}
-            tokens = list(generator.generate(prompt, args.new_tokens, timings))
-            prefill[g].append(timings["prefill_ms"])
-            decode[g].append(timings["decode_ms"] / max(len(tokens) - 1, 1))
+    speed = measure(args.graphs, args.prompt_tokens, args.new_tokens, args.threads, args.rounds)
     print(f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, {args.threads} threads, "
           f"medians of {args.rounds} interleaved rounds\n")
     print("| graph | MB | prefill ms | decode ms/token |\n|---|---|---|---|")
-    for g in generators:
-        size = sum(f.stat().st_size for f in Path(g).parent.glob(Path(g).name + "*")) / 1e6
-        print(f"| {g} | {size:.1f} | {np.median(prefill[g]):.0f} | {np.median(decode[g]):.1f} |")
+    for g, m in speed.items():
+        print(f"| {g} | {graph_megabytes(g):.1f} | {m['prefill_ms']:.0f} | {m['decode_ms_per_token']:.1f} |")
     return 0
 
 

@@ -64,12 +64,31 @@ def test_run_folder_layout(full_run):
     cfg = json.loads((out / "student" / "generator" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2 and cfg["intermediate_size"] == 64 and cfg["num_key_value_heads"] == 1
     for stage in ("data", "teacher", "index", "teacher_finetune", "student_init", "distill_encoder",
-                  "teacher_logits", "distill_generator", "eval"):
+                  "distill_general", "teacher_logits", "distill_generator", "eval"):
         assert (out / "stages" / stage / "done").exists(), stage
     # every training stage logged its losses, and they went down
     for stage in ("teacher_finetune", "distill_encoder", "distill_generator"):
         log = [json.loads(l) for l in (out / "stages" / stage / "log.jsonl").read_text().splitlines()]
         assert log[-1]["loss"] < log[0]["loss"], stage
+
+
+def test_general_distillation_brings_the_student_closer_on_corpus_text(full_run):
+    """The plain-text pass lowers KL(teacher || student) on the corpus chunks it trained on."""
+    from train.distill import kl_teacher_student
+    from train.pipeline import Run, general_examples
+    from train.recipe import load_recipe
+    from train.sources import load_generator
+
+    out, _ = full_run
+    run = Run(out, load_recipe(out / "recipe.toml"))
+    teacher, tok = load_generator(out / "teacher" / "generator")
+    before, _ = load_generator(out / "stages" / "student_init" / "generator")
+    after, _ = load_generator(out / "stages" / "distill_general" / "generator")
+    examples = general_examples(run, tok, 12, 48)
+    assert len(examples) == 12
+    kl_before = kl_teacher_student(teacher, before, examples, tok.pad_token_id)
+    kl_after = kl_teacher_student(teacher, after, examples, tok.pad_token_id)
+    assert kl_after < kl_before
 
 
 def test_existing_run_needs_resume(full_run, tiny):

@@ -10,6 +10,7 @@ training stage continues from its last checkpoint:
   teacher_finetune   RAG fine-tuning of the teacher generator    RUN/teacher/generator
   student_init       prune/cut the teacher into a student        RUN/stages/student_init/
   distill_encoder    student query encoder <- teacher            RUN/student/query_encoder
+  distill_general    student generator <- teacher on corpus text RUN/stages/distill_general/ (optional)
   teacher_logits     teacher top-k logits on the KD examples     RUN/stages/teacher_logits/
   distill_generator  student generator <- teacher               RUN/student/generator
   eval               teacher and student, same code              RUN/eval.json
@@ -34,7 +35,7 @@ from .data import Passage, Question, data_path, read_passages, read_squad
 from .loop import atomic_write_text, barrier, is_main
 from .recipe import Recipe, load_recipe, parse_layers
 
-STAGES = ["data", "teacher", "index", "teacher_finetune", "student_init", "distill_encoder",
+STAGES = ["data", "teacher", "index", "teacher_finetune", "student_init", "distill_encoder", "distill_general",
           "teacher_logits", "distill_generator", "eval"]
 
 
@@ -341,6 +342,67 @@ def _embedding_distance(model, tok, pooling, max_length, examples) -> float:
     return float((1 - (emb * target).sum(-1)).mean())
 
 
+def general_examples(run: Run, tokenizer, passages: int, chunk_tokens: int) -> list:
+    """Plain-text distillation examples: a sampled corpus passage's first tokens, every one a target."""
+    from .teacher import Example
+
+    corpus = run.corpus()
+    rng = random.Random(run.recipe.seed + 4)
+    chosen = sorted(rng.sample(range(len(corpus)), min(passages, len(corpus))))
+    examples = []
+    for i in chosen:
+        ids = tokenizer(corpus[i].text, add_special_tokens=False)["input_ids"][:chunk_tokens]
+        if len(ids) > 1:
+            examples.append(Example(corpus[i].id, ids[:1], ids[1:]))
+    return examples
+
+
+def student_generator_start(run: Run) -> Path:
+    """Where the task distillation starts: after the general pass where the recipe has one."""
+    return run.stage_dir("distill_general") / "generator" if run.recipe.distill_general.passages else \
+        run.stage_dir("student_init") / "generator"
+
+
+def stage_distill_general(run: Run) -> dict:
+    import torch
+
+    from .distill import KDExample, generator_loss_fn, remap_kd_examples, teacher_cache
+    from .sources import load_generator, load_tokenizer
+    from .student import train_top_layers
+    from .teacher import Example
+    from .vocab import id_map
+
+    cfg = run.recipe.distill_general
+    cache_file = run.stage_dir("distill_general") / "teacher_cache.pt"
+    t_tok = load_tokenizer(run.out / "teacher" / "generator")
+    cached = cache_file.exists()  # computed once, by rank 0; a resumed stage reads it back
+    barrier()  # every rank has looked before rank 0 can write it
+    if not cached:
+        if is_main():
+            teacher, _ = load_generator(run.out / "teacher" / "generator")
+            examples = general_examples(run, t_tok, cfg.passages, cfg.chunk_tokens)
+            cache = teacher_cache(teacher.to(loop.device()), examples, t_tok.pad_token_id, cfg.temperature, cfg.top_k,
+                                  hidden=cfg.hidden_weight > 0, progress="teacher logits (corpus text)")
+            loop.atomic_torch_save({"examples": [dataclasses.asdict(e) for e in examples], "cache": cache}, cache_file)
+            del teacher
+        barrier()
+    saved = torch.load(cache_file, weights_only=False)
+    examples = [KDExample(Example(**e), c) for e, c in zip(saved["examples"], saved["cache"])]
+    student, tok = load_generator(run.stage_dir("student_init") / "generator")
+    mapping = id_map(t_tok, tok)
+    if mapping is not None:
+        examples = remap_kd_examples(examples, mapping)
+    train_top_layers(student, cfg.train_layers)
+    student.to(loop.device())
+    # alpha 0: no labels here, the teacher's distribution is the only target
+    loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, 0.0, cfg.hidden_weight)
+    log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_general"),
+                     desc="distill generator (corpus text)")
+    save_generator(student.cpu(), tok, run.stage_dir("distill_general") / "generator")
+    return {"examples": len(examples), "tokens": sum(len(kd.example.target) for kd in examples), "steps": len(log),
+            "first": log[0] if log else None, "last": log[-1] if log else None}
+
+
 def stage_teacher_logits(run: Run) -> dict:
     import torch
 
@@ -379,7 +441,7 @@ def stage_distill_generator(run: Run) -> dict:
     from .vocab import id_map
 
     cfg = run.recipe.distill_generator
-    student, tok = load_generator(run.stage_dir("student_init") / "generator")
+    student, tok = load_generator(student_generator_start(run))
     saved = torch.load(run.stage_dir("teacher_logits") / "cache.pt", weights_only=False)
     examples = [KDExample(Example(**e), c) for e, c in zip(saved["examples"], saved["cache"])]
     mapping = id_map(load_tokenizer(run.out / "teacher" / "generator"), tok)
@@ -437,10 +499,10 @@ def stage_eval(run: Run) -> dict:
 
 STAGE_FUNCTIONS = {
     "data": stage_data, "teacher": stage_teacher, "index": stage_index, "teacher_finetune": stage_teacher_finetune,
-    "student_init": stage_student_init, "distill_encoder": stage_distill_encoder,
+    "student_init": stage_student_init, "distill_encoder": stage_distill_encoder, "distill_general": stage_distill_general,
     "teacher_logits": stage_teacher_logits, "distill_generator": stage_distill_generator, "eval": stage_eval,
 }
-PARALLEL = {"teacher_finetune", "distill_encoder", "distill_generator"}   # DDP training stages
+PARALLEL = {"teacher_finetune", "distill_encoder", "distill_general", "distill_generator"}   # DDP training stages
 
 
 # ---------------------------------------------------------------- the driver
@@ -472,6 +534,8 @@ def distill(recipe_path, out_dir, resume: bool = False, stop_after: str | None =
     timings = {}
     for name in (STAGES if stop_after is None else STAGES[:STAGES.index(stop_after) + 1]):
         if name == "teacher_finetune" and not recipe.teacher_finetune.enabled:
+            continue
+        if name == "distill_general" and not recipe.distill_general.passages:
             continue
         run = Run(out, recipe)
         if run.done(name):

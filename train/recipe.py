@@ -104,6 +104,22 @@ class GeneratorDistillConfig:
 
 
 @dataclass
+class GeneralDistillConfig:
+    """TinyBERT's first stage: the student imitates the teacher on plain corpus text, no labels, before
+    the task pass. KL over every next token of a passage chunk (+ hidden-state MSE)."""
+    passages: int = 0                # corpus passages to distill on (0: skip the stage)
+    chunk_tokens: int = 128          # each passage's first N tokens
+    epochs: int = 1
+    batch_size: int = 4
+    lr: float = 2e-4
+    temperature: float = 2.0
+    top_k: int = 32
+    hidden_weight: float = 0.0
+    warmup_steps: int = 5
+    train_layers: int = 0
+
+
+@dataclass
 class EvalConfig:
     questions: int = 0               # 0: data.eval_questions
     k: int = 3
@@ -125,6 +141,7 @@ class Recipe:
     teacher_finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill_encoder: EncoderDistillConfig = field(default_factory=EncoderDistillConfig)
+    distill_general: GeneralDistillConfig = field(default_factory=GeneralDistillConfig)
     distill_generator: GeneratorDistillConfig = field(default_factory=GeneratorDistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)

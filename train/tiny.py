@@ -95,6 +95,13 @@ queries = 24
 passages = 8
 batch_size = 8
 lr = 1e-3
+[distill_general]
+passages = 12
+chunk_tokens = 48
+epochs = 3
+batch_size = 4
+lr = 1e-3
+hidden_weight = 0.1
 [distill_generator]
 examples = 16
 batch_size = 4
