@@ -214,3 +214,23 @@ def test_trimmed_student_end_to_end(trimmed_run, tiny, tmp_path):
     # a random tiny student may stop at once, so also compare the logits the export measured
     parity = manifest["parity"]["generator"]["fp32"]
     assert parity["max_abs_logit_delta"] < 1e-3 and parity["greedy_exact_match"] == 1.0
+
+
+def test_progressive_compression_prunes_an_earlier_student(trimmed_run, tiny, tmp_path):
+    """student.generator = an earlier run's (trimmed, healed) student, pruned further and healed again."""
+    first, _ = trimmed_run
+    recipe = tmp_path / "recipe.toml"
+    text = (first / "recipe.toml").read_text()
+    text = text.replace("[student]\n", f'[student]\ngenerator = "{(first / "student" / "generator").as_posix()}"\n')
+    text = text.replace("intermediate_size = 64", "intermediate_size = 32").replace('vocabulary = "corpus"\n', "")
+    text = text.replace("layers = [0, 3]", 'layers = "all"').replace("kv_heads = 1\n", "")
+    recipe.write_text(text)
+    out = tmp_path / "run"
+    report = distill(recipe, out)
+    info = json.loads((out / "stages" / "student_init" / "info.json").read_text())["generator"]
+    earlier = json.loads((first / "stages" / "student_init" / "info.json").read_text())["generator"]
+    assert info["intermediate_size"] == 32 and info["params"] < earlier["params"]
+    assert info["teacher_params"] == earlier["teacher_params"] == report["teacher"]["generator_params"]
+    assert report["student"]["generator_params"] == info["params"]
+    saved = json.loads((out / "student" / "generator" / "config.json").read_text())
+    assert saved["vocab_size"] == json.loads((first / "student" / "generator" / "config.json").read_text())["vocab_size"]

@@ -24,7 +24,7 @@ def tiny_generator_folder(tmp_path, layers=4):
     return folder
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "full.toml"])
+@pytest.mark.parametrize("name", [p.name for p in sorted((ROOT / "recipes").glob("*.toml"))])
 def test_shipped_recipes_are_valid(name):
     recipe = load_recipe(ROOT / "recipes" / name)
     assert isinstance(recipe, Recipe)
@@ -46,6 +46,12 @@ def test_wrong_type_is_named(tmp_path):
         load_recipe(write(tmp_path, "[eval]\nk = true\n"), check_models=False)
     with pytest.raises(RecipeError, match=r"distill_generator\.alpha"):
         load_recipe(write(tmp_path, "[distill_generator]\nalpha = 1.5\n"), check_models=False)
+    with pytest.raises(RecipeError, match=r"student\.vocabulary: expected 'full' or 'corpus'"):
+        load_recipe(write(tmp_path, '[student]\nvocabulary = "small"\n'), check_models=False)
+    with pytest.raises(RecipeError, match=r"student\.passage_encoder"):
+        load_recipe(write(tmp_path, '[student]\npassage_encoder = "both"\n'), check_models=False)
+    with pytest.raises(RecipeError, match=r"distill_general\.chunk_tokens: expected int"):
+        load_recipe(write(tmp_path, '[distill_general]\nchunk_tokens = "128"\n'), check_models=False)
 
 
 def test_ints_are_accepted_as_floats(tmp_path):

@@ -258,17 +258,23 @@ def stage_student_init(run: Run) -> dict:
     out = run.stage_dir("student_init")
     info = {}
     teacher, tok = load_generator(run.out / "teacher" / "generator")
+    teacher_params = count_params(teacher)
     if s.generator:
+        # A smaller pretrained model, or an earlier run's student (progressive compression: prune a
+        # healed student further). Its tokens must all be the teacher's, so that KD can map them.
         model, s_tok = load_generator(s.generator)
-        if s_tok.get_vocab() != tok.get_vocab():
+        if not set(s_tok.get_vocab()) <= set(tok.get_vocab()):
             raise RunError(f"student.generator {s.generator!r} does not share the teacher's tokenizer")
-        info["generator"] = {"from": s.generator, "params": count_params(model), "teacher_params": count_params(teacher)}
+        del teacher
     else:
-        prompter = Prompter(tok, run.recipe.prompt.max_prompt_tokens, run.recipe.prompt.max_answer_tokens)
-        batches = calibration_batches(calibration_sequences(run, prompter, s.calibration_passages), tok.pad_token_id)
-        layers = parse_layers(s.layers, teacher.config.num_hidden_layers, "student.layers")
-        info["generator"] = shrink_generator(teacher, layers, s.intermediate_size, s.kv_heads, batches)
         model, s_tok = teacher, tok
+    prompter = Prompter(s_tok, run.recipe.prompt.max_prompt_tokens, run.recipe.prompt.max_answer_tokens)
+    batches = calibration_batches(calibration_sequences(run, prompter, s.calibration_passages), s_tok.pad_token_id)
+    layers = parse_layers(s.layers, model.config.num_hidden_layers, "student.layers")
+    info["generator"] = {**shrink_generator(model, layers, s.intermediate_size, s.kv_heads, batches),
+                         "teacher_params": teacher_params}
+    if s.generator:
+        info["generator"]["from"] = s.generator
     if s.vocabulary == "corpus":
         from .vocab import trim_vocabulary
 
