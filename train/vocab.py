@@ -41,13 +41,15 @@ def _merge_parts(model_json: dict) -> dict[str, list[str]]:
 
 def kept_tokens(tokenizer_json: dict, used_ids: set[int]) -> set[str]:
     """Token strings to keep: those used, every token they are merged from, all single characters
-    (the byte alphabet that spells anything) and every added/special token."""
+    (the byte alphabet that spells anything), byte-fallback tokens and every added/special token."""
     model = tokenizer_json["model"]
     if model.get("type") != "BPE":
         raise ValueError(f"vocabulary trimming supports BPE tokenizers; this one is {model.get('type')!r}")
     id_to_token = {i: t for t, i in model["vocab"].items()}
     parts = _merge_parts(model)
     keep = {t for t in model["vocab"] if len(t) == 1}
+    if model.get("byte_fallback"):  # <0x41>-style byte tokens spell what the merges cannot
+        keep |= {t for t in model["vocab"] if len(t) == 6 and t.startswith("<0x") and t.endswith(">")}
     keep |= {a["content"] for a in tokenizer_json.get("added_tokens", []) if a["content"] in model["vocab"]}
     stack = [id_to_token[i] for i in used_ids if i in id_to_token]
     while stack:
