@@ -64,9 +64,10 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "curve.json").write_text(json.dumps(rows, indent=2))
-    lines = [f"{len(rows) - 1} students of one teacher, {rows[0]['n_questions'] if 'n_questions' in rows[0] else ''}"
-             f"same eval questions; speed: {args.prompt_tokens}-token prompt, {args.threads} threads, medians of "
-             f"{args.rounds} interleaved rounds.\n",
+    first = json.loads((args.runs[0] / "eval.json").read_text())
+    lines = [f"{len(rows) - 1} students of one teacher, on the same {first['n_questions']} questions of "
+             f"{first['dataset']} (k={first['k']}); speed: {args.prompt_tokens}-token prompt, {args.threads} threads, "
+             f"medians of {args.rounds} interleaved rounds.\n",
              "| model | generator params | % of teacher | F1 | F1 gold | F1 % of teacher | F1 gold % | recall@5 | "
              "bundle MB | generator MB | prefill ms | decode ms/token |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
