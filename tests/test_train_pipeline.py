@@ -234,3 +234,17 @@ def test_progressive_compression_prunes_an_earlier_student(trimmed_run, tiny, tm
     assert report["student"]["generator_params"] == info["params"]
     saved = json.loads((out / "student" / "generator" / "config.json").read_text())
     assert saved["vocab_size"] == json.loads((first / "student" / "generator" / "config.json").read_text())["vocab_size"]
+
+
+def test_curve_table_of_students(full_run, trimmed_run, tmp_path):
+    from benchmarks.curve import main as curve
+
+    assert curve([str(full_run[0]), str(trimmed_run[0]), "--out", str(tmp_path), "--rounds", "1"]) == 0
+    rows = json.loads((tmp_path / "curve.json").read_text())
+    assert [r["name"].split("/")[1] for r in rows] == ["teacher", "student", "student"]
+    assert rows[0]["params_pct"] == 100
+    for row, run in zip(rows[1:], (full_run[0], trimmed_run[0])):
+        report = json.loads((run / "eval.json").read_text())
+        assert row["f1_gold"] == report["student"]["f1_gold"]
+        assert row["params_pct"] == pytest.approx(100 * report["student"]["generator_params"] / rows[0]["generator_params"])
+    assert (tmp_path / "curve.png").stat().st_size > 0 and "| model |" in (tmp_path / "curve.md").read_text()
