@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export EDGERAG_DATA := $(DATA)
 
-.PHONY: demo test test-all install install-base clean medium curve
+.PHONY: demo test test-all install install-base clean medium curve curve-variants
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,7 +59,28 @@ curve: medium
 	  $(VENV)/bin/edgerag distill recipes/curve-$$p.toml --out $$run --resume || exit 1; \
 	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
 	done
+	[ -f runs/medium/teacher-bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/medium/teacher --passages runs/medium/data/corpus.jsonl --out runs/medium/teacher-bundle
+	[ -f runs/medium/bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/medium/student --passages runs/medium/data/corpus.jsonl --out runs/medium/bundle
 	$(VENV)/bin/python -m benchmarks.curve runs/medium $(foreach p,$(CURVE),runs/curve-$(p))
+
+# Variants of the curve's points: a general distillation pass first (-general), or 55% reached by
+# pruning the healed 70% student further (-progressive). Each starts from its base run's finished
+# stages (hard links), so only what differs is computed.
+VARIANTS ?= 70-general 55-general 40-general 55-progressive
+curve-variants: curve
+	for v in $(VARIANTS); do \
+	  base=runs/curve-$${v%%-*}; run=runs/curve-$$v; \
+	  if [ ! -d $$run/stages ]; then \
+	    mkdir -p $$run/stages $$run/student && cp -al $$base/data $$base/index $$base/teacher $$run/ && \
+	    cp -al $$base/student/query_encoder $$run/student/ && \
+	    for s in data teacher index teacher_finetune distill_encoder teacher_logits $$([ $${v#*-} = general ] && echo student_init); do \
+	      cp -al $$base/stages/$$s $$run/stages/; done; \
+	  fi; \
+	  $(VENV)/bin/edgerag distill recipes/curve-$$v.toml --out $$run --resume || exit 1; \
+	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
+	done
+	$(VENV)/bin/python -m benchmarks.curve runs/medium runs/curve-70 runs/curve-70-general runs/curve-55 runs/curve-55-general \
+	  runs/curve-55-progressive runs/curve-40 runs/curve-40-general --out runs/curve
 
 clean:
 	rm -rf $(VENV) $(BASE_VENV) runs
