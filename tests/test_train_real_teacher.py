@@ -30,6 +30,8 @@ def teacher_folder(tmp_path_factory):
     assert prompter.encode("Hello")[0] != gen_tok.bos_token_id
     generator.save_pretrained(folder / "generator")
     gen_tok.save_pretrained(folder / "generator")
+    # the GGUF's tokenizer must not drag a copy of the whole .gguf along as tokenizer.model
+    assert not (folder / "generator" / "tokenizer.model").exists()
     return folder
 
 
@@ -50,3 +52,26 @@ def test_real_teacher_retrieves_and_answers(teacher_folder, tmp_path):
     assert result["f1_gold"] > 0.0
     assert result["generator_params"] == 134_515_008
     assert result["encoder_params"] == 22_713_216
+
+
+def test_real_smollm2_vocabulary_trim(teacher_folder):
+    """SmolLM2's tokenizer and tied embedding cut to a few passages' tokens: those passages read the same."""
+    from train.vocab import id_map, trim_vocabulary
+
+    passages, questions, _ = read_squad(data_path("xquad-en.json.gz"))
+    texts = [p.text for p in passages[:20]]
+    teacher, t_tok = load_generator(teacher_folder / "generator")
+    student, s_tok = load_generator(teacher_folder / "generator")
+    info = trim_vocabulary(student, s_tok, texts + [Prompter(t_tok, 512).template.prefix])
+    assert info["vocab_size"] < 49_152 / 4 and student.config.vocab_size == len(s_tok) == info["vocab_size"]
+    mapping = id_map(t_tok, s_tok)
+    for text in texts:
+        t_ids = t_tok(text, add_special_tokens=False)["input_ids"]
+        assert s_tok(text, add_special_tokens=False)["input_ids"] == [mapping[i] for i in t_ids]
+    with torch.no_grad():
+        ids = t_tok(texts[0], add_special_tokens=False)["input_ids"][:64]
+        t_logits = teacher(input_ids=torch.tensor([ids])).logits[0]
+        s_logits = student(input_ids=torch.tensor([[mapping[i] for i in ids]])).logits[0]
+    assert torch.allclose(s_logits, t_logits[:, torch.tensor(sorted(mapping))], atol=1e-4)
+    for q in questions[-5:]:  # questions from other articles: spelled with the kept pieces, same text
+        assert s_tok.decode(s_tok(q.question, add_special_tokens=False)["input_ids"]) == q.question
