@@ -115,6 +115,7 @@ def test_resume_after_interruption_matches(full_run, tiny, tmp_path, capsys):
     for side in ("teacher", "student"):
         for key in ("em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20", "generator_params"):
             assert report[side][key] == report_full[side][key], (side, key)
+    assert not list((out / "stages").glob("*/checkpoint.pt"))  # finished stages drop their optimizer state
     for part in ("teacher/generator", "student/generator", "student/query_encoder"):
         a, b = state(out_full / part), state(out / part)
         assert a.keys() == b.keys()
