@@ -370,13 +370,8 @@ def student_generator_start(run: Run) -> Path:
 
 
 def stage_distill_general(run: Run) -> dict:
-    import torch
-
-    from .distill import KDExample, generator_loss_fn, remap_kd_examples, teacher_cache
+    from .distill import teacher_cache
     from .sources import load_generator, load_tokenizer
-    from .student import train_top_layers
-    from .teacher import Example
-    from .vocab import id_map
 
     cfg = run.recipe.distill_general
     cache_file = run.stage_dir("distill_general") / "teacher_cache.pt"
@@ -392,21 +387,10 @@ def stage_distill_general(run: Run) -> dict:
             loop.atomic_torch_save({"examples": [dataclasses.asdict(e) for e in examples], "cache": cache}, cache_file)
             del teacher
         barrier()
-    saved = torch.load(cache_file, weights_only=False)
-    examples = [KDExample(Example(**e), c) for e, c in zip(saved["examples"], saved["cache"])]
-    student, tok = load_generator(run.stage_dir("student_init") / "generator")
-    mapping = id_map(t_tok, tok)
-    if mapping is not None:
-        examples = remap_kd_examples(examples, mapping)
-    train_top_layers(student, cfg.train_layers)
-    student.to(loop.device())
     # alpha 0: no labels here, the teacher's distribution is the only target
-    loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, 0.0, cfg.hidden_weight)
-    log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_general"),
-                     desc="distill generator (corpus text)")
-    save_generator(student.cpu(), tok, run.stage_dir("distill_general") / "generator")
-    return {"examples": len(examples), "tokens": sum(len(kd.example.target) for kd in examples), "steps": len(log),
-            "first": log[0] if log else None, "last": log[-1] if log else None}
+    return distill_on_cache(run, "distill_general", cfg, alpha=0.0, cache_file=cache_file,
+                            start=run.stage_dir("student_init") / "generator",
+                            out=run.stage_dir("distill_general") / "generator", desc="distill generator (corpus text)")
 
 
 def stage_teacher_logits(run: Run) -> dict:
@@ -437,7 +421,9 @@ def stage_teacher_logits(run: Run) -> dict:
     return {"examples": len(examples), "seq_kd_examples": n_seq, "top_k": cfg.top_k, "temperature": cfg.temperature}
 
 
-def stage_distill_generator(run: Run) -> dict:
+def distill_on_cache(run: Run, stage: str, cfg, alpha: float, cache_file: Path, start: Path, out: Path, desc: str) -> dict:
+    """Train the student generator at `start` on cached teacher logits, save it to `out`. The cache is
+    in the teacher's token ids; a student with a trimmed vocabulary gets them mapped to its own."""
     import torch
 
     from .distill import KDExample, generator_loss_fn, remap_kd_examples
@@ -446,29 +432,35 @@ def stage_distill_generator(run: Run) -> dict:
     from .teacher import Example
     from .vocab import id_map
 
-    cfg = run.recipe.distill_generator
-    student, tok = load_generator(student_generator_start(run))
-    saved = torch.load(run.stage_dir("teacher_logits") / "cache.pt", weights_only=False)
+    student, tok = load_generator(start)
+    saved = torch.load(cache_file, weights_only=False)
     examples = [KDExample(Example(**e), c) for e, c in zip(saved["examples"], saved["cache"])]
     mapping = id_map(load_tokenizer(run.out / "teacher" / "generator"), tok)
     dropped = 0
-    if mapping is not None:  # a trimmed vocabulary: teacher token ids -> the student's
+    if mapping is not None:
         n = len(examples)
         examples = remap_kd_examples(examples, mapping)
         dropped = n - len(examples)
         if dropped:
-            print(f"[distill generator] skipped {dropped} examples with tokens outside the student's vocabulary")
+            print(f"[{stage}] skipped {dropped} examples with tokens outside the student's vocabulary")
     if cfg.hidden_weight > 0 and examples and examples[0].cache["hidden"].shape[-1] != student.config.hidden_size:
-        raise RunError(f"distill_generator.hidden_weight: the student's hidden size ({student.config.hidden_size}) "
+        raise RunError(f"{stage}.hidden_weight: the student's hidden size ({student.config.hidden_size}) "
                        f"differs from the teacher's ({examples[0].cache['hidden'].shape[-1]}); set it to 0")
     train_top_layers(student, cfg.train_layers)
     student.to(loop.device())
-    loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, cfg.alpha, cfg.hidden_weight)
-    log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_generator"),
-                     desc="distill generator")
-    save_generator(student.cpu(), tok, run.out / "student" / "generator")
-    return {"examples": len(examples), "skipped_examples": dropped, "steps": len(log),
+    loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, alpha, cfg.hidden_weight)
+    log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir(stage), desc=desc)
+    save_generator(student.cpu(), tok, out)
+    return {"examples": len(examples), "skipped_examples": dropped,
+            "target_tokens": sum(len(kd.example.target) for kd in examples), "steps": len(log),
             "first": log[0] if log else None, "last": log[-1] if log else None}
+
+
+def stage_distill_generator(run: Run) -> dict:
+    cfg = run.recipe.distill_generator
+    return distill_on_cache(run, "distill_generator", cfg, cfg.alpha, cache_file=run.stage_dir("teacher_logits") / "cache.pt",
+                            start=student_generator_start(run), out=run.out / "student" / "generator",
+                            desc="distill generator")
 
 
 def stage_eval(run: Run) -> dict:
