@@ -19,11 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.generator_speed import graph_megabytes, measure  # noqa: E402
-
-
-def bundle_megabytes(bundle: Path) -> float:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    return sum(f["bytes"] for f in manifest["files"].values()) / 1e6
+from runtime.manifest import bundle_megabytes, read_manifest  # noqa: E402
 
 
 def collect(runs: list[Path]) -> list[dict]:
@@ -59,7 +55,7 @@ def main(argv=None) -> int:
     for row in rows:
         graph = graphs.get(row["name"])
         if graph is not None:
-            row.update(speed[graph], bundle_mb=bundle_megabytes(row["bundle"]), generator_mb=graph_megabytes(graph))
+            row.update(speed[graph], bundle_mb=bundle_megabytes(read_manifest(row["bundle"])), generator_mb=graph_megabytes(graph))
         row["bundle"] = str(row["bundle"]) if graph is not None else None
 
     args.out.mkdir(parents=True, exist_ok=True)

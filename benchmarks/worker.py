@@ -117,11 +117,12 @@ class BundleRetriever:
 class BundleSystem:
     def __init__(self, spec: dict):
         from runtime import Pipeline
+        from runtime.manifest import bundle_megabytes
 
         self.p = Pipeline.load(spec["bundle"], threads=spec["threads"], check=False)
         self.retriever = BundleRetriever(self.p)
         m = self.p.manifest
-        self.size_mb = sum(f["bytes"] for f in m["files"].values()) / 1e6
+        self.size_mb = bundle_megabytes(m)
         self.generator_onnx = Path(spec["bundle"]) / m["generator"]["onnx"]
 
     def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:

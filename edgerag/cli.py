@@ -66,11 +66,10 @@ def _record(answer) -> dict:
 
 
 def cmd_verify(args) -> int:
-    from runtime.manifest import verify
+    from runtime.manifest import bundle_megabytes, verify
 
     manifest = verify(args.bundle)
-    print(f"{args.bundle}: {len(manifest['files'])} files verified, "
-          f"{sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB")
+    print(f"{args.bundle}: {len(manifest['files'])} files verified, {bundle_megabytes(manifest):.1f} MB")
     return 0
 
 
@@ -94,10 +93,10 @@ def cmd_export(args) -> int:
                             hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef=args.ef,
                             overwrite=args.overwrite, graph=args.graph)
     out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options)
-    from runtime.manifest import read_manifest
+    from runtime.manifest import bundle_megabytes, read_manifest
 
     manifest = read_manifest(out)
-    size = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
+    size = bundle_megabytes(manifest)
     print(f"bundle written to {out} ({size:.1f} MB, {manifest['passages']['count']} passages)")
     print(json.dumps(manifest["parity"], indent=2))
     return 0

@@ -42,6 +42,11 @@ def file_record(path: str | Path) -> dict:
     return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
 
 
+def bundle_megabytes(manifest: dict) -> float:
+    """Size of every file the manifest lists (manifest.json itself aside), in MB."""
+    return sum(f["bytes"] for f in manifest["files"].values()) / 1e6
+
+
 def dump_manifest(manifest: dict) -> bytes:
     """The exact bytes of manifest.json: the body, plus the SHA-256 of the body as its last key.
 

@@ -88,17 +88,16 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_pretrained_atomic(model, tokenizer, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then swap it in: a crash never leaves half a model."""
+def write_folder_atomic(folder: Path, write) -> None:
+    """`write(tmp)` fills a temporary folder beside `folder`, which is then swapped in: a crash never
+    leaves half a folder where a whole one is expected."""
     import shutil
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    write(tmp)
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
@@ -106,17 +105,19 @@ def save_pretrained_atomic(model, tokenizer, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_pretrained_atomic(model, tokenizer, folder: Path) -> None:
+    def write(tmp):
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    write_folder_atomic(folder, write)
+
+
 def copy_tree_atomic(source: Path, folder: Path) -> None:
-    """Copy a folder next to its destination, then swap it in."""
     import shutil
 
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    write_folder_atomic(folder, lambda tmp: shutil.copytree(source, tmp))
 
 
 def seed_everything(seed: int) -> None:

@@ -74,10 +74,10 @@ def resolve(name: str | Path) -> ModelSource:
 def load_generator(name: str | Path, dtype=None):
     """(model, tokenizer) for a causal LM, in fp32 unless told otherwise."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = resolve(name)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    tokenizer = load_tokenizer(name)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, **source.kwargs())
     model.eval()
     if source.gguf_file:
