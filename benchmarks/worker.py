@@ -144,7 +144,7 @@ class TorchSystem:
 
         from export.bundle import stop_token_ids
         from runtime.prompt import PromptTemplate, build_prompt_ids
-        from train.evaluate import read_info
+        from train.evaluate import passage_encoder_folder
         from train.retrieval import embed, passage_text
         from train.sources import load_encoder, load_generator
 
@@ -162,8 +162,7 @@ class TorchSystem:
         # the system's own retriever: the bundle's passages, embedded with this folder's passage encoder
         import hnswlib
 
-        info = read_info(folder)
-        p_folder = folder / info["passage_encoder"] if info.get("passage_encoder") else None
+        p_folder = passage_encoder_folder(folder)
         p_enc = load_encoder(p_folder) if p_folder else (self.encoder, self.enc_tok, self.pooling, self.max_length)
         self.corpus = bundle_passages(Path(spec["bundle"]))
         vectors = embed(p_enc[0], p_enc[1], [passage_text(t, x) for _, t, x in self.corpus], p_enc[2], p_enc[3])

@@ -75,13 +75,15 @@ def cmd_verify(args) -> int:
 
 def cmd_export(args) -> int:
     require_workstation("export")
-    from export.bundle import ExportOptions, export_bundle, folder_passage_encoder, student_folder_models
+    from export.bundle import ExportOptions, export_bundle, student_folder_models
+    from train.evaluate import passage_encoder_folder
 
     if args.model_folder:
         if args.query_encoder or args.generator:
             raise ValueError("give either a model folder or --query-encoder/--generator, not both")
         query_encoder, generator = student_folder_models(args.model_folder)
-        args.passage_encoder = args.passage_encoder or folder_passage_encoder(args.model_folder)
+        folder_passages = passage_encoder_folder(args.model_folder)
+        args.passage_encoder = args.passage_encoder or (str(folder_passages) if folder_passages else None)
     else:
         if not (args.query_encoder and args.generator):
             raise ValueError("export needs a model folder (with query_encoder/ and generator/) "

@@ -9,7 +9,6 @@ not exist.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -60,19 +59,6 @@ def student_folder_models(folder: Path) -> tuple[str, str]:
     if not (q.is_dir() and g.is_dir()):
         raise FileNotFoundError(f"{folder} has no query_encoder/ and generator/ folders")
     return str(q), str(g)
-
-
-def folder_passage_encoder(folder: Path) -> str | None:
-    """The passage encoder a run's folder names in its edgerag.json, where it is not the query encoder
-    (a student distilled to fit the teacher's passage vectors ships the teacher's encoder for them)."""
-    info_file = Path(folder) / "edgerag.json"
-    name = json.loads(info_file.read_text()).get("passage_encoder") if info_file.exists() else None
-    if not name or name == "query_encoder":
-        return None
-    path = Path(folder) / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"{info_file} names the passage encoder {name!r}, but {path} is not a folder")
-    return str(path)
 
 
 def embed_passages(model, tokenizer, pooling: str, max_length: int, texts: list[str], batch_size: int) -> np.ndarray:

@@ -53,6 +53,19 @@ def read_info(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def passage_encoder_folder(folder: Path) -> Path | None:
+    """The encoder that embeds a teacher/student folder's passages, where its edgerag.json names one
+    other than its query encoder (a student fitted to the teacher's passage vectors carries the
+    teacher's encoder for them); None where the query encoder does both."""
+    name = read_info(folder).get("passage_encoder")
+    if not name or name == "query_encoder":
+        return None
+    path = Path(folder) / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"{Path(folder) / INFO_FILE} names the passage encoder {name!r}, but {path} is not a folder")
+    return path
+
+
 def load_folder(folder: Path):
     """(query encoder, tokenizer, pooling, max_length), (generator, tokenizer), info of a teacher/student folder."""
     from .sources import load_encoder, load_generator
@@ -77,10 +90,10 @@ def evaluate_folder(folder: Path, questions: list[Question], passages: list[Pass
     folder = Path(folder)
     (encoder, enc_tok, pooling, max_length), (generator, gen_tok), info = load_folder(folder)
     if passage_embeddings is None:
-        p_folder = folder / info["passage_encoder"] if info.get("passage_encoder") else folder / "query_encoder"
         from .sources import load_encoder
 
-        p_enc, p_tok, p_pool, p_len = load_encoder(p_folder) if p_folder != folder / "query_encoder" else (encoder, enc_tok, pooling, max_length)
+        p_folder = passage_encoder_folder(folder)
+        p_enc, p_tok, p_pool, p_len = load_encoder(p_folder) if p_folder else (encoder, enc_tok, pooling, max_length)
         passage_embeddings = embed(p_enc, p_tok, [passage_text(p.title, p.text) for p in passages], p_pool, p_len,
                                    progress="embed corpus")
     index = PassageIndex(passages, passage_embeddings)

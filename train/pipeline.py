@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -394,8 +393,6 @@ def stage_distill_general(run: Run) -> dict:
 
 
 def stage_teacher_logits(run: Run) -> dict:
-    import torch
-
     from .distill import teacher_cache
     from .sources import load_generator
     from .teacher import Prompter, generate, make_examples
@@ -467,7 +464,6 @@ def stage_eval(run: Run) -> dict:
     import numpy as np
 
     from .evaluate import evaluate_folder, format_table
-    from .student import count_params
 
     r = run.recipe
     questions = run.questions("eval")
