@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export EDGERAG_DATA := $(DATA)
 
-.PHONY: demo test test-all install install-base clean medium curve curve-variants
+.PHONY: demo test test-all install install-base clean medium full full-curve curve curve-variants
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,32 @@ demo: $(VENV)/.installed
 # hard-linked, so the teacher is fine-tuned once), each exported to a bundle.
 medium: $(VENV)/.installed
 	$(VENV)/bin/edgerag distill recipes/medium.toml --out runs/medium $(if $(wildcard runs/medium/stages),--resume)
+
+# The full recipe (about 2 hours on an idle 2-core CPU, minutes on a GPU), its teacher and student
+# exported, and the two side by side: quality from eval.json, bundle size and generator speed.
+full: $(VENV)/.installed
+	$(VENV)/bin/edgerag distill recipes/full.toml --out runs/full $(if $(wildcard runs/full/stages),--resume)
+	[ -f runs/full/bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/full/student --passages runs/full/data/corpus.jsonl --out runs/full/bundle
+	[ -f runs/full/teacher-bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/full/teacher --passages runs/full/data/corpus.jsonl --out runs/full/teacher-bundle
+	$(VENV)/bin/python -m benchmarks.curve runs/full --out runs/full/curve
+
+# The full run's curve: two more students of its teacher (about 69% and 40% of the generator's
+# parameters), each seeded with the full run's finished teacher, encoder, general-pass cache and
+# teacher-logit stages (hard links), exported, and set beside the full run's own student.
+FULL_CURVE ?= 70 40
+full-curve: full
+	for p in $(FULL_CURVE); do \
+	  run=runs/full-$$p; \
+	  if [ ! -d $$run/stages ]; then \
+	    mkdir -p $$run/stages/distill_general $$run/student && cp -al runs/full/data runs/full/index runs/full/teacher $$run/ && \
+	    cp -al runs/full/student/query_encoder $$run/student/ && \
+	    cp -al runs/full/stages/distill_general/teacher_cache.pt $$run/stages/distill_general/ && \
+	    for s in data teacher index teacher_finetune distill_encoder teacher_logits; do cp -al runs/full/stages/$$s $$run/stages/; done; \
+	  fi; \
+	  $(VENV)/bin/edgerag distill recipes/full-$$p.toml --out $$run --resume || exit 1; \
+	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
+	done
+	$(VENV)/bin/python -m benchmarks.curve runs/full runs/full-70 runs/full-40 --out runs/full/curve
 
 CURVE ?= 70 55 40
 curve: medium

@@ -3,7 +3,7 @@
     python -m benchmarks.curve runs/medium runs/curve-70 runs/curve-55 runs/curve-40 [--out runs/curve]
 
 Every run folder holds an `eval.json` from `edgerag distill` (the same eval questions for all of
-them); the first run's teacher is the reference. Where a run has `bundle/` (or the first run has
+them); the first run's teacher is the reference; students are listed largest first. Where a run has `bundle/` (or the first run has
 `teacher-bundle/`), the generator graphs are timed together in this process, rounds interleaved
 (benchmarks/generator_speed.py), so a noisy machine slows them alike. Writes curve.json, curve.md
 and curve.png into --out.
@@ -33,6 +33,7 @@ def collect(runs: list[Path]) -> list[dict]:
         rows.append({"name": f"{run.name}/student", "bundle": run / "bundle", "student": info["generator"],
                      **report["student"]})
     teacher = rows[0]
+    rows[1:] = sorted(rows[1:], key=lambda r: -r["generator_params"])   # largest student first; ties keep the given order
     for row in rows:
         row["params_pct"] = 100 * row["generator_params"] / teacher["generator_params"]
         for key in ("f1", "f1_gold"):
