@@ -57,8 +57,8 @@ full: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks.curve runs/full --out runs/full/curve
 
 # The full run's curve: two more students of its teacher (about 69% and 40% of the generator's
-# parameters), each seeded with the full run's finished teacher, encoder, general-pass cache and
-# teacher-logit stages (hard links), exported, and set beside the full run's own student.
+# parameters), each seeded with the full run's finished teacher, encoder, general-pass cache,
+# teacher-logit stages and teacher evaluation (hard links), exported, and set beside the full run's own student.
 FULL_CURVE ?= 70 40
 full-curve: full
 	for p in $(FULL_CURVE); do \
@@ -67,6 +67,7 @@ full-curve: full
 	    mkdir -p $$run/stages/distill_general $$run/student && cp -al runs/full/data runs/full/index runs/full/teacher $$run/ && \
 	    cp -al runs/full/student/query_encoder $$run/student/ && \
 	    cp -al runs/full/stages/distill_general/teacher_cache.pt $$run/stages/distill_general/ && \
+	    mkdir -p $$run/stages/eval && cp -al runs/full/stages/eval/teacher_result.json $$run/stages/eval/ && \
 	    for s in data teacher index teacher_finetune distill_encoder teacher_logits; do cp -al runs/full/stages/$$s $$run/stages/; done; \
 	  fi; \
 	  $(VENV)/bin/edgerag distill recipes/full-$$p.toml --out $$run --resume || exit 1; \

@@ -123,6 +123,30 @@ def test_resume_after_interruption_matches(full_run, tiny, tmp_path, capsys):
             assert torch.allclose(a[k], b[k], atol=1e-6), (part, k)
 
 
+def test_eval_reuses_the_same_teachers_evaluation_and_only_that(full_run, tiny, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(full_run[0], out)
+    saved = out / "stages" / "eval" / "teacher_result.json"
+    record = json.loads(saved.read_text())
+    assert record["result"] == full_run[1]["teacher"]
+
+    def eval_again():
+        (out / "stages" / "eval" / "done").unlink()
+        return distill(tiny["recipe"], out, resume=True)
+
+    # same teacher, questions and corpus: the saved evaluation is taken as it is (a marked copy shows it)
+    saved.write_text(json.dumps({"key": record["key"], "result": {**record["result"], "f1": -1.0}}))
+    assert eval_again()["teacher"]["f1"] == -1.0
+    assert "reusing its evaluation" in capsys.readouterr().out
+    # a teacher file changed: the key no longer matches and the teacher is evaluated again
+    with open(out / "teacher" / "generator" / "config.json", "a") as f:
+        f.write("\n")
+    assert eval_again()["teacher"]["f1"] == full_run[1]["teacher"]["f1"]
+    assert json.loads(saved.read_text())["key"] != record["key"]
+
+
 def test_cli_eval_on_a_model_folder(full_run, tiny, tmp_path):
     out, _ = full_run
     parser = argparse.ArgumentParser()

@@ -460,6 +460,19 @@ def stage_distill_generator(run: Run) -> dict:
                             desc="distill generator")
 
 
+def teacher_eval_key(run: Run, questions: list[Question], corpus: list[Passage]) -> str:
+    """What a teacher evaluation depends on: the teacher's files, the questions, the corpus and the
+    eval settings. Runs that share a teacher (a curve's points) reuse its evaluation by this key."""
+    from runtime.manifest import sha256_file
+
+    r = run.recipe
+    teacher = run.out / "teacher"
+    key = {"teacher": {str(f.relative_to(teacher)): sha256_file(f) for f in sorted(teacher.rglob("*")) if f.is_file()},
+           "questions": [q.id for q in questions], "corpus": [p.id for p in corpus], "k": r.eval.k,
+           "prompt": dataclasses.asdict(r.prompt)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
 def stage_eval(run: Run) -> dict:
     import numpy as np
 
@@ -477,7 +490,14 @@ def stage_eval(run: Run) -> dict:
         run, passage_encoder="passage_encoder" if teacher_passages else "query_encoder", student=info,
         teacher=r.teacher.generator), indent=2))
     results = {}
+    saved_teacher = run.stage_dir("eval") / "teacher_result.json"
+    key = teacher_eval_key(run, questions, corpus)
+    if saved_teacher.exists() and json.loads(saved_teacher.read_text())["key"] == key:
+        results["teacher"] = json.loads(saved_teacher.read_text())["result"]
+        print(f"[eval] teacher: reusing its evaluation on the same questions ({saved_teacher})")
     for name in ("teacher", "student"):
+        if name in results:
+            continue
         # The teacher's index is reused; a student with its own passage encoder embeds the corpus
         # itself, as the device will.
         emb = np.load(run.out / "index" / "embeddings.npy") if name == "teacher" or teacher_passages else None
@@ -485,6 +505,8 @@ def stage_eval(run: Run) -> dict:
                                         batch_size=r.eval.batch_size, max_prompt_tokens=r.prompt.max_prompt_tokens,
                                         max_answer_tokens=r.prompt.max_answer_tokens,
                                         answers_out=run.stage_dir("eval") / f"{name}_answers.jsonl")
+        if name == "teacher":
+            atomic_write_text(saved_teacher, json.dumps({"key": key, "result": results[name]}, indent=2))
     report = {"dataset": r.data.eval, "n_questions": len(questions), "k": r.eval.k, **results}
     atomic_write_text(run.out / "eval.json", json.dumps(report, indent=2))
     print(format_table(results))
