@@ -3,10 +3,10 @@
     python -m benchmarks.curve runs/medium runs/curve-70 runs/curve-55 runs/curve-40 [--out runs/curve]
 
 Every run folder holds an `eval.json` from `edgerag distill` (the same eval questions for all of
-them); the first run's teacher is the reference; students are listed largest first. Where a run has `bundle/` (or the first run has
-`teacher-bundle/`), the generator graphs are timed together in this process, rounds interleaved
-(benchmarks/generator_speed.py), so a noisy machine slows them alike. Writes curve.json, curve.md
-and curve.png into --out.
+them); the first run's teacher is the reference, and students are listed largest first. Where a
+run has `bundle/` (or the first run has `teacher-bundle/`), the generator graphs are timed together
+in this process, rounds interleaved (benchmarks/generator_speed.py), so a noisy machine slows them
+alike. Writes curve.json, curve.md and curve.png into --out.
 """
 
 from __future__ import annotations
