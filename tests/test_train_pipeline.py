@@ -99,6 +99,19 @@ def test_existing_run_needs_resume(full_run, tiny):
     assert distill(tiny["recipe"], out, resume=True) == json.loads((out / "eval.json").read_text())
 
 
+def test_resume_refuses_changed_settings_but_not_changed_comments(full_run, tiny, tmp_path):
+    out, report = full_run
+    text = Path(tiny["recipe"]).read_text()
+    commented = tmp_path / "commented.toml"
+    commented.write_text("# a comment added after the run started\n" + text)
+    assert distill(commented, out, resume=True) == report
+    changed = tmp_path / "changed.toml"
+    changed.write_text(text.replace("seed = 0", "seed = 1", 1))
+    assert changed.read_text() != text
+    with pytest.raises(RunError, match="other values"):
+        distill(changed, out, resume=True)
+
+
 def test_resume_after_interruption_matches(full_run, tiny, tmp_path, capsys):
     out_full, report_full = full_run
     out = tmp_path / "run"

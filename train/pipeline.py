@@ -530,13 +530,13 @@ def distill(recipe_path, out_dir, resume: bool = False, stop_after: str | None =
     recipe = load_recipe(recipe_path)
     out = Path(out_dir)
     text = Path(recipe_path).read_text()
-    digest = hashlib.sha256(text.encode()).hexdigest()
     recipe_copy = out / "recipe.toml"
     if (out / "stages").exists():
         if not resume:
             raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-        if recipe_copy.exists() and hashlib.sha256(recipe_copy.read_bytes()).hexdigest() != digest:
-            raise RunError(f"{recipe_path} differs from the recipe {out} was started with ({recipe_copy}); "
+        # Settings, not text: a recipe whose comments changed still resumes.
+        if recipe_copy.exists() and dataclasses.asdict(load_recipe(recipe_copy, check_models=False)) != dataclasses.asdict(recipe):
+            raise RunError(f"{recipe_path} sets other values than the recipe {out} was started with ({recipe_copy}); "
                            "start a new run instead of resuming")
     rank, world_size = loop.world()
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls several times slower
