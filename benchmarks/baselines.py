@@ -33,7 +33,7 @@ def generator_config(source: str):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from train.sources import resolve
+    from edgerag.models import resolve
 
     src = resolve(source)
     config = AutoConfig.from_pretrained(src.path, **src.kwargs())
@@ -44,8 +44,10 @@ def generator_config(source: str):
 
 
 def optimum_folder(bundle: Path, generator_source: str, cache: Path) -> Path:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    digest = manifest["files"][manifest["generator"]["onnx"]]["sha256"][:12]
+    from edgerag.runtime import read_manifest
+
+    manifest = read_manifest(bundle)
+    digest = manifest.files[manifest.generator.onnx].sha256[:12]
     out = cache / f"optimum-{digest}"
     if (out / "config.json").exists():
         return out
@@ -54,13 +56,13 @@ def optimum_folder(bundle: Path, generator_source: str, cache: Path) -> Path:
     link = out / "model.onnx"
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to((bundle / manifest["generator"]["onnx"]).resolve())
+    link.symlink_to((bundle / manifest.generator.onnx).resolve())
     return out
 
 
 def hf_generator_folder(source: str, cache: Path) -> Path:
     """A plain Hugging Face folder (safetensors + config + tokenizer) of the generator, for the builder."""
-    from train.sources import resolve
+    from edgerag.models import resolve
 
     src = resolve(source)
     if not src.gguf_file and (Path(src.path) / "config.json").exists() and (Path(src.path) / "tokenizer.json").exists():
@@ -68,7 +70,7 @@ def hf_generator_folder(source: str, cache: Path) -> Path:
     out = cache / f"hf-{_key(src)}"
     if (out / "config.json").exists():
         return out
-    from train.sources import load_generator
+    from edgerag.models import load_generator
 
     model, tokenizer = load_generator(source)
     model.config.architectures = [type(model).__name__]
@@ -82,25 +84,35 @@ def genai_python(venv: Path, log) -> Path:
     python = venv / "bin" / "python"
     if python.exists() and subprocess.run([str(python), "-c", "import onnxruntime_genai"],
                                           capture_output=True).returncode == 0:
+        _see_parent_packages(python)
         return python
-    import site
-    import sysconfig
-
     base = Path(getattr(sys, "_base_executable", sys.executable))
     log(f"creating the onnxruntime-genai venv in {venv}")
     r = subprocess.run([str(base), "-m", "venv", str(venv)], capture_output=True, text=True)
     if r.returncode:
         raise Skip(f"could not create a venv for onnxruntime-genai: {r.stderr.strip()[-300:]}")
-    here = sysconfig.get_paths()["purelib"]
-    there = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    # appended after the venv's own site-packages: torch & co. come from here, transformers from there
-    Path(there, "zz_edgerag_parent.pth").write_text("\n".join([here, *site.getsitepackages()]) + "\n")
+    _see_parent_packages(python)
     r = subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime-genai", "transformers>=5"],
                        capture_output=True, text=True)
     if r.returncode:
         raise Skip(f"pip install onnxruntime-genai failed: {r.stderr.strip()[-400:]}")
     return python
+
+
+def _see_parent_packages(python: Path) -> None:
+    """Let the genai venv import this venv's packages (torch, onnxruntime, numpy, edgerag itself).
+
+    They come after the venv's own site-packages, so transformers comes from there. addsitedir, not
+    a plain path line, so that the .pth files here run too: an editable edgerag is found through one.
+    """
+    import site
+    import sysconfig
+
+    here = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    there = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    lines = "".join(f"import site; site.addsitedir({path!r})\n" for path in dict.fromkeys(here))
+    Path(there, "zz_edgerag_parent.pth").write_text(lines)
 
 
 def ortgenai_folder(source: str, precision: str, cache: Path, log) -> tuple[Path, Path]:

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SYSTEMS = ("teacher-torch", "student-torch", "bundle", "optimum-ort", "ortgenai-int4", "ortgenai-fp32")
 
 
@@ -56,7 +55,7 @@ def add_cli(subparsers) -> None:
 
 
 def cmd_bench(args) -> int:
-    from benchmarks import report
+    from edgerag.benchmarks import report
 
     results = run_bench(args)
     out = Path(args.out)
@@ -67,21 +66,21 @@ def cmd_bench(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- plan
 
-def quant_name(manifest: dict) -> str:
-    method = manifest["generator"].get("quantization", {}).get("method", "none")
+def quant_name(manifest) -> str:
+    method = manifest.generator.quantization_method
     return "fp32" if method == "none" else method
 
 
-def plan_systems(args, bundles: list[Path], manifests: list[dict], cache: Path) -> tuple[list[dict], list[dict]]:
+def plan_systems(args, bundles: list[Path], manifests: list, cache: Path) -> tuple[list[dict], list[dict]]:
     """(systems to run, systems skipped with their reasons)."""
-    from benchmarks import baselines
+    from edgerag.benchmarks import baselines
 
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in DEFAULT_SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(DEFAULT_SYSTEMS)}")
     first, python = bundles[0], sys.executable
-    source = manifests[0]["sources"]["generator"]
+    source = manifests[0].sources["generator"]
     if args.student:
         source_candidates = [source, str(Path(args.student) / "generator")]
     else:
@@ -125,7 +124,7 @@ def plan_systems(args, bundles: list[Path], manifests: list[dict], cache: Path) 
 
 
 def _first_resolvable(candidates: list[str]) -> str:
-    from train.sources import resolve
+    from edgerag.models import resolve
 
     errors = []
     for c in candidates:
@@ -141,37 +140,24 @@ def _first_resolvable(candidates: list[str]) -> str:
 
 def shared_passages(bundle: Path, questions, k: int) -> list[list[tuple[str, str]]]:
     """The first bundle's top-k for every question: what every system generates from."""
-    from runtime.pipeline import PassageStore, QueryEncoder, make_session
-    from runtime.manifest import read_manifest
+    from edgerag.runtime import Pipeline
 
-    import hnswlib
-    from tokenizers import Tokenizer
-
-    m = read_manifest(bundle)
-    enc, idx = m["query_encoder"], m["index"]
-    encoder = QueryEncoder(make_session(bundle / enc["onnx"], None), Tokenizer.from_file(str(bundle / enc["tokenizer"])),
-                           enc["max_length"])
-    index = hnswlib.Index(space=idx["space"], dim=idx["dim"])
-    index.load_index(str(bundle / idx["file"]), max_elements=idx["count"])
-    index.set_ef(max(idx["ef"], k))
-    store = PassageStore(bundle / m["passages"]["file"])
-    vectors = encoder.encode([q.question for q in questions])
-    rows, _ = index.knn_query(vectors, k=min(k, idx["count"]))
-    return [[(title, text) for _, title, text in store.get(r)] for r in rows]
+    pipeline = Pipeline.load(bundle, check=False)  # read_manifest has checked the manifest; workers load it again
+    rows, _ = pipeline.search(pipeline.encoder.encode([q.question for q in questions]), k)
+    return [[(p["title"], p["text"]) for p in pipeline.passages_at(r)] for r in rows]
 
 
 def run_worker(system: dict, spec: dict, workdir: Path, timeout: float | None = None) -> dict:
     spec = {**spec, **{k: v for k, v in system.items() if k != "python"}}
     tag = f"{system['name']}-t{spec['threads']}".replace("'", "p")
     spec_path, out_path, err_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json", workdir / f"{tag}.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
     spec["launched"] = time.time()
     spec_path.write_text(json.dumps(spec))
     with open(err_path, "w") as err:
-        r = subprocess.run([system["python"], "-m", "benchmarks.worker", str(spec_path), str(out_path)],
-                           cwd=ROOT, env=env, stdout=err, stderr=subprocess.STDOUT, timeout=timeout)
+        r = subprocess.run([system["python"], "-m", "edgerag.benchmarks.worker", str(spec_path), str(out_path)],
+                           env=env, stdout=err, stderr=subprocess.STDOUT, timeout=timeout)
     if r.returncode or not out_path.exists():
         lines = [l for l in err_path.read_text().splitlines() if l.strip()]
         raise RuntimeError(f"worker exited {r.returncode}: {lines[-1][:400] if lines else 'no output'}")
@@ -183,9 +169,8 @@ def run_index_sizes(sizes: list[int], dim: int, m: int, ef_construction: int, wo
     for n in sizes:
         out = workdir / f"index-{n}.json"
         log(f"index: {n} random unit vectors, dim {dim}")
-        r = subprocess.run([sys.executable, "-m", "benchmarks.index_scale", str(n), str(dim), str(m),
-                            str(ef_construction), str(out)], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        r = subprocess.run([sys.executable, "-m", "edgerag.benchmarks.index_scale", str(n), str(dim), str(m),
+                            str(ef_construction), str(out)], capture_output=True, text=True)
         if r.returncode:
             rows.append({"n": n, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
             continue
@@ -194,10 +179,10 @@ def run_index_sizes(sizes: list[int], dim: int, m: int, ef_construction: int, wo
 
 
 def run_bench(args) -> dict:
-    from benchmarks import machine, summary
-    from runtime.manifest import read_manifest
-    from train.data import read_squad
-    from train.evaluate import sample_questions
+    from edgerag.benchmarks import machine, summary
+    from edgerag.runtime.manifest import read_manifest
+    from edgerag.data import read_squad
+    from edgerag.evaluation import sample_questions
 
     started = time.time()
     bundles = [Path(b).resolve() for b in args.bundle]
@@ -213,8 +198,8 @@ def run_bench(args) -> dict:
     _, questions, _ = read_squad(args.questions)
     questions = sample_questions(questions, args.n, seed=args.seed)
     first = manifests[0]
-    k = first["generation"]["k"]
-    max_new_tokens = args.max_new_tokens or first["generation"]["max_new_tokens"]
+    k = first.generation.k
+    max_new_tokens = args.max_new_tokens or first.generation.max_new_tokens
     log(f"{len(questions)} questions; shared passages: top-{k} of {bundles[0].name}")
     passages = shared_passages(bundles[0], questions, k)
 
@@ -225,7 +210,7 @@ def run_bench(args) -> dict:
     spec = {"bundle": str(bundles[0]), "questions": [{"question": q.question, "answers": list(q.answers),
                                                       "passage_id": q.passage_id} for q in questions],
             "passages": passages, "k": k, "max_new_tokens": max_new_tokens,
-            "max_context": first["generator"]["max_context"], "scratch": str(workdir / "scratch")}
+            "max_context": first.generator.max_context, "scratch": str(workdir / "scratch")}
     raw = []
     for system in plan:
         for t in threads:
@@ -241,8 +226,8 @@ def run_bench(args) -> dict:
     index_rows = []
     sizes = _ints(args.index_sizes)
     if sizes:
-        idx = first["index"]
-        index_rows = run_index_sizes(sizes, idx["dim"], idx["M"], idx["ef_construction"], workdir)
+        idx = first.index
+        index_rows = run_index_sizes(sizes, idx.dim, idx.M, idx.ef_construction, workdir)
 
     rows = [summary.system_row(r, limits) for r in raw]
     return {"machine": {k: limits[k] for k in ("cpu", "cores", "bandwidth_gb_s", "matmul_gflops")},

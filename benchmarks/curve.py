@@ -1,6 +1,6 @@
 """The size/quality curve: students of one teacher side by side, with their bundles' size and speed.
 
-    python -m benchmarks.curve runs/medium runs/curve-70 runs/curve-55 runs/curve-40 [--out runs/curve]
+    python -m edgerag.benchmarks.curve runs/medium runs/curve-70 runs/curve-55 runs/curve-40 [--out runs/curve]
 
 Every run folder holds an `eval.json` from `edgerag distill` (the same eval questions for all of
 them); the first run's teacher is the reference, and students are listed largest first. Where a
@@ -16,10 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.generator_speed import graph_megabytes, measure  # noqa: E402
-from runtime.manifest import bundle_megabytes, read_manifest  # noqa: E402
+from edgerag.benchmarks.generator_speed import graph_megabytes, measure
+from edgerag.runtime.manifest import read_manifest
 
 
 def collect(runs: list[Path]) -> list[dict]:
@@ -56,7 +54,7 @@ def main(argv=None) -> int:
     for row in rows:
         graph = graphs.get(row["name"])
         if graph is not None:
-            row.update(speed[graph], bundle_mb=bundle_megabytes(read_manifest(row["bundle"])), generator_mb=graph_megabytes(graph))
+            row.update(speed[graph], bundle_mb=read_manifest(row["bundle"]).megabytes, generator_mb=graph_megabytes(graph))
         row["bundle"] = str(row["bundle"]) if graph is not None else None
 
     args.out.mkdir(parents=True, exist_ok=True)

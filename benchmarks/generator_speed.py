@@ -1,6 +1,6 @@
 """Prefill and decode speed of generator graphs, side by side in one process.
 
-    python benchmarks/generator_speed.py A/generator.onnx B/generator.onnx --prompt-tokens 600
+    python -m edgerag.benchmarks.generator_speed A/generator.onnx B/generator.onnx --prompt-tokens 600
 
 Random token ids (speed does not depend on them), the runtime's own decoding loop without
 prefix reuse, rounds interleaved across the graphs so that a noisy machine slows them alike;
@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime.pipeline import DecoderOnlyGenerator, make_session  # noqa: E402
+from edgerag.runtime.pipeline import DecoderOnlyGenerator, make_session
 
 
 class AnyGenerator(DecoderOnlyGenerator):
@@ -35,10 +33,9 @@ def measure(graphs, prompt_tokens: int = 600, new_tokens: int = 17, threads: int
     decode = {g: [] for g in generators}
     for _ in range(rounds):
         for g, generator in generators.items():
-            timings = {}
-            tokens = list(generator.generate(prompt, new_tokens, timings))
-            prefill[g].append(timings["prefill_ms"])
-            decode[g].append(timings["decode_ms"] / max(len(tokens) - 1, 1))
+            generation = generator.greedy(prompt, new_tokens)
+            prefill[g].append(generation.prefill_ms)
+            decode[g].append(generation.decode_ms / max(len(generation.tokens) - 1, 1))
     return {g: {"prefill_ms": float(np.median(prefill[g])), "decode_ms_per_token": float(np.median(decode[g]))}
             for g in generators}
 

@@ -1,6 +1,6 @@
 """What reusing the previous prompt's KV buys: prefill time with and without it, on one bundle.
 
-    python benchmarks/prefix_reuse.py BUNDLE [--questions ../shared/data/xquad-en.json.gz]
+    python -m edgerag.benchmarks.prefix_reuse BUNDLE [--questions ../shared/data/xquad-en.json.gz]
 
 Two sequences of questions: a random sample (only the prompt template is shared) and follow-up
 questions on the same passages (the retrieved passages are shared too).
@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime.pipeline import Pipeline  # noqa: E402
+from edgerag.runtime.pipeline import Pipeline
 
 
 def read_paragraphs(path: str) -> list[dict]:

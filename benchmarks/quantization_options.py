@@ -1,6 +1,6 @@
 """Each `--quantize` option of a generator, side by side in one process: size, agreement with fp32, speed.
 
-    python benchmarks/quantization_options.py --generator HuggingFaceTB/SmolLM2-135M-Instruct
+    python -m edgerag.benchmarks.quantization_options --generator HuggingFaceTB/SmolLM2-135M-Instruct
 
 Agreement is measured against the fp32 ONNX graph (itself checked against PyTorch at export):
 the largest |Δ| of last-position logits, and the share of questions whose greedy answer is the
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = {"none": {}, "int8wo": {}, "int8sq": {}, "int8": {}, "int4": {}, "int4-block128": {"block_size": 128}}
 
@@ -38,12 +37,11 @@ def main(argv=None) -> int:
     import onnx
     from tokenizers import Tokenizer
 
-    from export import onnx_export
-    from export.bundle import greedy_onnx, last_logits_onnx
-    from export.quantize import quantize
-    from runtime.pipeline import DecoderOnlyGenerator, make_session
-    from runtime.prompt import PromptTemplate, build_prompt_ids
-    from train.data import data_path, read_squad
+    from edgerag.export import onnx_export
+    from edgerag.export.quantize import quantize
+    from edgerag.runtime.pipeline import DecoderOnlyGenerator, make_session
+    from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
+    from edgerag.data import data_path, read_squad
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,8 +62,9 @@ def main(argv=None) -> int:
         for name in args.variants.split(","):
             path = tmp / f"{name}.onnx"
             if name == "int8sq":  # calibrated the way `edgerag export` calibrates it
-                from export.bundle import ExportOptions, smoothed_generator_graph
-                from train.sources import load_generator
+                from edgerag.export import ExportOptions
+                from edgerag.export.bundle import smoothed_generator_graph
+                from edgerag.models import load_generator
 
                 source, _ = smoothed_generator_graph(load_generator(str(folder))[0], builder, encode, template,
                                                      all_questions, passages, ExportOptions())
@@ -78,25 +77,25 @@ def main(argv=None) -> int:
             generators[name] = DecoderOnlyGenerator(make_session(path, args.threads), stop, reuse_prefix=False)
         reference = generators.get("none") or DecoderOnlyGenerator(make_session(tmp / "none.onnx", args.threads), stop,
                                                                    reuse_prefix=False)
-        ref_logits = [last_logits_onnx(reference, p) for p in prompts]
-        ref_answers = [greedy_onnx(reference, p, args.max_new_tokens)[0] for p in prompts]
+        ref_logits = [reference.last_logits(p) for p in prompts]
+        ref_answers = [reference.greedy(p, args.max_new_tokens).tokens for p in prompts]
 
         speed = {name: {"prefill": [], "decode": []} for name in generators}
         answers = {name: [] for name in generators}
         for round_ in range(args.rounds):
             for name, generator in generators.items():
                 for prompt in prompts:
-                    tokens, timings = greedy_onnx(generator, prompt, args.max_new_tokens)
+                    generation = generator.greedy(prompt, args.max_new_tokens)
                     if round_ == 0:
-                        answers[name].append(tokens)
-                    speed[name]["prefill"].append(timings["prefill_ms"])
-                    if len(tokens) > 1:
-                        speed[name]["decode"].append(timings["decode_ms"] / (len(tokens) - 1))
+                        answers[name].append(generation.tokens)
+                    speed[name]["prefill"].append(generation.prefill_ms)
+                    if len(generation.tokens) > 1:
+                        speed[name]["decode"].append(generation.decode_ms / (len(generation.tokens) - 1))
         for name, generator in generators.items():
             rows.append({
                 "quantize": name,
                 "size_mb": round((tmp / f"{name}.onnx").stat().st_size / 1e6, 1),
-                "max_abs_logit_delta": round(max(float(np.abs(last_logits_onnx(generator, p) - r).max())
+                "max_abs_logit_delta": round(max(float(np.abs(generator.last_logits(p) - r).max())
                                                  for p, r in zip(prompts, ref_logits)), 3),
                 "same_greedy_answer": f"{sum(a == r for a, r in zip(answers[name], ref_answers))}/{len(prompts)}",
                 "prefill_ms": round(float(np.median(speed[name]["prefill"])), 1),

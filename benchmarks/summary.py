@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.machine import decode_floor_ms, prefill_flops, prefill_floor_ms
+from edgerag.benchmarks.machine import decode_floor_ms, prefill_flops, prefill_floor_ms
 
 INT8_COMPUTE = ("int4", "int8")  # MatMulNBits at accuracy level 4 and dynamic int8 both run int8 GEMMs
 

@@ -1,4 +1,4 @@
-"""One system, one process: `python -m benchmarks.worker spec.json result.json`.
+"""One system, one process: `python -m edgerag.benchmarks.worker spec.json result.json`.
 
 The bench starts a fresh process per (system, threads), so peak RSS and cold start are that
 system's alone. The spec names the system, the questions, and the passages every system answers
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -49,17 +48,10 @@ def dir_size_mb(paths) -> float:
     return total / 1e6
 
 
-def bundle_passages(bundle: Path) -> list[tuple[str, str, str]]:
-    db = sqlite3.connect(f"file:{bundle / 'passages.sqlite'}?mode=ro&immutable=1", uri=True)
-    rows = db.execute("SELECT id, title, text FROM passages ORDER BY row").fetchall()
-    db.close()
-    return rows
-
-
-def manifest_shape(manifest: dict) -> dict:
+def manifest_shape(manifest) -> dict:
     """Parameters that take part in matmuls (the manifest counts a tied embedding once, as the LM head)."""
-    g = manifest["generator"]
-    return {"matmul_params": g["parameters"], "layers": g["num_layers"], "hidden": g["hidden_size"]}
+    g = manifest.generator
+    return {"matmul_params": g.parameters, "layers": g.num_layers, "hidden": g.hidden_size}
 
 
 class Stopwatch:
@@ -110,20 +102,18 @@ class BundleRetriever:
         t1 = time.perf_counter()
         rows, _ = self.p.search(vector, k)
         t2 = time.perf_counter()
-        ids = [pid for pid, _, _ in self.p.store.get(rows[0])]
+        ids = [p["id"] for p in self.p.passages_at(rows[0])]
         return ids, {"encode_ms": (t1 - t0) * 1000, "search_ms": (t2 - t1) * 1000}
 
 
 class BundleSystem:
     def __init__(self, spec: dict):
-        from runtime import Pipeline
-        from runtime.manifest import bundle_megabytes
+        from edgerag.runtime import Pipeline
 
         self.p = Pipeline.load(spec["bundle"], threads=spec["threads"], check=False)
         self.retriever = BundleRetriever(self.p)
-        m = self.p.manifest
-        self.size_mb = bundle_megabytes(m)
-        self.generator_onnx = Path(spec["bundle"]) / m["generator"]["onnx"]
+        self.size_mb = self.p.manifest.megabytes
+        self.generator_onnx = Path(spec["bundle"]) / self.p.manifest.generator.onnx
 
     def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
         a = self.p.answer_with_passages(question, passages, max_new_tokens)
@@ -133,7 +123,7 @@ class BundleSystem:
                 "ttft_ms": t.get("ttft_ms", t.get("total_ms", 0.0)), "generate_ms": t["total_ms"]}
 
     def floors(self) -> dict:
-        from benchmarks.machine import onnx_weight_bytes
+        from edgerag.benchmarks.machine import onnx_weight_bytes
 
         return {"weight_bytes": onnx_weight_bytes(self.generator_onnx), **manifest_shape(self.p.manifest)}
 
@@ -142,11 +132,10 @@ class TorchSystem:
     def __init__(self, spec: dict):
         import torch
 
-        from export.bundle import stop_token_ids
-        from runtime.prompt import PromptTemplate, build_prompt_ids
-        from train.evaluate import passage_encoder_folder
-        from train.retrieval import embed, passage_text
-        from train.sources import load_encoder, load_generator
+        from edgerag.export.bundle import stop_token_ids
+        from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
+        from edgerag.train.retrieval import embed, passage_text
+        from edgerag.models import load_encoder, load_generator, passage_encoder_folder
 
         torch.set_num_threads(spec["threads"])
         torch.set_flush_denormal(True)  # denormals make CPU matmuls several times slower
@@ -162,14 +151,20 @@ class TorchSystem:
         # the system's own retriever: the bundle's passages, embedded with this folder's passage encoder
         import hnswlib
 
+        from edgerag.runtime import read_manifest
+        from edgerag.runtime.pipeline import PassageStore
+
         p_folder = passage_encoder_folder(folder)
         p_enc = load_encoder(p_folder) if p_folder else (self.encoder, self.enc_tok, self.pooling, self.max_length)
-        self.corpus = bundle_passages(Path(spec["bundle"]))
+        bundle = Path(spec["bundle"])
+        manifest = read_manifest(bundle)
+        self.corpus = list(PassageStore(bundle / manifest.passages.file))
         vectors = embed(p_enc[0], p_enc[1], [passage_text(t, x) for _, t, x in self.corpus], p_enc[2], p_enc[3])
-        self.index = hnswlib.Index(space="ip", dim=vectors.shape[1])
-        self.index.init_index(max_elements=len(vectors), ef_construction=200, M=32, random_seed=0)
+        idx = manifest.index  # the bundle's own index settings, so the two retrievers differ only in their encoders
+        self.index = hnswlib.Index(space=idx.space, dim=vectors.shape[1])
+        self.index.init_index(max_elements=len(vectors), ef_construction=idx.ef_construction, M=idx.M, random_seed=0)
         self.index.add_items(vectors, np.arange(len(vectors)))
-        self.index.set_ef(64)
+        self.index.set_ef(idx.ef)
         self.index.set_num_threads(1)
         self.size_mb = dir_size_mb([folder / "query_encoder", folder / "generator"])
         self.retriever = self
@@ -191,7 +186,7 @@ class TorchSystem:
             return hf_generate(self.model, prompt, max_new_tokens, self.stop, self.tokenizer.decode, start)
 
     def floors(self) -> dict:
-        from benchmarks.machine import torch_weight_bytes
+        from edgerag.benchmarks.machine import torch_weight_bytes
 
         c = self.model.config
         emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
@@ -209,7 +204,7 @@ class OptimumSystem:
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        from runtime import Pipeline
+        from edgerag.runtime import Pipeline
 
         self.p = Pipeline.load(spec["bundle"], threads=spec["threads"], check=False)
         self.retriever = BundleRetriever(self.p)
@@ -220,21 +215,17 @@ class OptimumSystem:
         folder = Path(spec["model_dir"])
         self.model = ORTModelForCausalLM.from_pretrained(folder, session_options=options, use_cache=True,
                                                          use_io_binding=False, provider="CPUExecutionProvider")
-        self.stop = self.p.manifest["prompt"]["stop_token_ids"]
+        self.stop = self.p.manifest.prompt.stop_token_ids
         self.size_mb = dir_size_mb([f for f in folder.iterdir() if f.suffix in (".onnx", ".onnx_data", ".data")])
         self.onnx = folder / "model.onnx"
 
     def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
-        from runtime.prompt import build_prompt_ids
-
         start = time.perf_counter()
-        m = self.p.manifest
-        prompt = build_prompt_ids(self.p._encode, self.p.template, question, passages,
-                                  m["generator"]["max_context"] - max_new_tokens)
+        prompt = self.p.prompt_ids(question, passages, max_new_tokens)
         return hf_generate(self.model, prompt, max_new_tokens, self.stop, self.p.tokenizer.decode, start)
 
     def floors(self) -> dict:
-        from benchmarks.machine import onnx_weight_bytes
+        from edgerag.benchmarks.machine import onnx_weight_bytes
 
         return {"weight_bytes": onnx_weight_bytes(self.onnx), **manifest_shape(self.p.manifest)}
 
@@ -245,25 +236,21 @@ class OrtGenAISystem:
     def __init__(self, spec: dict):
         import onnxruntime_genai as og
 
-        from runtime import Pipeline
+        from edgerag.runtime import Pipeline
 
         self.og = og
         self.p = Pipeline.load(spec["bundle"], threads=spec["threads"], check=False)
         self.retriever = BundleRetriever(self.p)
         folder = Path(spec["model_dir"])
         self.model = og.Model(str(_threaded_copy(folder, spec["threads"], Path(spec["scratch"]))))
-        self.stop = set(self.p.manifest["prompt"]["stop_token_ids"])
+        self.stop = set(self.p.manifest.prompt.stop_token_ids)
         self.size_mb = dir_size_mb([f for f in folder.iterdir() if f.name.startswith("model.onnx")])
         self.onnx = folder / "model.onnx"
 
     def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
-        from runtime.prompt import build_prompt_ids
-
         og = self.og
         start = time.perf_counter()
-        m = self.p.manifest
-        prompt = build_prompt_ids(self.p._encode, self.p.template, question, passages,
-                                  m["generator"]["max_context"] - max_new_tokens)
+        prompt = self.p.prompt_ids(question, passages, max_new_tokens)
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False)
         generator = og.Generator(self.model, params)
@@ -285,7 +272,7 @@ class OrtGenAISystem:
                 "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
 
     def floors(self) -> dict:
-        from benchmarks.machine import onnx_weight_bytes
+        from edgerag.benchmarks.machine import onnx_weight_bytes
 
         return {"weight_bytes": onnx_weight_bytes(self.onnx), **manifest_shape(self.p.manifest)}
 
@@ -309,7 +296,7 @@ KINDS = {"bundle": BundleSystem, "torch": TorchSystem, "optimum": OptimumSystem,
 
 
 def run(spec: dict) -> dict:
-    from train.metrics import best_over_references, exact_match, f1, recall_at
+    from edgerag.metrics import best_over_references, exact_match, f1, recall_at
 
     system = KINDS[spec["kind"]](spec)
     load_s = time.time() - spec["launched"]

@@ -2,12 +2,14 @@
 
 Device subcommands (`ask`, `verify`, `eval` of a bundle) run on the base install. Workstation
 subcommands (`export`, `distill`, `eval` of a model folder, `bench`) need the `[train]` extra
-and say so in one line when it is missing.
+and say so in one line when it is missing. Every subcommand is defined here, from modules that
+import nothing heavy, so `edgerag --help` lists all of them on any install.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -29,7 +31,7 @@ def require_workstation(command: str) -> None:
 
 
 def cmd_ask(args) -> int:
-    from runtime import Pipeline
+    from edgerag.runtime import Pipeline
 
     pipeline = Pipeline.load(args.bundle, threads=args.threads, check=not args.no_verify)
     if args.question is not None:
@@ -66,22 +68,24 @@ def _record(answer) -> dict:
 
 
 def cmd_verify(args) -> int:
-    from runtime.manifest import bundle_megabytes, verify
+    from edgerag.runtime.manifest import verify
 
     manifest = verify(args.bundle)
-    print(f"{args.bundle}: {len(manifest['files'])} files verified, {bundle_megabytes(manifest):.1f} MB")
+    print(f"{args.bundle}: {len(manifest.files)} files verified, {manifest.megabytes:.1f} MB")
     return 0
 
 
 def cmd_export(args) -> int:
     require_workstation("export")
-    from export.bundle import ExportOptions, export_bundle, student_folder_models
-    from train.evaluate import passage_encoder_folder
+    from edgerag.export import ExportOptions
+    from edgerag.export.bundle import export_bundle
+    from edgerag.models import folder_models, passage_encoder_folder
+    from edgerag.runtime.manifest import read_manifest
 
     if args.model_folder:
         if args.query_encoder or args.generator:
             raise ValueError("give either a model folder or --query-encoder/--generator, not both")
-        query_encoder, generator = student_folder_models(args.model_folder)
+        query_encoder, generator = folder_models(args.model_folder)
         folder_passages = passage_encoder_folder(args.model_folder)
         args.passage_encoder = args.passage_encoder or (str(folder_passages) if folder_passages else None)
     else:
@@ -89,19 +93,52 @@ def cmd_export(args) -> int:
             raise ValueError("export needs a model folder (with query_encoder/ and generator/) "
                              "or both --query-encoder and --generator")
         query_encoder, generator = args.query_encoder, args.generator
-    options = ExportOptions(quantize=args.quantize, quantize_encoder=args.quantize_encoder,
-                            block_size=args.block_size, accuracy_level=args.accuracy_level, k=args.k,
-                            max_new_tokens=args.max_new_tokens, max_context=args.max_context,
-                            hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef=args.ef,
-                            overwrite=args.overwrite, graph=args.graph)
+    options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)
+                               if f.metadata.get("cli", True)})
     out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options)
-    from runtime.manifest import bundle_megabytes, read_manifest
-
     manifest = read_manifest(out)
-    size = bundle_megabytes(manifest)
-    print(f"bundle written to {out} ({size:.1f} MB, {manifest['passages']['count']} passages)")
-    print(json.dumps(manifest["parity"], indent=2))
+    print(f"bundle written to {out} ({manifest.megabytes:.1f} MB, {manifest.passages.count} passages)")
+    print(json.dumps(manifest.parity, indent=2))
     return 0
+
+
+def cmd_distill(args) -> int:
+    require_workstation("distill")
+    from edgerag.train.pipeline import distill
+
+    distill(args.recipe, args.out, resume=args.resume, seed_from=args.seed_from)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from edgerag.evaluation import evaluate_model, format_table
+
+    if not (Path(args.model) / "manifest.json").exists():
+        require_workstation("eval")  # a model folder runs in torch; a bundle needs the base install only
+    result = evaluate_model(args.model, args.questions, args.corpus, args.n, args.k)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(format_table({Path(args.model).name or "model": result}))
+    return 0
+
+
+def add_options(parser: argparse.ArgumentParser, options_class) -> None:
+    """One flag per field of an options dataclass (--block-size for block_size), its default and help from the field."""
+    for f in dataclasses.fields(options_class):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: %(default)s)"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", default=f.default, help=f.metadata.get("help"))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,44 +159,38 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("bundle")
     check.set_defaults(func=cmd_verify)
 
-    from export import DEFAULTS, QUANTIZATIONS  # the package's top level imports nothing heavy
+    from edgerag.export import ExportOptions  # the package's top level imports nothing heavy
 
     exp = sub.add_parser("export", help="query encoder + generator + passages -> bundle (workstation)")
     exp.add_argument("model_folder", nargs="?", help="a run's student/ or teacher/ folder")
     exp.add_argument("--query-encoder", help="folder, hub id or .gguf")
     exp.add_argument("--generator", help="folder, hub id or .gguf")
-    exp.add_argument("--passage-encoder", help="embed passages with this encoder (default: the query encoder)")
+    exp.add_argument("--passage-encoder", help="embed passages with this encoder (default: the folder's, or the query encoder)")
     exp.add_argument("--passages", required=True, help="JSONL (id, title, text) or SQuAD JSON, optionally .gz")
     exp.add_argument("--out", required=True)
-    exp.add_argument("--quantize", choices=("auto",) + QUANTIZATIONS, default=DEFAULTS["quantize"],
-                     help="generator quantization (default: auto = int8sq for the fused Llama graph, int8wo otherwise)")
-    exp.add_argument("--quantize-encoder", choices=[q for q in QUANTIZATIONS if q != "int8sq"],
-                     default=DEFAULTS["quantize_encoder"])
-    exp.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size")
-    exp.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy level (4: int8 compute)")
-    exp.add_argument("-k", type=int, default=3, help="default passages per question")
-    exp.add_argument("--max-new-tokens", type=int, default=32)
-    exp.add_argument("--max-context", type=int, default=2048)
-    exp.add_argument("--hnsw-m", type=int, default=32)
-    exp.add_argument("--ef-construction", type=int, default=200)
-    exp.add_argument("--ef", type=int, default=64)
-    exp.add_argument("--graph", choices=("auto", "fused", "optimum"), default="auto",
-                     help="generator graph: onnxruntime's fused operators for Llama-family models (auto: where the model allows), or Optimum's trace")
-    exp.add_argument("--overwrite", action="store_true")
+    add_options(exp, ExportOptions)
     exp.set_defaults(func=cmd_export)
 
-    try:
-        from train.pipeline import add_cli
-    except ImportError:
-        add_cli = None
-    if add_cli is not None:
-        add_cli(sub)
-    try:
-        from benchmarks.bench import add_cli as add_bench
-    except ImportError:
-        add_bench = None
-    if add_bench is not None:
-        add_bench(sub)
+    d = sub.add_parser("distill", help="distill the teacher into a student: RUN/student, RUN/eval.json (workstation)")
+    d.add_argument("recipe", help="recipe TOML (see recipes/)")
+    d.add_argument("--out", required=True, help="run folder")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    d.add_argument("--seed-from", metavar="RUN", help="reuse this run's finished stages whose inputs and settings match "
+                   "(its teacher, index, fine-tuning, cached teacher logits, ...)")
+    d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("eval", help="evaluate a bundle (device) or a teacher/student folder (workstation)")
+    e.add_argument("model", help="a bundle (manifest.json), or a folder with query_encoder/ and generator/")
+    e.add_argument("--questions", required=True, help="SQuAD-format questions (e.g. xquad-en.json.gz)")
+    e.add_argument("--corpus", default=None, help="retrieval corpus (SQuAD or JSONL); default: the questions' passages")
+    e.add_argument("--n", type=int, default=None, help="evaluate a seeded sample of N questions")
+    e.add_argument("--k", type=int, default=3, help="passages in the prompt")
+    e.add_argument("--out", required=True, help="where to write the metrics JSON")
+    e.set_defaults(func=cmd_eval)
+
+    from edgerag.benchmarks.bench import add_cli as add_bench  # its top level imports nothing heavy
+
+    add_bench(sub)
     return parser
 
 
@@ -184,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if os.environ.get("EDGERAG_DEBUG"):
             raise
-        known = ("BundleError", "PromptError", "DataError", "RecipeError", "FileNotFoundError",
+        known = ("BundleError", "PromptError", "DataError", "RecipeError", "RunError", "FileNotFoundError",
                  "FileExistsError", "ValueError", "NotImplementedError")
         if type(e).__name__ not in known:
             raise

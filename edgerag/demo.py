@@ -33,13 +33,14 @@ def main(argv=None) -> int:
     run = Path(args.run)
     timings = {}
 
-    from train.pipeline import distill
+    from edgerag.train.pipeline import distill
 
     t = time.time()
     distill(args.recipe, run, resume=True)
     timings["distill_s"] = time.time() - t
 
-    from export.bundle import ExportOptions, export_bundle
+    from edgerag.export import ExportOptions
+    from edgerag.export.bundle import export_bundle
 
     bundle = run / "bundle"
     t = time.time()
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
                       Path(args.data) / "xquad-en.json.gz", bundle, options=ExportOptions(parity_questions=4))
     timings["export_s"] = time.time() - t
 
-    from runtime import Pipeline
+    from edgerag.runtime import Pipeline
 
     t = time.time()
     pipeline = Pipeline.load(bundle)

@@ -1,19 +1,52 @@
 """Workstation side: models -> ONNX -> quantized -> hnswlib index -> bundle.
 
-This package's top level imports nothing heavy, so the CLI can list the options on a base install.
+This package's top level imports nothing heavy, so the CLI can list the export options (derived
+from ExportOptions, where every default lives) on a base install.
 """
 
-QUANTIZATIONS = ("none", "int8", "int4", "int8wo", "int8sq")
+from __future__ import annotations
 
-# `auto` (the default) is int8sq where the generator is written as the fused Llama graph and
-# int8wo otherwise. Measured on the 2-core development machine (README, "Quantization"), on the
-# `make demo` student: int8sq ran end to end in 0.78x the time of int8wo with the F1 of fp32 (30
-# XQuAD questions); int8wo is half the size of fp32 and decodes faster. 4-bit weights (any block
-# size, symmetric or not, even on the MLPs alone) and plain dynamic int8 changed SmolLM2-135M's
-# logits by 8-13. The query encoder in int8wo (8-bit embedding tables too) is 3.5x smaller than
-# fp32 with the same recall on all 1190 XQuAD questions (recall@5 96.6 both, @1 79.9 vs 79.7).
-# Re-measure on your device with `edgerag bench`.
-DEFAULTS = {"quantize": "auto", "quantize_encoder": "int8wo"}
+from dataclasses import dataclass, field
+
+QUANTIZATIONS = ("none", "int8", "int4", "int8wo", "int8sq")
+GRAPHS = ("auto", "fused", "optimum")
+
+
+def _option(default, help: str, choices=None, cli: bool = True):
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
+@dataclass
+class ExportOptions:
+    """How a bundle is made. `edgerag export` has one flag per field (--block-size for block_size, ...).
+
+    Quantization: `auto` (the default) is int8sq where the generator is written as the fused Llama
+    graph and int8wo otherwise. Measured on the 2-core development machine (README, "Quantization"),
+    on the `make demo` student: int8sq ran end to end in 0.78x the time of int8wo with the F1 of fp32
+    (30 XQuAD questions); int8wo is half the size of fp32 and decodes faster. 4-bit weights (any
+    block size, symmetric or not, even on the MLPs alone) and plain dynamic int8 changed
+    SmolLM2-135M's logits by 8-13. The query encoder in int8wo (8-bit embedding tables too) is 3.5x
+    smaller than fp32 with the same recall on all 1190 XQuAD questions (recall@5 96.6 both, @1 79.9
+    vs 79.7). Re-measure on your device with `edgerag bench`.
+    """
+
+    quantize: str = _option("auto", "generator quantization (auto: int8sq for the fused Llama graph, int8wo otherwise)",
+                            ("auto",) + QUANTIZATIONS)
+    quantize_encoder: str = _option("int8wo", "query encoder quantization", tuple(q for q in QUANTIZATIONS if q != "int8sq"))
+    block_size: int = _option(32, "MatMulNBits block size")
+    accuracy_level: int = _option(4, "MatMulNBits accuracy level (4: int8 compute)")
+    k: int = _option(3, "default passages per question")
+    max_new_tokens: int = _option(32, "default new tokens per answer")
+    max_context: int = _option(2048, "prompt + answer tokens (capped by the generator's own positions)")
+    hnsw_m: int = _option(32, "hnswlib M (graph degree)")
+    ef_construction: int = _option(200, "hnswlib ef at build time")
+    ef: int = _option(64, "hnswlib ef at query time (recorded in the manifest; hnswlib does not save it)")
+    graph: str = _option("auto", "generator graph: onnxruntime's fused operators for Llama-family models "
+                         "(auto: where the model allows), or Optimum's trace", GRAPHS)
+    parity_questions: int = _option(8, "sample questions for the parity check against PyTorch")
+    calibration_prompts: int = _option(16, "int8sq: RAG prompts for the activation ranges")
+    batch_size: int = _option(64, "passages embedded per batch")
+    overwrite: bool = _option(False, "replace an existing bundle at --out")
 
 
 def resolve_quantization(method: str, generator_graph: str) -> str:

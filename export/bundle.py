@@ -14,51 +14,24 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 import edgerag
-from export import DEFAULTS, onnx_export, resolve_quantization
-from export.quantize import QUANTIZATIONS, quantize
-from runtime.manifest import FORMAT_VERSION, MANIFEST, dump_manifest, file_record
-from runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
-from runtime.prompt import PromptTemplate, build_prompt_ids
 from tokenizers import Tokenizer
-from train.data import Passage, read_passages, read_squad, is_squad, data_path
-from train.sources import load_encoder, load_generator, resolve
 
-PASSAGE_FORMAT = "{title}: {text}"
+from edgerag.data import Passage, data_path, is_squad, read_passages, read_squad
+from edgerag.export import QUANTIZATIONS, ExportOptions, onnx_export, resolve_quantization
+from edgerag.export.quantize import quantize
+from edgerag.models import load_encoder, load_generator, resolve
+from edgerag.runtime.manifest import (GenerationSpec, GeneratorSpec, IndexSpec, Manifest, PassagesSpec, PromptSpec,
+                                      QueryEncoderSpec, file_record)
+from edgerag.runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
+from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
 
-
-@dataclass
-class ExportOptions:
-    quantize: str = DEFAULTS["quantize"]
-    quantize_encoder: str = DEFAULTS["quantize_encoder"]
-    block_size: int = 32
-    accuracy_level: int = 4
-    k: int = 3
-    max_new_tokens: int = 32
-    max_context: int = 2048
-    hnsw_m: int = 32
-    ef_construction: int = 200
-    ef: int = 64
-    parity_questions: int = 8
-    batch_size: int = 64
-    overwrite: bool = False
-    graph: str = "auto"
-    calibration_prompts: int = 16   # int8sq: RAG prompts for the activation ranges
-
-
-def student_folder_models(folder: Path) -> tuple[str, str]:
-    """(query_encoder, generator) inside a run's student/ or teacher/ folder."""
-    folder = Path(folder)
-    q, g = folder / "query_encoder", folder / "generator"
-    if not (q.is_dir() and g.is_dir()):
-        raise FileNotFoundError(f"{folder} has no query_encoder/ and generator/ folders")
-    return str(q), str(g)
+PASSAGE_FORMAT = IndexSpec.passage_format  # how a passage is embedded; the device embeds added passages alike
 
 
 def embed_passages(model, tokenizer, pooling: str, max_length: int, texts: list[str], batch_size: int) -> np.ndarray:
@@ -152,24 +125,11 @@ def greedy_torch(model, prompt: list[int], max_new_tokens: int, stop: list[int])
     return out
 
 
-def greedy_onnx(generator: DecoderOnlyGenerator, prompt: list[int], max_new_tokens: int) -> tuple[list[int], dict]:
-    timings: dict = {}
-    return list(generator.generate(prompt, max_new_tokens, timings)), timings
-
-
 def last_logits_torch(model, prompt: list[int]) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
         return model(torch.tensor([prompt])).logits[0, -1].numpy()
-
-
-def last_logits_onnx(generator: DecoderOnlyGenerator, prompt: list[int]) -> np.ndarray:
-    feed = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), dtype=np.int64),
-            **generator.empty_cache()}
-    if "position_ids" in generator.input_names:
-        feed["position_ids"] = np.arange(len(prompt))[None]
-    return generator.session.run(["logits"], feed)[0][0, -1]
 
 
 def encode_with(tokenizer):
@@ -178,8 +138,8 @@ def encode_with(tokenizer):
 
 def smoothed_generator_graph(model, builder: str, encode, template, questions, passages, opts: ExportOptions):
     """(fused graph of a SmoothQuant-smoothed copy of `model`, description) for int8sq."""
-    from export.llama_graph import build_llama_graph
-    from export.smoothquant import DEFAULT_ALPHA, calibration_prompts, smooth_llama
+    from edgerag.export.llama_graph import build_llama_graph
+    from edgerag.export.smoothquant import DEFAULT_ALPHA, calibration_prompts, smooth_llama
 
     if builder != "fused-llama":
         raise ValueError(f"--quantize int8sq needs the fused Llama graph; this generator was exported by {builder}")
@@ -202,15 +162,15 @@ def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_pat
                "mean_prompt_tokens": float(np.mean([len(p) for p in prompt_ids])) if prompt_ids else 0.0}
     for name, path in onnx_paths.items():
         generator = DecoderOnlyGenerator(make_session(path, None), stop, reuse_prefix=False)
-        delta = max(float(np.abs(last_logits_onnx(generator, p) - r).max())
+        delta = max(float(np.abs(generator.last_logits(p) - r).max())
                     for p, r in zip(prompt_ids, reference_logits))
         same, prefill, decode, decode_tokens = 0, [], 0.0, 0
         for p, ref in tqdm(list(zip(prompt_ids, reference)), desc=f"greedy answers (ONNX {name})", unit="q"):
-            tokens, timings = greedy_onnx(generator, p, opts.max_new_tokens)
-            same += tokens == ref
-            prefill.append(timings.get("prefill_ms", 0.0))
-            decode += timings.get("decode_ms", 0.0)
-            decode_tokens += max(len(tokens) - 1, 0)
+            generation = generator.greedy(p, opts.max_new_tokens)
+            same += generation.tokens == ref
+            prefill.append(generation.prefill_ms)
+            decode += generation.decode_ms
+            decode_tokens += max(len(generation.tokens) - 1, 0)
         figures[name] = {
             "max_abs_logit_delta": delta,
             "greedy_exact_match": same / max(len(prompt_ids), 1),
@@ -318,36 +278,30 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
 
         stages.set_postfix_str("manifest")
         config = gen_model.config
-        manifest = {
-            "format": "edgerag-bundle",
-            "format_version": FORMAT_VERSION,
-            "created_unix": int(time.time()),
-            "versions": _versions(),
-            "sources": {"query_encoder": str(query_encoder), "generator": str(generator),
-                        "passage_encoder": str(passage_encoder or query_encoder), "passages": str(passages_file)},
-            "query_encoder": {"onnx": "query_encoder.onnx", "tokenizer": "query_tokenizer.json",
-                              "pooling": pooling, "normalized": True, "max_length": max_length,
-                              "dim": int(vectors.shape[1]), "quantization": enc_quant,
-                              "parameters": encoder_parameters, "graph_optimization": enc_optimization},
-            "generator": {"family": "decoder-only", "onnx": "generator.onnx", "tokenizer": "generator_tokenizer.json",
-                          "model_type": config.model_type, "num_layers": config.num_hidden_layers,
-                          "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
-                          "parameters": sum(p.numel() for p in gen_model.parameters()),
-                          "max_context": min(opts.max_context, getattr(config, "max_position_embeddings", opts.max_context)),
-                          "logits": "last-position", "graph": gen_builder, "quantization": gen_quant,
-                          "graph_optimization": gen_optimization},
-            "prompt": {"template": template.to_dict(), "stop_token_ids": stop,
-                       "truncation": "passages first, lowest-ranked first; then the question's tail"},
-            "generation": {"strategy": "greedy", "k": opts.k, "max_new_tokens": opts.max_new_tokens},
-            "index": {"file": "index.hnsw", "library": "hnswlib", "space": "ip", "dim": int(vectors.shape[1]),
-                      "count": len(passages), "M": opts.hnsw_m, "ef_construction": opts.ef_construction,
-                      "ef": opts.ef, "passage_format": PASSAGE_FORMAT},
-            "passages": {"file": "passages.sqlite", "count": len(passages), "table": "passages"},
-            "parity": {"max_abs_embedding_delta": embedding_parity, "generator": generator_parity},
-            "export_seconds": round(time.time() - started, 1),
-        }
-        manifest["files"] = {f.name: file_record(f) for f in sorted(bundle.iterdir())}
-        (bundle / MANIFEST).write_bytes(dump_manifest(manifest))
+        manifest = Manifest(
+            created_unix=int(time.time()),
+            versions=_versions(),
+            sources={"query_encoder": str(query_encoder), "generator": str(generator),
+                     "passage_encoder": str(passage_encoder or query_encoder), "passages": str(passages_file)},
+            query_encoder=QueryEncoderSpec(onnx="query_encoder.onnx", tokenizer="query_tokenizer.json", pooling=pooling,
+                                           max_length=max_length, dim=int(vectors.shape[1]), quantization=enc_quant,
+                                           parameters=encoder_parameters, graph_optimization=enc_optimization),
+            generator=GeneratorSpec(family="decoder-only", onnx="generator.onnx", tokenizer="generator_tokenizer.json",
+                                    model_type=config.model_type, num_layers=config.num_hidden_layers,
+                                    hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+                                    parameters=sum(p.numel() for p in gen_model.parameters()),
+                                    max_context=min(opts.max_context, getattr(config, "max_position_embeddings", opts.max_context)),
+                                    graph=gen_builder, quantization=gen_quant, graph_optimization=gen_optimization),
+            prompt=PromptSpec(template=template, stop_token_ids=stop),
+            generation=GenerationSpec(k=opts.k, max_new_tokens=opts.max_new_tokens),
+            index=IndexSpec(file="index.hnsw", dim=int(vectors.shape[1]), count=len(passages), M=opts.hnsw_m,
+                            ef_construction=opts.ef_construction, ef=opts.ef),
+            passages=PassagesSpec(file="passages.sqlite", count=len(passages)),
+            parity={"max_abs_embedding_delta": embedding_parity, "generator": generator_parity},
+            export_seconds=round(time.time() - started, 1),
+        )
+        manifest.files = {f.name: file_record(f) for f in sorted(bundle.iterdir())}
+        manifest.write(bundle)
         stages.update()
         stages.close()
         _replace_dir(bundle, out)

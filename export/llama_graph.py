@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.onnx_export import LOGITS
+from edgerag.export.onnx_export import LOGITS
 
 MS = "com.microsoft"
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from train.sources import resolve
+from edgerag.models import resolve
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def export_generator(folder: Path, model=None, graph: str = "auto") -> tuple[onn
     if graph not in GRAPHS:
         raise ValueError(f"unknown generator graph {graph!r}; choose from {', '.join(GRAPHS)}")
     if graph in ("auto", "fused"):
-        from export.llama_graph import UnsupportedModel, build_llama_graph
+        from edgerag.export.llama_graph import UnsupportedModel, build_llama_graph
 
         if model is None:
             from transformers import AutoModelForCausalLM

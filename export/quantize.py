@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export import QUANTIZATIONS
-from export.onnx_export import untie_lm_head
+from edgerag.export import QUANTIZATIONS
+from edgerag.export.onnx_export import untie_lm_head
 
 
 def quantize(model: onnx.ModelProto, method: str, block_size: int = 32, accuracy_level: int = 4,
@@ -48,7 +48,7 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
         return _dynamic_int8(model), {"method": "int8", "kind": "dynamic", "per_channel": True}
     description = {}
     if method == "int8sq":
-        from export.smoothquant import DYNAMIC_INT8_NODES
+        from edgerag.export.smoothquant import DYNAMIC_INT8_NODES
 
         nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(DYNAMIC_INT8_NODES)]
         if not nodes:

@@ -1,11 +1,17 @@
-"""The device side of edgerag: load a bundle, retrieve, generate. No torch, no transformers."""
+"""The device side of edgerag: load a bundle, retrieve, generate. No torch, no transformers.
 
-from runtime.manifest import BundleError
-from runtime.pipeline import Answer, Pipeline
-from runtime.prompt import PromptError
+    from edgerag.runtime import Pipeline
+    pipeline = Pipeline.load("bundle/")
+"""
 
-__all__ = ["Answer", "BundleError", "Pipeline", "PromptError", "load"]
+from edgerag.runtime.manifest import BundleError, Manifest, read_manifest, verify
+from edgerag.runtime.pipeline import Answer, Generation, Pipeline
+from edgerag.runtime.prompt import PromptError
+
+__all__ = ["Answer", "BundleError", "Generation", "Manifest", "Pipeline", "PromptError", "load", "read_manifest",
+           "verify"]
 
 
-def load(bundle, threads=None) -> Pipeline:
-    return Pipeline.load(bundle, threads=threads)
+def load(bundle, threads=None, check: bool = True, reuse_prefix: bool = True) -> Pipeline:
+    """Pipeline.load: a bundle directory, verified, ready to answer."""
+    return Pipeline.load(bundle, threads=threads, check=check, reuse_prefix=reuse_prefix)

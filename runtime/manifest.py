@@ -1,25 +1,35 @@
-"""The bundle's manifest: what a bundle directory holds and how to check it.
+"""The bundle's manifest: the typed, versioned contract between the exporter and the device.
 
-Shared by the exporter (which writes it) and the runtime (which reads it). A bundle is a
-directory with `manifest.json` and the files the manifest lists, each with its SHA-256 and
-size. The runtime verifies every file before it loads any of them.
+A bundle is a directory with `manifest.json` and the files the manifest lists, each with its
+SHA-256 and size. The exporter writes the manifest through `Manifest.write`, every reader gets
+it from `read_manifest` (or `Pipeline.load`) as the dataclasses below and uses attributes; no
+other code indexes its JSON. The runtime verifies every file before it loads any of them.
 
-Format version 1, the keys that matter:
-  generator.family     "decoder-only" (one ONNX graph with a KV cache, prefill and decode);
-                       an "encoder-decoder" family (BART/T5) would add its own file keys under
-                       `generator` and a generation loop of its own, without changing the rest.
-  prompt               the template pieces (see runtime.prompt) and stop token ids.
-  query_encoder        ONNX graph whose output is the pooled, L2-normalized embedding.
-  index / passages     hnswlib index (inner product) and the sqlite passage store.
-  files                {name: {"sha256", "bytes"}} for every other file in the bundle.
+Format version 1 (every bundle edgerag has written so far):
+  query_encoder   ONNX graph whose output is the pooled, L2-normalized embedding; its tokenizer.
+  generator       family "decoder-only": one ONNX graph with a KV cache for prefill and decode.
+                  A new family adds its own generation loop in runtime.pipeline.GENERATORS.
+  prompt          the template pieces (see runtime.prompt) and stop token ids.
+  generation      defaults: passages per question (k), new tokens.
+  index/passages  hnswlib index (inner product) and the sqlite passage store.
+  files           {name: {"sha256", "bytes"}} for every other file in the bundle.
+  sources, parity, versions, created_unix, export_seconds: how it was made, for people.
+Keys a reader does not know are ignored, so a newer exporter may add some within a version; a
+change that an older reader would misread raises FORMAT_VERSION, and such a bundle is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from edgerag.runtime.prompt import PromptTemplate
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -30,6 +40,178 @@ class BundleError(Exception):
     """A bundle that cannot be used: missing, tampered, or of an unknown format."""
 
 
+@dataclass
+class FileRecord:
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class QueryEncoderSpec:
+    onnx: str
+    tokenizer: str
+    pooling: str
+    max_length: int
+    dim: int
+    normalized: bool = True
+    parameters: int | None = None
+    quantization: dict = field(default_factory=dict)
+    graph_optimization: str = "none"
+
+
+@dataclass
+class GeneratorSpec:
+    family: str
+    onnx: str
+    tokenizer: str
+    max_context: int
+    model_type: str = ""
+    num_layers: int = 0
+    hidden_size: int = 0
+    vocab_size: int = 0
+    parameters: int | None = None
+    logits: str = "last-position"
+    graph: str = ""
+    quantization: dict = field(default_factory=dict)
+    graph_optimization: str = "none"
+
+    @property
+    def quantization_method(self) -> str:
+        return self.quantization.get("method", "none")
+
+
+@dataclass
+class PromptSpec:
+    template: PromptTemplate
+    stop_token_ids: list[int]
+    truncation: str = "passages first, lowest-ranked first; then the question's tail"
+
+
+@dataclass
+class GenerationSpec:
+    k: int
+    max_new_tokens: int
+    strategy: str = "greedy"
+
+
+@dataclass
+class IndexSpec:
+    file: str
+    dim: int
+    count: int
+    M: int
+    ef_construction: int
+    ef: int                           # hnswlib does not save the query-time ef
+    library: str = "hnswlib"
+    space: str = "ip"
+    passage_format: str = "{title}: {text}"
+
+
+@dataclass
+class PassagesSpec:
+    file: str
+    count: int
+    table: str = "passages"
+
+
+@dataclass
+class Manifest:
+    query_encoder: QueryEncoderSpec
+    generator: GeneratorSpec
+    prompt: PromptSpec
+    generation: GenerationSpec
+    index: IndexSpec
+    passages: PassagesSpec
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    parity: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    created_unix: int = 0
+    export_seconds: float = 0.0
+    format: str = "edgerag-bundle"
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def megabytes(self) -> float:
+        """Size of every file the manifest lists (manifest.json itself aside), in MB."""
+        return sum(f.bytes for f in self.files.values()) / 1e6
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST) -> "Manifest":
+        """Build and check the typed manifest; a missing key or a wrong type is a BundleError naming it."""
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"unknown bundle format version {version!r} in {where} (this edgerag reads version {FORMAT_VERSION}); "
+                "re-export the bundle with this edgerag, or upgrade edgerag to read it")
+        manifest = _build(cls, data, "", where)
+        if manifest.generator.family not in SUPPORTED_FAMILIES:
+            raise BundleError(f"generator family {manifest.generator.family!r} in {where} is not supported by this "
+                              f"runtime (supported: {', '.join(SUPPORTED_FAMILIES)})")
+        for name in manifest.files:
+            # a listed file must sit in the bundle folder itself: no paths, no way out of it
+            if name in ("", ".", "..", MANIFEST) or Path(name).name != name or "\\" in name:
+                raise BundleError(f"{where} lists the file {name!r}, which is not a plain file name in the bundle")
+        return manifest
+
+    def to_bytes(self) -> bytes:
+        return dump_manifest(self.to_dict())
+
+    def write(self, bundle: str | Path) -> None:
+        """manifest.json into `bundle`, written whole and then renamed into place."""
+        path = Path(bundle) / MANIFEST
+        tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(path)
+
+
+def _build(cls, data, prefix: str, where: str):
+    if not isinstance(data, dict):
+        raise BundleError(f"{where}: {prefix.rstrip('.') or 'the manifest'} is not a JSON object")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BundleError(f"{where}: missing key {name!r}")
+            continue
+        values[f.name] = _convert(hints[f.name], data[f.name], name, where)
+    return cls(**values)
+
+
+def _convert(hint, value, name: str, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is PromptTemplate:
+        if not isinstance(value, dict) or set(PromptTemplate.__dataclass_fields__) - set(value):
+            raise BundleError(f"{where}: {name} must hold the prompt template's pieces "
+                              f"({', '.join(PromptTemplate.__dataclass_fields__)})")
+        return PromptTemplate.from_dict(value)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, name + ".", where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BundleError(f"{where}: {name} must be a JSON object, not {type(value).__name__}")
+        return {k: _convert(args[1], v, f"{name}.{k}", where) for k, v in value.items()} if args else value
+    if origin is list:
+        if not isinstance(value, list):
+            raise BundleError(f"{where}: {name} must be a list, not {type(value).__name__}")
+        return [_convert(args[0], v, f"{name}[{i}]", where) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise BundleError(f"{where}: {name} must be {hint.__name__}, not {type(value).__name__} ({value!r})")
+    return value
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -38,13 +220,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def file_record(path: str | Path) -> dict:
-    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
-
-
-def bundle_megabytes(manifest: dict) -> float:
-    """Size of every file the manifest lists (manifest.json itself aside), in MB."""
-    return sum(f["bytes"] for f in manifest["files"].values()) / 1e6
+def file_record(path: str | Path) -> FileRecord:
+    return FileRecord(sha256=sha256_file(path), bytes=os.path.getsize(path))
 
 
 def dump_manifest(manifest: dict) -> bytes:
@@ -59,48 +236,41 @@ def dump_manifest(manifest: dict) -> bytes:
     return (text[:-2] + f',\n  "manifest_sha256": "{digest}"\n}}\n').encode()
 
 
-def read_manifest(bundle: str | Path) -> dict:
+def read_manifest(bundle: str | Path) -> Manifest:
+    """The typed manifest of a bundle, after checking the manifest's own digest (not the other files)."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
     if not bundle.is_dir():
         raise BundleError(f"bundle not found: {bundle}")
     if not path.exists():
         raise BundleError(f"missing file {MANIFEST} in bundle {bundle}")
+    raw = path.read_bytes()
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{MANIFEST} in {bundle} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict):
+    if not isinstance(data, dict):
         raise BundleError(f"{MANIFEST} in {bundle} is not a JSON object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"unknown bundle format version {version!r} in {path} (this edgerag reads version {FORMAT_VERSION}); "
-            "re-export the bundle or upgrade edgerag"
-        )
-    if not isinstance(manifest, dict) or dump_manifest(manifest) != path.read_bytes():
+    if data.get("format_version") == FORMAT_VERSION and dump_manifest(data) != raw:
         raise BundleError(f"checksum mismatch for {MANIFEST} in bundle {bundle}: the manifest was changed or damaged")
-    family = manifest.get("generator", {}).get("family")
-    if family not in SUPPORTED_FAMILIES:
-        raise BundleError(f"generator family {family!r} in {path} is not supported by this runtime "
-                          f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
-    return manifest
+    return Manifest.from_dict(data, str(path))
 
 
-def verify(bundle: str | Path, manifest: dict | None = None) -> dict:
+def verify(bundle: str | Path, manifest: Manifest | None = None) -> Manifest:
     """Check every listed file's size and SHA-256; raise BundleError naming the first bad one."""
     bundle = Path(bundle)
     manifest = manifest or read_manifest(bundle)
-    files = manifest.get("files")
-    if not files:
+    if not manifest.files:
         raise BundleError(f"{MANIFEST} in {bundle} lists no files")
-    for name, record in files.items():
+    for name, record in manifest.files.items():
         path = bundle / name
         if not path.is_file():
             raise BundleError(f"missing file {name} in bundle {bundle}")
-        if os.path.getsize(path) != record["bytes"]:
+        if path.is_symlink() and path.resolve().parent != bundle.resolve():
+            raise BundleError(f"file {name} in bundle {bundle} is a link to {path.resolve()}, outside the bundle")
+        if os.path.getsize(path) != record.bytes:
             raise BundleError(f"file {name} in bundle {bundle} has {os.path.getsize(path)} bytes, "
-                              f"the manifest says {record['bytes']}: the bundle is damaged or was changed")
-        if sha256_file(path) != record["sha256"]:
+                              f"the manifest says {record.bytes}: the bundle is damaged or was changed")
+        if sha256_file(path) != record.sha256:
             raise BundleError(f"checksum mismatch for {name} in bundle {bundle}: the file was changed or damaged")
     return manifest

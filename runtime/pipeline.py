@@ -20,8 +20,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from runtime.manifest import read_manifest, verify
-from runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
+from edgerag.runtime.manifest import Manifest, read_manifest, verify
+from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -66,7 +66,16 @@ class PassageStore:
     def __init__(self, path: Path):
         # immutable=1: sqlite writes nothing (no journal, no lock files), so checksums stay valid
         self.db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
-        self.extra: dict[int, tuple[str, str, str]] = {}
+        self.extra: dict[int, tuple[str, str, str]] = {}  # passages added in memory, by index row
+
+    def add(self, rows: Iterable[int], passages: list[tuple[str, str, str]]) -> None:
+        self.extra.update({int(r): p for r, p in zip(rows, passages)})
+
+    def __iter__(self) -> Iterator[tuple[str, str, str]]:
+        """Every (id, title, text), in index row order: the bundle's, then any added."""
+        yield from self.db.execute("SELECT id, title, text FROM passages ORDER BY row")
+        for row in sorted(self.extra):
+            yield self.extra[row]
 
     def has_ids(self, ids: list[str]) -> set[str]:
         marks = ",".join("?" * len(ids))
@@ -84,6 +93,22 @@ class PassageStore:
                     f"SELECT row, id, title, text FROM passages WHERE row IN ({marks})", stored):
                 found[row] = (pid, title, text)
         return [found[r] for r in rows]
+
+
+class Generation:
+    """One greedy generation: iterate it for the new token ids; its figures fill in as it runs."""
+
+    def __init__(self, decode):
+        self.tokens: list[int] = []
+        self.prefill_ms = 0.0
+        self.decode_ms = 0.0
+        self.reused_prompt_tokens = 0
+        self._steps = decode(self)  # the decoding loop, which records its figures on this object
+
+    def __iter__(self) -> Iterator[int]:
+        for token in self._steps:
+            self.tokens.append(token)
+            yield token
 
 
 class DecoderOnlyGenerator:
@@ -110,12 +135,28 @@ class DecoderOnlyGenerator:
         # inputs are [batch, kv_heads, past_length, head_dim]; kv_heads and head_dim are fixed in the graph
         return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=ORT_DTYPES[i.type]) for i in self.past_inputs}
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, timings: dict) -> Iterator[int]:
-        """Yield new token ids; fills timings['prefill_ms'] and timings['decode_ms'].
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        """Greedy decoding from `prompt_ids`, token by token as the result is iterated; the stop token is not yielded."""
+        return Generation(lambda result: self._steps(result, prompt_ids, max_new_tokens))
 
-        The KV cache stays in onnxruntime's own buffers (IOBinding): each step's `present` values
-        are bound as the next step's `past` without a round trip through numpy.
-        """
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        """The whole generation at once."""
+        generation = self.generate(prompt_ids, max_new_tokens)
+        for _ in generation:
+            pass
+        return generation
+
+    def last_logits(self, prompt_ids: list[int]) -> np.ndarray:
+        """The next-token logits after `prompt_ids`, from an empty cache (for parity checks)."""
+        feed = {"input_ids": np.array([prompt_ids], dtype=np.int64),
+                "attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64), **self.empty_cache()}
+        if "position_ids" in self.input_names:
+            feed["position_ids"] = np.arange(len(prompt_ids), dtype=np.int64)[None]
+        return self.session.run(["logits"], feed)[0][0, -1]
+
+    def _steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
+        """The decoding loop. The KV cache stays in onnxruntime's own buffers (IOBinding): each step's
+        `present` values are bound as the next step's `past` without a round trip through numpy."""
         binding = self.session.io_binding()
         reused = self._reusable_prefix(prompt_ids)
         if reused:
@@ -128,8 +169,7 @@ class DecoderOnlyGenerator:
         ids = np.array([prompt_ids[reused:]], dtype=np.int64)
         length = len(prompt_ids)
         positions = np.arange(reused, length, dtype=np.int64)[None, :]
-        timings["decode_ms"] = 0.0
-        timings["reused_prompt_tokens"] = reused
+        result.reused_prompt_tokens = reused
         for step in range(max_new_tokens):
             start = time.perf_counter()
             binding.bind_cpu_input("input_ids", ids)
@@ -148,12 +188,12 @@ class DecoderOnlyGenerator:
             binding.clear_binding_outputs()
             elapsed = (time.perf_counter() - start) * 1000
             if step == 0:
-                timings["prefill_ms"] = elapsed
+                result.prefill_ms = elapsed
                 if self.reuse_prefix:
                     self._last_prompt = list(prompt_ids)
                     self._last_prompt_cache = presents
             else:
-                timings["decode_ms"] += elapsed
+                result.decode_ms += elapsed
             if token in self.stop:
                 return
             yield token
@@ -161,7 +201,6 @@ class DecoderOnlyGenerator:
             ids = np.array([[token]], dtype=np.int64)
             positions = np.array([[length]], dtype=np.int64)
             length += 1
-
 
     def _reusable_prefix(self, prompt_ids: list[int]) -> int:
         """Positions of `prompt_ids` whose KV the previous prompt already computed (0: none)."""
@@ -196,7 +235,7 @@ class Pipeline:
     """A loaded bundle: query encoder, hnswlib index, passage store and generator."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
     encoder: QueryEncoder
     index: hnswlib.Index
     store: PassageStore
@@ -216,34 +255,39 @@ class Pipeline:
         manifest = read_manifest(bundle)
         if check:
             verify(bundle, manifest)
-        enc, gen, idx = manifest["query_encoder"], manifest["generator"], manifest["index"]
-        encoder = QueryEncoder(make_session(bundle / enc["onnx"], threads),
-                               Tokenizer.from_file(str(bundle / enc["tokenizer"])), enc["max_length"])
-        index = hnswlib.Index(space=idx["space"], dim=idx["dim"])
-        index.load_index(str(bundle / idx["file"]), max_elements=idx["count"])
-        index.set_ef(idx["ef"])
-        # read_manifest has refused families without a generation loop here; a new family
-        # (e.g. "encoder-decoder" with encoder and decoder graphs) adds its class to GENERATORS
-        generator = GENERATORS[gen["family"]](make_session(bundle / gen["onnx"], threads),
-                                              manifest["prompt"]["stop_token_ids"], reuse_prefix)
-        return cls(bundle, manifest, encoder, index, PassageStore(bundle / manifest["passages"]["file"]),
-                   generator, Tokenizer.from_file(str(bundle / gen["tokenizer"])),
-                   PromptTemplate.from_dict(manifest["prompt"]["template"]), idx["count"])
+        enc, gen, idx = manifest.query_encoder, manifest.generator, manifest.index
+        encoder = QueryEncoder(make_session(bundle / enc.onnx, threads),
+                               Tokenizer.from_file(str(bundle / enc.tokenizer)), enc.max_length)
+        index = hnswlib.Index(space=idx.space, dim=idx.dim)
+        index.load_index(str(bundle / idx.file), max_elements=idx.count)
+        index.set_ef(idx.ef)
+        # read_manifest has refused families without a generation loop here
+        generator = GENERATORS[gen.family](make_session(bundle / gen.onnx, threads),
+                                           manifest.prompt.stop_token_ids, reuse_prefix)
+        return cls(bundle, manifest, encoder, index, PassageStore(bundle / manifest.passages.file),
+                   generator, Tokenizer.from_file(str(bundle / gen.tokenizer)), manifest.prompt.template, idx.count)
 
     # retrieval ---------------------------------------------------------------------------
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores) of the k nearest passages for each embedding."""
         k = min(k, self.size)
-        self.index.set_ef(max(self.manifest["index"]["ef"], k))
+        self.index.set_ef(max(self.manifest.index.ef, k))
         rows, distances = self.index.knn_query(embeddings, k=k)
         return rows, 1.0 - distances  # hnswlib's 'ip' distance is 1 - dot product
 
     def retrieve(self, question: str, k: int | None = None) -> list[dict]:
-        rows, scores = self.search(self.encoder.encode([question]), k or self.manifest["generation"]["k"])
-        return self._passages(rows[0], scores[0])
+        rows, scores = self.search(self.encoder.encode([question]), k or self.manifest.generation.k)
+        return self.passages_at(rows[0], scores[0])
 
-    def _passages(self, rows, scores) -> list[dict]:
-        return [{"id": pid, "title": title, "score": float(score), "text": text}
+    def passages_at(self, rows, scores=None) -> list[dict]:
+        """The passages at index rows, as {"id", "title", "score", "text"}."""
+        scores = [None] * len(rows) if scores is None else [float(s) for s in scores]
+        return [{"id": pid, "title": title, "score": score, "text": text}
                 for (pid, title, text), score in zip(self.store.get(rows), scores)]
+
+    def passages(self) -> Iterator[tuple[str, str, str]]:
+        """Every (id, title, text) the pipeline retrieves from, in index row order."""
+        return iter(self.store)
 
     def add_passages(self, passages: list[tuple[str, str, str]], batch_size: int = 64) -> int:
         """Add (id, title, text) passages to the in-memory index, embedded with the bundle's query encoder.
@@ -252,7 +296,7 @@ class Pipeline:
         bundle's own passages does not duplicate them. Returns how many were added.
         """
         self.index.resize_index(self.size + len(passages))
-        fmt = self.manifest["index"]["passage_format"]
+        fmt = self.manifest.index.passage_format
         added = 0
         for start in range(0, len(passages), batch_size):
             chunk = passages[start:start + batch_size]
@@ -263,34 +307,38 @@ class Pipeline:
             vectors = self.encoder.encode([fmt.format(title=title, text=text) for _, title, text in chunk])
             rows = np.arange(self.size, self.size + len(chunk))
             self.index.add_items(vectors, rows)
-            self.store.extra.update({int(r): p for r, p in zip(rows, chunk)})
+            self.store.add(rows, chunk)
             self.size += len(chunk)
             added += len(chunk)
         return added
 
     # generation --------------------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def prompt_ids(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int | None = None) -> list[int]:
+        """The generator's prompt for a question and (title, text) passages in rank order, cut to fit
+        the context with room for `max_new_tokens` (runtime.prompt's truncation rule)."""
+        max_new_tokens = max_new_tokens or self.manifest.generation.max_new_tokens
+        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+        return build_prompt_ids(encode, self.template, question, passages,
+                                self.manifest.generator.max_context - max_new_tokens)
 
-    def _generate(self, question: str, passages: list[dict], max_new_tokens: int | None,
-                  timings: dict, started: float) -> Iterator[str]:
-        gen = self.manifest["generation"]
-        max_new_tokens = max_new_tokens or gen["max_new_tokens"]
-        budget = self.manifest["generator"]["max_context"] - max_new_tokens
-        prompt = build_prompt_ids(self._encode, self.template, question,
-                                  [(p["title"], p["text"]) for p in passages], budget)
+    def _answer(self, question: str, passages: list[dict], max_new_tokens: int | None,
+                timings: dict, started: float) -> Iterator[str]:
+        max_new_tokens = max_new_tokens or self.manifest.generation.max_new_tokens
+        prompt = self.prompt_ids(question, [(p["title"], p["text"]) for p in passages], max_new_tokens)
         decoder = DecodeStream(skip_special_tokens=True)
-        tokens: list[int] = []
-        for token in self.generator.generate(prompt, max_new_tokens, timings):
-            if not tokens:
+        generation = self.generator.generate(prompt, max_new_tokens)
+        for token in generation:
+            if len(generation.tokens) == 1:
                 timings["ttft_ms"] = (time.perf_counter() - started) * 1000
-            tokens.append(token)
             piece = decoder.step(self.tokenizer, token)
             if piece:
                 yield piece
-        timings["total_ms"] = (time.perf_counter() - started) * 1000
-        decode_s = timings.get("decode_ms", 0.0) / 1000
+        timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
+                       reused_prompt_tokens=generation.reused_prompt_tokens,
+                       total_ms=(time.perf_counter() - started) * 1000)
+        tokens = generation.tokens
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        decode_s = generation.decode_ms / 1000
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
                       (len(tokens) - 1) / decode_s if decode_s > 0 and len(tokens) > 1 else 0.0)
 
@@ -303,10 +351,10 @@ class Pipeline:
         vector = self.encoder.encode([question])
         timings["encode_ms"] = (time.perf_counter() - started) * 1000
         t = time.perf_counter()
-        rows, scores = self.search(vector, k or self.manifest["generation"]["k"])
+        rows, scores = self.search(vector, k or self.manifest.generation.k)
         timings["search_ms"] = (time.perf_counter() - t) * 1000
-        passages = self._passages(rows[0], scores[0])
-        return (yield from self._generate(question, passages, max_new_tokens, timings, started))
+        passages = self.passages_at(rows[0], scores[0])
+        return (yield from self._answer(question, passages, max_new_tokens, timings, started))
 
     def ask(self, question: str, k: int | None = None, max_new_tokens: int | None = None) -> Answer:
         return _drain(self.stream(question, k, max_new_tokens))
@@ -318,7 +366,7 @@ class Pipeline:
             raise PromptError("the question is empty")
         given = [{"id": None, "title": t, "score": None, "text": x} for t, x in passages]
         timings = {"encode_ms": 0.0, "search_ms": 0.0}
-        return _drain(self._generate(question, given, max_new_tokens, timings, time.perf_counter()))
+        return _drain(self._answer(question, given, max_new_tokens, timings, time.perf_counter()))
 
     def ask_batch(self, questions: list[str], k: int | None = None, max_new_tokens: int | None = None) -> list[Answer]:
         """Many questions: encoded and searched together, then answered one by one."""
@@ -329,12 +377,12 @@ class Pipeline:
         vectors = self.encoder.encode(questions)
         encode_ms = (time.perf_counter() - started) * 1000 / max(len(questions), 1)
         t = time.perf_counter()
-        rows, scores = self.search(vectors, k or self.manifest["generation"]["k"])
+        rows, scores = self.search(vectors, k or self.manifest.generation.k)
         search_ms = (time.perf_counter() - t) * 1000 / max(len(questions), 1)
         answers = []
         for q, r, s in zip(questions, rows, scores):
             timings = {"encode_ms": encode_ms, "search_ms": search_ms}
-            answers.append(_drain(self._generate(q, self._passages(r, s), max_new_tokens, timings, time.perf_counter())))
+            answers.append(_drain(self._answer(q, self.passages_at(r, s), max_new_tokens, timings, time.perf_counter())))
         return answers
 
 

@@ -1,12 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -16,15 +13,19 @@ DATA_DIR = Path(os.environ.get("EDGERAG_DATA", ROOT.parent / "shared" / "data"))
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """(encoder folder, generator folder, passages.jsonl, squad.json) built once per test session."""
-    import tiny
+    from edgerag.train.tiny import make_tiny_encoder, make_tiny_generator, tiny_corpus_texts, write_tiny_corpus
 
     root = tmp_path_factory.mktemp("tiny")
-    jsonl, squad = tiny.write_corpus(root / "data")
-    return (tiny.build_encoder(root / "encoder"), tiny.build_generator(root / "generator"), jsonl, squad)
+    jsonl, squad = write_tiny_corpus(root / "data")
+    texts = tiny_corpus_texts()
+    encoder = make_tiny_encoder(root / "encoder", texts, heads=4, max_length=64, initializer_range=0.02)
+    generator = make_tiny_generator(root / "generator", texts * 3, layers=2, embedding_std=1.0)
+    return encoder, generator, jsonl, squad
 
 
 def _export(tiny_models, tmp_path_factory, quantize, graph="auto"):
-    from export.bundle import ExportOptions, export_bundle
+    from edgerag.export import ExportOptions
+    from edgerag.export.bundle import export_bundle
 
     encoder, generator, jsonl, squad = tiny_models
     out = tmp_path_factory.mktemp("bundles") / f"tiny-{quantize}-{graph}"

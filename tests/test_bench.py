@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from benchmarks import machine
-from benchmarks.bench import DEFAULT_SYSTEMS
+from edgerag.benchmarks import machine
+from edgerag.benchmarks.bench import DEFAULT_SYSTEMS
 
 SYSTEM_KEYS = ("name", "threads", "p50_ms", "p95_ms", "ttft_ms", "prefill_ms", "decode_ms_per_token",
                "decode_floor_ms_per_token", "peak_rss_mb", "cold_start_s", "size_mb", "em", "f1", "recall@5")
@@ -103,8 +103,8 @@ def test_unavailable_baseline_is_recorded_as_skipped(tiny_bundle, monkeypatch, t
     """onnxruntime-genai that cannot be installed is reported with its reason, not faked or fatal."""
     import argparse
 
-    from benchmarks import baselines, bench
-    from runtime.manifest import read_manifest
+    from edgerag.benchmarks import baselines, bench
+    from edgerag.runtime.manifest import read_manifest
 
     def no_venv(venv, log):
         raise baselines.Skip("pip install onnxruntime-genai failed: no network")

@@ -92,8 +92,8 @@ def test_verify_command(tiny_bundle):
 
 
 def test_runtime_import_pulls_no_torch(tiny_bundle):
-    code = ("import sys, runtime; p = runtime.load(sys.argv[1]); p.ask('Which team won?', max_new_tokens=2); "
-            "heavy = [m for m in ('torch', 'transformers', 'optimum', 'onnx', 'train', 'export') if m in sys.modules]; "
+    code = ("import sys, edgerag; p = edgerag.load(sys.argv[1]); p.ask('Which team won?', max_new_tokens=2); "
+            "heavy = [m for m in ('torch', 'transformers', 'optimum', 'onnx', 'edgerag.train', 'edgerag.export') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code, str(tiny_bundle)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -125,3 +125,51 @@ def test_workstation_command_on_base_install_names_the_extra(tiny_models, tmp_pa
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().count("\n") == 0 and "edgerag[train]" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+SUBCOMMANDS = ("ask", "verify", "export", "distill", "eval", "bench")
+
+
+def _listed(help_text: str) -> set[str]:
+    """The subcommands argparse lists in `usage: edgerag [-h] {ask,verify,...}`."""
+    import re
+
+    return set(re.search(r"\{([\w,-]+)\}", help_text).group(1).split(","))
+
+
+def test_user_modules_named_like_ours_change_nothing(tmp_path):
+    """A user's own train.py, export.py, runtime.py or benchmarks/ in the working directory shadow nothing."""
+    for name in ("train", "export", "runtime"):
+        (tmp_path / f"{name}.py").write_text("raise ImportError('the user module was imported')\n")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "__init__.py").write_text("raise ImportError('the user package was imported')\n")
+    script = Path(sys.executable).parent / "edgerag"
+    for command in ([str(script), "--help"], [sys.executable, "-m", "edgerag.cli", "--help"]):
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert _listed(result.stdout) == set(SUBCOMMANDS), result.stdout
+
+
+@needs_base_venv
+def test_base_install_lists_every_subcommand():
+    python = BASE_VENV / "bin" / "python"
+    result = edgerag("--help", python=python)
+    assert result.returncode == 0, result.stderr
+    assert _listed(result.stdout) == set(SUBCOMMANDS), result.stdout
+    for command in ("export", "distill", "bench"):
+        sub = edgerag(command, "--help", python=python)
+        assert sub.returncode == 0 and "usage: edgerag " + command in sub.stdout, sub.stderr
+
+
+def test_wheel_has_one_top_level_package(tmp_path):
+    import zipfile
+
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    wheel, = tmp_path.glob("edgerag-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"edgerag"}
+    for package in ("runtime", "export", "train", "benchmarks"):
+        assert f"edgerag/{package}/__init__.py" in names
+    assert "edgerag/runtime/pipeline.py" in names and "edgerag/train/pipeline.py" in names

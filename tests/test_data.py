@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from train.data import DataError, read_passages, read_squad
+from edgerag.data import DataError, read_passages, read_squad
 
 
 def test_malformed_jsonl_line_is_named(tmp_path):

@@ -6,23 +6,20 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime import BundleError, Pipeline, PromptError
-from runtime.manifest import MANIFEST, read_manifest, verify
+from edgerag.runtime import BundleError, Pipeline, PromptError
+from edgerag.runtime.manifest import MANIFEST, read_manifest, verify
 
 
 def _torch_greedy(generator_dir, prompt, max_new_tokens, stop):
-    from export.bundle import greedy_torch
-    from train.sources import load_generator
+    from edgerag.export.bundle import greedy_torch
+    from edgerag.models import load_generator
 
     model, _ = load_generator(str(generator_dir))
     return greedy_torch(model, prompt, max_new_tokens, stop)
 
 
 def _prompt(pipeline, question, passages):
-    from runtime.prompt import build_prompt_ids
-
-    return build_prompt_ids(pipeline._encode, pipeline.template, question, passages,
-                            pipeline.manifest["generator"]["max_context"] - 12)
+    return pipeline.prompt_ids(question, passages, 12)
 
 
 PROMPTS = [("Which team won Super Bowl 50?", [("Super Bowl 50", "The Denver Broncos defeated the Carolina Panthers.")]),
@@ -31,26 +28,24 @@ PROMPTS = [("Which team won Super Bowl 50?", [("Super Bowl 50", "The Denver Bron
 
 
 def test_fp32_onnx_greedy_equals_pytorch_token_for_token(tiny_models, tiny_bundle):
-    from train.sources import load_generator
-    from export.bundle import greedy_torch
+    from edgerag.models import load_generator
+    from edgerag.export.bundle import greedy_torch
 
     model, _ = load_generator(str(tiny_models[1]))
     pipeline = Pipeline.load(tiny_bundle)
-    stop = pipeline.manifest["prompt"]["stop_token_ids"]
+    stop = pipeline.manifest.prompt.stop_token_ids
     for question, passages in PROMPTS:
         prompt = _prompt(pipeline, question, passages)
-        onnx_tokens = list(pipeline.generator.generate(prompt, 12, {}))
+        onnx_tokens = pipeline.generator.greedy(prompt, 12).tokens
         assert onnx_tokens == greedy_torch(model, prompt, 12, stop)
         assert len(onnx_tokens) > 0
 
 
 def _full_recompute_tokens(generator, prompt, n):
-    from export.bundle import last_logits_onnx
-
     ids = list(prompt)
     out = []
     for _ in range(n):
-        token = int(last_logits_onnx(generator, ids).argmax())
+        token = int(generator.last_logits(ids).argmax())
         if token in generator.stop:
             break
         out.append(token)
@@ -64,7 +59,7 @@ def test_kv_cache_decoding_equals_full_recomputation(bundle_fixture, request):
     pipeline = Pipeline.load(request.getfixturevalue(bundle_fixture))
     for question, passages in PROMPTS:
         prompt = _prompt(pipeline, question, passages)
-        cached = list(pipeline.generator.generate(prompt, 12, {}))
+        cached = pipeline.generator.greedy(prompt, 12).tokens
         assert cached == _full_recompute_tokens(pipeline.generator, prompt, 12)
 
 
@@ -79,9 +74,9 @@ def test_prefix_reuse_gives_the_tokens_of_a_fresh_start(bundle_fixture, request)
     reused = []
     for question in questions + questions[-1:]:
         prompt = _prompt(reusing, question, passages)
-        timings = {}
-        assert list(reusing.generator.generate(prompt, 12, timings)) == list(fresh.generator.generate(prompt, 12, {}))
-        reused.append(timings["reused_prompt_tokens"])
+        generation = reusing.generator.greedy(prompt, 12)
+        assert generation.tokens == fresh.generator.greedy(prompt, 12).tokens
+        reused.append(generation.reused_prompt_tokens)
     prompts = [_prompt(reusing, q, passages) for q in questions + questions[-1:]]
 
     def common_prefix(a, b):
@@ -93,31 +88,31 @@ def test_prefix_reuse_gives_the_tokens_of_a_fresh_start(bundle_fixture, request)
     assert reused[0] == 0
     assert reused[1:] == [common_prefix(a, b) for a, b in zip(prompts, prompts[1:])]
     assert reused[3] == len(prompts[3]) - 1  # a repeated prompt feeds only its last token
-    assert min(reused[1:]) > len(reusing._encode(reusing.template.prefix))  # the passages are reused too
+    assert min(reused[1:]) > len(reusing.tokenizer.encode(reusing.template.prefix, add_special_tokens=False).ids)  # the passages are reused too
 
 
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo", "tiny_bundle_int8sq"])
 def test_quantized_logits_within_recorded_tolerance(bundle_fixture, request, tiny_models):
-    from export.bundle import last_logits_onnx, last_logits_torch
-    from train.sources import load_generator
+    from edgerag.export.bundle import last_logits_torch
+    from edgerag.models import load_generator
 
     pipeline = Pipeline.load(request.getfixturevalue(bundle_fixture))
-    method = pipeline.manifest["generator"]["quantization"]["method"]
-    figures = pipeline.manifest["parity"]["generator"]
+    method = pipeline.manifest.generator.quantization_method
+    figures = pipeline.manifest.parity["generator"]
     recorded = figures[method]["max_abs_logit_delta"]
     assert recorded > figures["fp32"]["max_abs_logit_delta"]  # quantization does change the numbers
     model, _ = load_generator(str(tiny_models[1]))
     for question, passages in PROMPTS:  # prompts the export never saw
         prompt = _prompt(pipeline, question, passages)
-        delta = np.abs(last_logits_onnx(pipeline.generator, prompt) - last_logits_torch(model, prompt)).max()
+        delta = np.abs(pipeline.generator.last_logits(prompt) - last_logits_torch(model, prompt)).max()
         assert delta <= 2 * recorded + 1e-4
 
 
 @pytest.mark.parametrize("bundle_fixture,builder", [("tiny_bundle", "fused-llama"), ("tiny_bundle_optimum", "optimum")])
 def test_fp32_parity_figures_recorded(bundle_fixture, builder, request):
     manifest = read_manifest(request.getfixturevalue(bundle_fixture))
-    assert manifest["generator"]["graph"] == builder
-    parity = manifest["parity"]
+    assert manifest.generator.graph == builder
+    parity = manifest.parity
     assert parity["max_abs_embedding_delta"]["fp32"] < 1e-4
     assert parity["generator"]["fp32"]["max_abs_logit_delta"] < 1e-3
     assert parity["generator"]["fp32"]["greedy_exact_match"] == 1.0
@@ -135,7 +130,7 @@ def test_fused_graph_uses_onnxruntime_attention(tiny_bundle, tiny_bundle_optimum
 def test_fused_graph_refuses_what_it_cannot_reproduce():
     from transformers import LlamaConfig, MistralConfig
 
-    from export.llama_graph import UnsupportedModel, check_supported
+    from edgerag.export.llama_graph import UnsupportedModel, check_supported
 
     check_supported(LlamaConfig())
     for config in (LlamaConfig(attention_bias=True), LlamaConfig(hidden_act="gelu"),
@@ -145,8 +140,8 @@ def test_fused_graph_refuses_what_it_cannot_reproduce():
 
 
 def test_query_embedding_matches_pytorch_and_is_normalized(tiny_models, tiny_bundle):
-    from export.bundle import embed_passages
-    from train.sources import load_encoder
+    from edgerag.export.bundle import embed_passages
+    from edgerag.models import load_encoder
 
     model, tokenizer, pooling, max_length = load_encoder(str(tiny_models[0]))
     texts = ["What is the capital of Poland?", "A much longer question about steam engines and heat and work?"]
@@ -158,14 +153,14 @@ def test_query_embedding_matches_pytorch_and_is_normalized(tiny_models, tiny_bun
 
 
 def test_quantized_query_encoder_within_recorded_delta(tiny_models, tiny_bundle_int8wo):
-    from export.bundle import embed_passages
-    from train.sources import load_encoder
+    from edgerag.export.bundle import embed_passages
+    from edgerag.models import load_encoder
 
     model, tokenizer, pooling, max_length = load_encoder(str(tiny_models[0]))
     texts = ["Which river flows through Warsaw?", "Who designed the first practical steam engine?"]
     pipeline = Pipeline.load(tiny_bundle_int8wo)
-    assert pipeline.manifest["query_encoder"]["quantization"]["method"] == "int8wo"
-    recorded = pipeline.manifest["parity"]["max_abs_embedding_delta"]["shipped"]
+    assert pipeline.manifest.query_encoder.quantization["method"] == "int8wo"
+    recorded = pipeline.manifest.parity["max_abs_embedding_delta"]["shipped"]
     assert recorded > 0  # the shipped encoder is not the fp32 one
     got = pipeline.encoder.encode(texts)
     assert np.abs(got - embed_passages(model, tokenizer, pooling, max_length, texts, 8)).max() <= 3 * recorded + 1e-5
@@ -178,7 +173,7 @@ def test_retrieval_equals_exact_numpy_search(tiny_bundle):
     pipeline = Pipeline.load(tiny_bundle)
     db = sqlite3.connect(tiny_bundle / "passages.sqlite")
     rows = db.execute("SELECT id, title, text FROM passages ORDER BY row").fetchall()
-    fmt = pipeline.manifest["index"]["passage_format"]
+    fmt = pipeline.manifest.index.passage_format
     # the bundle's passages were embedded with the same (PyTorch) encoder the ONNX graph reproduces
     matrix = pipeline.encoder.encode([fmt.format(title=t, text=x) for _, t, x in rows])
     for question in ["Which team won Super Bowl 50?", "capital of Poland", "oxygen atomic number", "steam"]:
@@ -205,7 +200,7 @@ def test_ask_stream_and_batch_agree(tiny_bundle):
 def test_question_far_over_context_is_truncated_not_crashed(tiny_bundle):
     pipeline = Pipeline.load(tiny_bundle)
     answer = pipeline.ask("Which team won? " * 400, max_new_tokens=4)
-    assert answer.prompt_tokens <= pipeline.manifest["generator"]["max_context"] - 4
+    assert answer.prompt_tokens <= pipeline.manifest.generator.max_context - 4
 
 
 def test_empty_question_is_refused(tiny_bundle):
@@ -266,7 +261,7 @@ def test_unknown_format_version(tiny_bundle, tmp_path):
 
 def test_verify_passes_on_a_good_bundle(tiny_bundle):
     manifest = verify(tiny_bundle)
-    assert set(manifest["files"]) == {p.name for p in tiny_bundle.iterdir()} - {MANIFEST}
+    assert set(manifest.files) == {p.name for p in tiny_bundle.iterdir()} - {MANIFEST}
 
 
 def test_generator_logits_are_last_position_only(tiny_bundle):
@@ -276,7 +271,6 @@ def test_generator_logits_are_last_position_only(tiny_bundle):
     logits = next(o for o in graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 1
     pipeline = Pipeline.load(tiny_bundle)
-    from export.bundle import last_logits_onnx
     feed_len = 20
     ids = list(range(5, 5 + feed_len))
     feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, feed_len), dtype=np.int64),
@@ -285,14 +279,14 @@ def test_generator_logits_are_last_position_only(tiny_bundle):
         feed["position_ids"] = np.arange(feed_len)[None]
     out = pipeline.generator.session.run(["logits"], feed)[0]
     assert out.shape[1] == 1
-    np.testing.assert_allclose(out[0, -1], last_logits_onnx(pipeline.generator, ids))
+    np.testing.assert_allclose(out[0, -1], pipeline.generator.last_logits(ids))
 
 
 def test_tied_embeddings_stored_once_in_fp32(tiny_bundle):
     import onnx
 
     graph = onnx.load(str(tiny_bundle / "generator.onnx")).graph
-    vocab = read_manifest(tiny_bundle)["generator"]["vocab_size"]
+    vocab = read_manifest(tiny_bundle).generator.vocab_size
     embedding_sized = [i.name for i in graph.initializer if vocab in i.dims]
     assert len(embedding_sized) == 1, embedding_sized
 
@@ -304,8 +298,8 @@ def test_quantized_bundles_keep_no_fp32_vocabulary_table(bundle_fixture, request
 
     bundle = request.getfixturevalue(bundle_fixture)
     graph = onnx.load(str(bundle / "generator.onnx")).graph
-    manifest = read_manifest(bundle)["generator"]
-    shapes = ([manifest["vocab_size"], manifest["hidden_size"]], [manifest["hidden_size"], manifest["vocab_size"]])
+    generator = read_manifest(bundle).generator
+    shapes = ([generator.vocab_size, generator.hidden_size], [generator.hidden_size, generator.vocab_size])
     fp32_tables = [i.name for i in graph.initializer if list(i.dims) in shapes and i.data_type == onnx.TensorProto.FLOAT]
     assert fp32_tables == []
     assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
@@ -314,8 +308,8 @@ def test_quantized_bundles_keep_no_fp32_vocabulary_table(bundle_fixture, request
 def test_smoothing_is_exact_in_fp32_and_moves_the_ranges(tiny_models):
     import torch
 
-    from export.smoothquant import smooth_llama
-    from train.sources import load_generator
+    from edgerag.export.smoothquant import smooth_llama
+    from edgerag.models import load_generator
 
     model, _ = load_generator(str(tiny_models[1]))
     prompt = list(range(5, 45))
@@ -333,18 +327,18 @@ def test_int8sq_makes_the_normed_projections_dynamic_int8(tiny_bundle_int8sq):
     import onnx
 
     manifest = read_manifest(tiny_bundle_int8sq)
-    quantization = manifest["generator"]["quantization"]
+    quantization = manifest.generator.quantization
     assert quantization["method"] == "int8sq" and quantization["calibration_prompts"] > 0
     ops = [n.op_type for n in onnx.load(str(tiny_bundle_int8sq / "generator.onnx")).graph.node]
-    layers = manifest["generator"]["num_layers"]
+    layers = manifest.generator.num_layers
     dynamic = sum(op in ("DynamicQuantizeMatMul", "MatMulInteger") for op in ops)
     assert dynamic == 2 * layers  # QKV and gate/up in every layer
     assert ops.count("MatMulNBits") == 2 * layers + 1  # attention output, down projection, LM head
 
 
 def test_auto_quantization_follows_the_generator_graph(tiny_bundle_optimum):
-    from export import resolve_quantization
+    from edgerag.export import resolve_quantization
 
-    assert read_manifest(tiny_bundle_optimum)["generator"]["quantization"]["method"] == "int8wo"
+    assert read_manifest(tiny_bundle_optimum).generator.quantization_method == "int8wo"
     assert resolve_quantization("auto", "fused-llama") == "int8sq"
     assert resolve_quantization("int4", "fused-llama") == "int4"

@@ -1,6 +1,6 @@
 import pytest
 
-from runtime.prompt import CHATML, PLAIN, PromptError, PromptTemplate, build_prompt_ids
+from edgerag.runtime.prompt import CHATML, PLAIN, PromptError, PromptTemplate, build_prompt_ids
 
 TEMPLATE = PromptTemplate.from_dict(PLAIN)
 

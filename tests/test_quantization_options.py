@@ -1,14 +1,10 @@
 """The quantization comparison script runs on a tiny generator and reports every variant asked for."""
 
 import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def test_quantization_options_rows(tiny_models, tmp_path):
-    import quantization_options
+    from edgerag.benchmarks import quantization_options
 
     _, generator, _, squad = tiny_models
     out = tmp_path / "rows.json"

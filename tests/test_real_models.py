@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR, ROOT
-from train.sources import DEFAULT_GENERATOR, DEFAULT_QUERY_ENCODER, resolve
+from edgerag.models import DEFAULT_GENERATOR, DEFAULT_QUERY_ENCODER, resolve
 
 XQUAD = DATA_DIR / "xquad-en.json.gz"
 needs_data = pytest.mark.skipif(not XQUAD.exists(), reason=f"{XQUAD} not found (set EDGERAG_DATA)")
@@ -29,11 +29,11 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 
 def test_real_minilm_onnx_matches_pytorch(tmp_path):
-    from export.bundle import embed_passages
-    from export.onnx_export import export_query_encoder, materialize, save
-    from runtime.pipeline import QueryEncoder, make_session
+    from edgerag.export.bundle import embed_passages
+    from edgerag.export.onnx_export import export_query_encoder, materialize, save
+    from edgerag.runtime.pipeline import QueryEncoder, make_session
     from tokenizers import Tokenizer
-    from train.sources import load_encoder
+    from edgerag.models import load_encoder
 
     folder = materialize(DEFAULT_QUERY_ENCODER, tmp_path / "work")
     model, tokenizer, pooling, max_length = load_encoder(str(folder))

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from train.evaluate import INFO_FILE, evaluate_model
+from edgerag.evaluation import evaluate_model
+from edgerag.models import INFO_FILE
 
 
 def test_bundle_and_folder_evaluation_agree(tiny_models, tiny_bundle, tmp_path):

@@ -6,14 +6,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from train import loop  # noqa: E402
-from train.data import read_squad  # noqa: E402
-from train.distill import disable_dropout, KDExample, QueryExample, encoder_loss_fn, generator_loss_fn, kl_teacher_student, teacher_cache  # noqa: E402
-from train.retrieval import embed, passage_text  # noqa: E402
-from train.sources import load_encoder, load_generator  # noqa: E402
-from train.student import calibration_batches, count_params, shrink_encoder, shrink_generator  # noqa: E402
-from train.teacher import Prompter, answer_loss, generate, make_examples  # noqa: E402
-from train.tiny import make_tiny_project  # noqa: E402
+from edgerag.train import loop  # noqa: E402
+from edgerag.data import read_squad  # noqa: E402
+from edgerag.train.distill import disable_dropout, KDExample, QueryExample, encoder_loss_fn, generator_loss_fn, kl_teacher_student, teacher_cache  # noqa: E402
+from edgerag.train.retrieval import embed, passage_text  # noqa: E402
+from edgerag.models import load_encoder, load_generator  # noqa: E402
+from edgerag.train.student import calibration_batches, count_params, shrink_encoder, shrink_generator  # noqa: E402
+from edgerag.train.teacher import Prompter, answer_loss, generate, make_examples  # noqa: E402
+from edgerag.train.tiny import make_tiny_project  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_mlp_pruning_keeps_the_most_active_neurons(tiny, gold_examples):
     g = torch.Generator().manual_seed(0)
     for layer in rand.model.layers:
         keep = torch.sort(torch.randperm(128, generator=g)[:96]).values
-        from train.student import _slice_linear
+        from edgerag.train.student import _slice_linear
         layer.mlp.gate_proj = _slice_linear(layer.mlp.gate_proj, rows=keep)
         layer.mlp.up_proj = _slice_linear(layer.mlp.up_proj, rows=keep)
         layer.mlp.down_proj = _slice_linear(layer.mlp.down_proj, cols=keep)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from train.metrics import best_over_references, exact_match, f1, normalize_answer, recall_at
+from edgerag.metrics import best_over_references, exact_match, f1, normalize_answer, recall_at
 
 
 @pytest.mark.parametrize("raw, normalized", [
@@ -47,6 +47,6 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, train, train.data, train.metrics, train.evaluate, train.recipe; print('torch' in sys.modules)"
+    code = "import sys, edgerag.train, edgerag.data, edgerag.metrics, edgerag.train.evaluate, edgerag.train.recipe; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -9,11 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from train.data import data_path, read_squad  # noqa: E402
-from train.evaluate import evaluate_folder, read_info  # noqa: E402
-from train.sources import DEFAULT_GENERATOR, DEFAULT_QUERY_ENCODER, load_encoder, load_generator, write_sentence_transformers_config  # noqa: E402
-from train.teacher import Prompter  # noqa: E402
-from train.tiny import write_squad_subset  # noqa: E402
+from edgerag.data import data_path, read_squad  # noqa: E402
+from edgerag.models import read_info  # noqa: E402
+from edgerag.train.evaluate import evaluate_folder  # noqa: E402
+from edgerag.models import DEFAULT_GENERATOR, DEFAULT_QUERY_ENCODER, load_encoder, load_generator, write_sentence_transformers_config  # noqa: E402
+from edgerag.train.teacher import Prompter  # noqa: E402
+from edgerag.train.tiny import write_squad_subset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_real_teacher_retrieves_and_answers(teacher_folder, tmp_path):
 
 def test_real_smollm2_vocabulary_trim(teacher_folder):
     """SmolLM2's tokenizer and tied embedding cut to a few passages' tokens: those passages read the same."""
-    from train.vocab import id_map, trim_vocabulary
+    from edgerag.train.vocab import id_map, trim_vocabulary
 
     passages, questions, _ = read_squad(data_path("xquad-en.json.gz"))
     texts = [p.text for p in passages[:20]]

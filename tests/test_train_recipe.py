@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from train.recipe import RecipeError, Recipe, load_recipe, parse_layers
+from edgerag.train.recipe import RecipeError, Recipe, load_recipe, parse_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from train.distill import KDExample, remap_kd_examples  # noqa: E402
-from train.sources import load_generator  # noqa: E402
-from train.teacher import Example  # noqa: E402
-from train.tiny import make_tiny_generator  # noqa: E402
-from train.vocab import id_map, trim_vocabulary  # noqa: E402
+from edgerag.train.distill import KDExample, remap_kd_examples  # noqa: E402
+from edgerag.models import load_generator  # noqa: E402
+from edgerag.train.teacher import Example  # noqa: E402
+from edgerag.train.tiny import make_tiny_generator  # noqa: E402
+from edgerag.train.vocab import id_map, trim_vocabulary  # noqa: E402
 
 SEEN = ["The Broncos defeated the Panthers to win Super Bowl 50.",
         "Normans came from Normandy, a region in France.",

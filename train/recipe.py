@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,7 +215,7 @@ def evenly_spaced(depth: int, n: int) -> list[int]:
 
 def model_depth(name: str) -> int | None:
     """Number of transformer layers, read from config.json or the GGUF header (no weights loaded)."""
-    from .sources import resolve
+    from edgerag.models import resolve
 
     try:
         source = resolve(name)

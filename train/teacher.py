@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from runtime.prompt import PromptTemplate, build_prompt_ids
+from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
 
 
 @dataclass
@@ -49,7 +49,7 @@ def rag_context(question, ranked_passages, k: int, gold_probability: float, rng:
     """Top-k retrieved passages as (title, text) pairs. Where retrieval missed the gold passage, it
     replaces one at a random rank with probability `gold_probability`, so the model learns both to
     read the answer off a passage and to cope with contexts that lack it."""
-    from .data import Passage
+    from edgerag.data import Passage
 
     top = list(ranked_passages[:k])
     if k > 0 and all(p.id != question.passage_id for p in top) and rng.random() < gold_probability:

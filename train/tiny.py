@@ -1,8 +1,12 @@
-"""Tiny random teacher models and data files, for tests and for smoke-testing a recipe in seconds.
+"""Tiny random models and data files, built in seconds: the one builder for the tests and for
+smoke-testing a recipe.
 
 `make_tiny_generator` trains a small byte-level BPE tokenizer (with the ChatML special tokens, so the
-prompt template is the real one) and a 4-layer Llama; `make_tiny_encoder` is a 2-layer BERT with
-the packaged MiniLM tokenizer. Both are saved as Hugging Face folders the pipeline loads by path.
+prompt template is the real one) and a small Llama (grouped KV heads, tied embeddings, like SmolLM2);
+`make_tiny_encoder` is a small BERT with a sentence-transformers pooling config, with the packaged
+MiniLM tokenizer or a WordPiece tokenizer trained on given texts. Both are saved as Hugging Face
+folders, loaded by path exactly as real models are. `write_tiny_corpus` writes a dozen passages
+with questions; `make_tiny_project` cuts train/eval files from the real data and writes a recipe.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from pathlib import Path
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def make_tiny_generator(folder, texts, vocab_size: int = 400, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
+def make_tiny_generator(folder, texts, vocab_size: int = 400, layers: int = 4, hidden: int = 64, seed: int = 0,
+                        embedding_std: float | None = None) -> Path:
+    """embedding_std: re-draw the embedding table with this spread. Random init gives near-uniform
+    logits, so greedy ties would make token-for-token parity checks flaky; a wide table breaks them."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -34,28 +41,99 @@ def make_tiny_generator(folder, texts, vocab_size: int = 400, layers: int = 4, h
                          max_position_embeddings=1024, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    if embedding_std is not None:
+        with torch.no_grad():
+            model.model.embed_tokens.weight.normal_(0, embedding_std)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def make_tiny_encoder(folder, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+def make_tiny_encoder(folder, texts=None, layers: int = 2, hidden: int = 32, heads: int = 2, seed: int = 0,
+                      max_length: int = 128, initializer_range: float = 0.2) -> Path:
+    """texts None: the packaged MiniLM tokenizer; otherwise a lowercasing WordPiece tokenizer trained on them.
+    The default initializer_range is larger than BERT's 0.02, so random embeddings are not all alike."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from .sources import DEFAULT_QUERY_ENCODER, resolve, write_sentence_transformers_config
+    from edgerag.models import DEFAULT_QUERY_ENCODER, resolve, write_sentence_transformers_config
 
     folder = Path(folder)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(DEFAULT_QUERY_ENCODER).path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(DEFAULT_QUERY_ENCODER).path) if texts is None else _wordpiece(texts)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
-                        initializer_range=0.2)  # larger than BERT's 0.02, so random embeddings are not all alike
-    BertModel(config).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=max(512, max_length),
+                        initializer_range=initializer_range)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    write_sentence_transformers_config(folder, "mean", 128, hidden)
+    write_sentence_transformers_config(folder, "mean", max_length, hidden)
     return folder
 
+
+def _wordpiece(texts):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(
+        vocab_size=500, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+# ---------------------------------------------------------------- a dozen passages with questions
+
+TOPICS = [
+    ("Super Bowl 50", "Super Bowl 50 was an American football game. The Denver Broncos defeated the Carolina Panthers 24 to 10 at Levi's Stadium in Santa Clara."),
+    ("Nikola Tesla", "Nikola Tesla was a Serbian American inventor and engineer best known for the alternating current electricity supply system."),
+    ("Amazon rainforest", "The Amazon rainforest covers most of the Amazon basin of South America, seven million square kilometres of which five are covered by forest."),
+    ("Warsaw", "Warsaw is the capital and largest city of Poland. It stands on the Vistula River in east central Poland."),
+    ("Oxygen", "Oxygen is a chemical element with symbol O and atomic number 8. It is a member of the chalcogen group on the periodic table."),
+    ("Normans", "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France."),
+    ("Steam engine", "A steam engine is a heat engine that performs mechanical work using steam as its working fluid."),
+    ("Black Death", "The Black Death was the deadliest pandemic recorded in human history, killing up to two hundred million people in Eurasia."),
+    ("Victoria", "Victoria is a state in the south east of Australia. Melbourne is its capital and most populous city."),
+    ("Jacksonville", "Jacksonville is the most populous city in Florida, and the largest city by area in the contiguous United States."),
+    ("Geology", "Geology is an earth science concerned with the solid Earth, the rocks of which it is composed, and the processes by which they change."),
+    ("Pharmacy", "Pharmacy is the science and technique of preparing, dispensing, and reviewing drugs and providing additional clinical services."),
+]
+
+QUESTIONS = [
+    ("Which team won Super Bowl 50?", "Denver Broncos", 0),
+    ("What system is Tesla known for?", "alternating current", 1),
+    ("What is the capital of Poland?", "Warsaw", 3),
+    ("What is the atomic number of oxygen?", "8", 4),
+]
+
+
+def write_tiny_corpus(folder: Path) -> tuple[Path, Path]:
+    """(passages.jsonl, questions in SQuAD JSON) for the topics above."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jsonl = folder / "passages.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": f"t{i}", "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(TOPICS)))
+    articles = []
+    for i, (title, text) in enumerate(TOPICS):
+        qas = [{"id": f"q{n}", "question": q, "answers": [{"text": a, "answer_start": text.find(a)}]}
+               for n, (q, a, p) in enumerate(QUESTIONS) if p == i]
+        articles.append({"title": title, "paragraphs": [{"context": text, "qas": qas}]})
+    squad = folder / "squad.json"
+    squad.write_text(json.dumps({"version": "1.1", "data": articles}))
+    return jsonl, squad
+
+
+def tiny_corpus_texts() -> list[str]:
+    return [f"{t}: {x}" for t, x in TOPICS] + [q for q, _, _ in QUESTIONS] + ["Context: Question: Answer the question"]
+
+
+
+# ---------------------------------------------------------------- a tiny project cut from the real data
 
 def write_squad_subset(source, target, articles: int = 2, paragraphs: int = 3, questions: int = 3) -> Path:
     """The first few articles/paragraphs/questions of a SQuAD file, as a gzipped SQuAD file."""
@@ -122,7 +200,7 @@ threads = 1
 
 def make_tiny_project(folder, data_dir=None) -> dict:
     """Tiny train/eval files (cut from the real ones), a tiny teacher, and a recipe that uses them."""
-    from .data import DEFAULT_DATA_DIR, read_squad
+    from edgerag.data import DEFAULT_DATA_DIR, read_squad
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

