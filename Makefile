@@ -54,59 +54,43 @@ full: $(VENV)/.installed
 	$(VENV)/bin/edgerag distill recipes/full.toml --out runs/full $(if $(wildcard runs/full/stages),--resume)
 	[ -f runs/full/bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/full/student --passages runs/full/data/corpus.jsonl --out runs/full/bundle
 	[ -f runs/full/teacher-bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/full/teacher --passages runs/full/data/corpus.jsonl --out runs/full/teacher-bundle
-	$(VENV)/bin/python -m benchmarks.curve runs/full --out runs/full/curve
+	$(VENV)/bin/python -m edgerag.benchmarks.curve runs/full --out runs/full/curve
 
 # The full run's curve: two more students of its teacher (about 69% and 40% of the generator's
-# parameters), each seeded with the full run's finished teacher, encoder, general-pass cache,
-# teacher-logit stages and teacher evaluation (hard links), exported, and set beside the full run's own student.
+# parameters), each seeded from the full run (--seed-from: its finished stages whose settings and
+# inputs match, hard-linked: data, teacher, index, fine-tuning, encoder distillation, general-pass
+# cache, teacher logits, teacher evaluation), exported, and set beside the full run's own student.
 FULL_CURVE ?= 70 40
 full-curve: full
 	for p in $(FULL_CURVE); do \
 	  run=runs/full-$$p; \
-	  if [ ! -d $$run/stages ]; then \
-	    mkdir -p $$run/stages/distill_general $$run/student && cp -al runs/full/data runs/full/index runs/full/teacher $$run/ && \
-	    cp -al runs/full/student/query_encoder $$run/student/ && \
-	    cp -al runs/full/stages/distill_general/teacher_cache.pt $$run/stages/distill_general/ && \
-	    mkdir -p $$run/stages/eval && cp -al runs/full/stages/eval/teacher_result.json $$run/stages/eval/ && \
-	    for s in data teacher index teacher_finetune distill_encoder teacher_logits; do cp -al runs/full/stages/$$s $$run/stages/; done; \
-	  fi; \
-	  $(VENV)/bin/edgerag distill recipes/full-$$p.toml --out $$run --resume || exit 1; \
+	  $(VENV)/bin/edgerag distill recipes/full-$$p.toml --out $$run --seed-from runs/full $$([ -d $$run/stages ] && echo --resume) || exit 1; \
 	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
 	done
-	$(VENV)/bin/python -m benchmarks.curve runs/full runs/full-70 runs/full-40 --out runs/full/curve
+	$(VENV)/bin/python -m edgerag.benchmarks.curve runs/full runs/full-70 runs/full-40 --out runs/full/curve
 
 CURVE ?= 70 55 40
 curve: medium
 	for p in $(CURVE); do \
 	  run=runs/curve-$$p; \
-	  if [ ! -d $$run/stages ]; then \
-	    mkdir -p $$run/stages && cp -al runs/medium/data runs/medium/index runs/medium/teacher $$run/ && \
-	    for s in data teacher index teacher_finetune teacher_logits; do cp -al runs/medium/stages/$$s $$run/stages/; done; \
-	  fi; \
-	  $(VENV)/bin/edgerag distill recipes/curve-$$p.toml --out $$run --resume || exit 1; \
+	  $(VENV)/bin/edgerag distill recipes/curve-$$p.toml --out $$run --seed-from runs/medium $$([ -d $$run/stages ] && echo --resume) || exit 1; \
 	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
 	done
 	[ -f runs/medium/teacher-bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/medium/teacher --passages runs/medium/data/corpus.jsonl --out runs/medium/teacher-bundle
 	[ -f runs/medium/bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/medium/student --passages runs/medium/data/corpus.jsonl --out runs/medium/bundle
-	$(VENV)/bin/python -m benchmarks.curve runs/medium $(foreach p,$(CURVE),runs/curve-$(p))
+	$(VENV)/bin/python -m edgerag.benchmarks.curve runs/medium $(foreach p,$(CURVE),runs/curve-$(p))
 
 # Variants of the curve's points: a general distillation pass first (-general), or 55% reached by
-# pruning the healed 70% student further (-progressive). Each starts from its base run's finished
-# stages (hard links), so only what differs is computed.
+# pruning the healed 70% student further (-progressive). Each is seeded from its base run
+# (runs/curve-70 for curve-70-general, ...), so only what differs is computed.
 VARIANTS ?= 70-general 55-general 40-general 55-progressive
 curve-variants: curve
 	for v in $(VARIANTS); do \
 	  base=runs/curve-$${v%%-*}; run=runs/curve-$$v; \
-	  if [ ! -d $$run/stages ]; then \
-	    mkdir -p $$run/stages $$run/student && cp -al $$base/data $$base/index $$base/teacher $$run/ && \
-	    cp -al $$base/student/query_encoder $$run/student/ && \
-	    for s in data teacher index teacher_finetune distill_encoder teacher_logits $$([ $${v#*-} = general ] && echo student_init); do \
-	      cp -al $$base/stages/$$s $$run/stages/; done; \
-	  fi; \
-	  $(VENV)/bin/edgerag distill recipes/curve-$$v.toml --out $$run --resume || exit 1; \
+	  $(VENV)/bin/edgerag distill recipes/curve-$$v.toml --out $$run --seed-from $$base $$([ -d $$run/stages ] && echo --resume) || exit 1; \
 	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
 	done
-	$(VENV)/bin/python -m benchmarks.curve runs/medium runs/curve-70 runs/curve-70-general runs/curve-55 runs/curve-55-general \
+	$(VENV)/bin/python -m edgerag.benchmarks.curve runs/medium runs/curve-70 runs/curve-70-general runs/curve-55 runs/curve-55-general \
 	  runs/curve-55-progressive runs/curve-40 runs/curve-40-general --out runs/curve
 
 clean:

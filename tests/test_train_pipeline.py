@@ -1,8 +1,10 @@
-"""The whole `distill` pipeline on tiny random models: eval.json, resume, DDP, the CLI."""
+"""The whole `distill` pipeline on tiny random models: eval.json, resume, seeding, DDP, the CLI."""
 
-import argparse
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +13,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from train import loop  # noqa: E402
-from train.pipeline import RunError, add_cli, distill  # noqa: E402
-from train.tiny import make_tiny_project  # noqa: E402
+from edgerag.train import loop  # noqa: E402
+from edgerag.train import pipeline  # noqa: E402
+from edgerag.train.pipeline import STAGES, RunError, Stage, distill, plan  # noqa: E402
+from edgerag.train.tiny import make_tiny_project  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGE_NAMES = ["data", "teacher", "index", "teacher_finetune", "student_init", "distill_encoder", "student_folder",
+               "general_cache", "distill_general", "teacher_logits", "distill_generator", "eval_teacher", "eval"]
 METRIC_KEYS = {"em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20",
                "generator_params", "encoder_params", "seconds_per_question"}
 
@@ -30,6 +35,27 @@ def full_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
     report = distill(tiny["recipe"], out)
     return out, report
+
+
+def variant(tiny, folder, edit) -> Path:
+    """The tiny recipe with `edit(text)` applied, written into `folder`."""
+    text = tiny["recipe"].read_text()
+    changed = edit(text)
+    assert changed != text
+    recipe = Path(folder) / "recipe.toml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text(changed)
+    return recipe
+
+
+def stage_events(output: str) -> tuple[set, set]:
+    """(seeded, run) stage names, from distill's output."""
+    return (set(re.findall(r"^\[(\w+)\] seeded from ", output, re.M)),
+            set(re.findall(r"^\[(\w+)\] finished in ", output, re.M)))
+
+
+def same_file(a, b) -> bool:
+    return os.stat(a).st_ino == os.stat(b).st_ino
 
 
 def state(folder):
@@ -63,9 +89,10 @@ def test_run_folder_layout(full_run):
         assert (enc / "modules.json").exists()
     cfg = json.loads((out / "student" / "generator" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2 and cfg["intermediate_size"] == 64 and cfg["num_key_value_heads"] == 1
-    for stage in ("data", "teacher", "index", "teacher_finetune", "student_init", "distill_encoder",
-                  "distill_general", "teacher_logits", "distill_generator", "eval"):
+    assert sorted(p.name for p in (out / "stages").iterdir()) == sorted(STAGE_NAMES)
+    for stage in STAGE_NAMES:
         assert (out / "stages" / stage / "done").exists(), stage
+        assert len(json.loads((out / "stages" / stage / "info.json").read_text())["fingerprint"]) == 64, stage
     # every training stage logged its losses, and they went down
     for stage in ("teacher_finetune", "distill_encoder", "distill_generator"):
         log = [json.loads(l) for l in (out / "stages" / stage / "log.jsonl").read_text().splitlines()]
@@ -74,10 +101,10 @@ def test_run_folder_layout(full_run):
 
 def test_general_distillation_brings_the_student_closer_on_corpus_text(full_run):
     """The plain-text pass lowers KL(teacher || student) on the corpus chunks it trained on."""
-    from train.distill import kl_teacher_student
-    from train.pipeline import Run, general_examples
-    from train.recipe import load_recipe
-    from train.sources import load_generator
+    from edgerag.train.distill import kl_teacher_student
+    from edgerag.train.pipeline import Run, general_examples
+    from edgerag.train.recipe import load_recipe
+    from edgerag.models import load_generator
 
     out, _ = full_run
     run = Run(out, load_recipe(out / "recipe.toml"))
@@ -136,68 +163,181 @@ def test_resume_after_interruption_matches(full_run, tiny, tmp_path, capsys):
             assert torch.allclose(a[k], b[k], atol=1e-6), (part, k)
 
 
-def test_eval_reuses_the_same_teachers_evaluation_and_only_that(full_run, tiny, tmp_path, capsys):
-    import shutil
+def test_stages_are_declared_once(full_run, tiny):
+    """STAGES is the only stage table: the driver runs what it lists, in its order."""
+    from edgerag.train.recipe import load_recipe
 
+    assert [s.name for s in STAGES] == STAGE_NAMES
+    assert len({s.function for s in STAGES}) == len(STAGES)
+    assert all(s.function.__name__ == f"stage_{s.name}" for s in STAGES)
+    assert {s.name for s in STAGES if s.parallel} == {"teacher_finetune", "distill_encoder", "distill_general",
+                                                      "distill_generator"}
+    for old in ("STAGE_FUNCTIONS", "PARALLEL", "add_cli", "teacher_eval_key"):
+        assert not hasattr(pipeline, old), old
+    recipe = load_recipe(tiny["recipe"])
+    assert plan(recipe) == STAGES
+    assert [s.name for s in plan(recipe, stop_after="student_folder")] == STAGE_NAMES[:STAGE_NAMES.index("student_folder") + 1]
+    recipe.teacher_finetune.enabled = False
+    recipe.distill_general.passages = 0
+    assert [s.name for s in plan(recipe)] == [n for n in STAGE_NAMES if n not in
+                                              ("teacher_finetune", "general_cache", "distill_general")]
+    # the full run finished its stages in STAGES order
+    out, _ = full_run
+    assert sorted(STAGE_NAMES, key=lambda n: (out / "stages" / n / "done").stat().st_mtime_ns) == STAGE_NAMES
+
+
+def test_a_stage_added_to_the_table_runs(full_run, tiny, tmp_path, monkeypatch, capsys):
+    """One declaration is all a new stage needs: the driver runs it, fingerprints it, marks it done."""
+    count = Stage("count", lambda run: {"passages": len(run.corpus())}, inputs=lambda run: [run.corpus_file],
+                  outputs=lambda run: [], settings=lambda recipe: {})
+    monkeypatch.setattr(pipeline, "STAGES", STAGES[:1] + [count])
     out = tmp_path / "run"
-    shutil.copytree(full_run[0], out)
-    saved = out / "stages" / "eval" / "teacher_result.json"
-    record = json.loads(saved.read_text())
-    assert record["result"] == full_run[1]["teacher"]
+    assert distill(tiny["recipe"], out, seed_from=full_run[0]) is None
+    assert stage_events(capsys.readouterr().out) == ({"data"}, {"count"})
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["count", "data"]
+    info = json.loads((out / "stages" / "count" / "info.json").read_text())
+    assert info["passages"] == len((out / "data" / "corpus.jsonl").read_text().splitlines())
+    assert len(info["fingerprint"]) == 64
 
-    def eval_again():
-        (out / "stages" / "eval" / "done").unlink()
-        return distill(tiny["recipe"], out, resume=True)
 
-    # same teacher, questions and corpus: the saved evaluation is taken as it is (a marked copy shows it)
-    saved.write_text(json.dumps({"key": record["key"], "result": {**record["result"], "f1": -1.0}}))
-    assert eval_again()["teacher"]["f1"] == -1.0
-    assert "reusing its evaluation" in capsys.readouterr().out
-    # a teacher file changed: the key no longer matches and the teacher is evaluated again
-    with open(out / "teacher" / "generator" / "config.json", "a") as f:
-        f.write("\n")
-    assert eval_again()["teacher"]["f1"] == full_run[1]["teacher"]["f1"]
-    assert json.loads(saved.read_text())["key"] != record["key"]
+@pytest.fixture(scope="module")
+def student_variant(full_run, tiny, tmp_path_factory):
+    """A second run seeded from the first, whose recipe differs only in the student's MLP width."""
+    folder = tmp_path_factory.mktemp("variant")
+    recipe = variant(tiny, folder, lambda t: t.replace("intermediate_size = 64", "intermediate_size = 32"))
+    out = folder / "run"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):   # capsys is per test; this fixture is per module
+        report = distill(recipe, out, seed_from=full_run[0])
+    return out, report, buffer.getvalue()
+
+
+def test_seed_from_reuses_the_teacher_side(full_run, student_variant):
+    first, first_report = full_run
+    out, report, output = student_variant
+    seeded, ran = stage_events(output)
+    assert seeded == {"data", "teacher", "index", "teacher_finetune", "distill_encoder", "general_cache",
+                      "teacher_logits", "eval_teacher"}
+    assert ran == {"student_init", "student_folder", "distill_general", "distill_generator", "eval"}
+    # seeded files are the first run's, hard-linked
+    for part in ("data/corpus.jsonl", "teacher/generator/model.safetensors", "teacher/query_encoder/model.safetensors",
+                 "index/embeddings.npy", "student/query_encoder/model.safetensors",
+                 "stages/teacher/generator/model.safetensors", "stages/general_cache/cache.pt",
+                 "stages/teacher_logits/cache.pt", "stages/eval_teacher/result.json", "stages/distill_encoder/log.jsonl"):
+        assert same_file(first / part, out / part), part
+    for part in ("stages/student_init/generator/model.safetensors", "student/generator/model.safetensors"):
+        assert not same_file(first / part, out / part), part
+    assert not list((out / "stages").glob("*/checkpoint.pt"))
+    assert json.loads((out / "student" / "generator" / "config.json").read_text())["intermediate_size"] == 32
+    # the teacher's figures are the first run's; the student's are its own
+    assert report == json.loads((out / "eval.json").read_text())
+    assert set(report) == set(first_report)
+    assert report["teacher"] == first_report["teacher"]
+    assert report["student"]["generator_params"] < first_report["student"]["generator_params"]
+
+
+def test_seed_from_runs_what_a_teacher_setting_changes(full_run, tiny, tmp_path, capsys):
+    """teacher_finetune.lr changed: the fine-tuning and everything that reads the fine-tuned teacher run
+    again; the encoder distillation, which never reads the generator, is still reused."""
+    first, first_report = full_run
+
+    def edit(text):
+        head, tail = text.split("[student]", 1)
+        return head.replace("lr = 1e-3", "lr = 2e-3") + "[student]" + tail
+
+    recipe = variant(tiny, tmp_path, edit)
+    out = tmp_path / "run"
+    report = distill(recipe, out, seed_from=first)
+    seeded, ran = stage_events(capsys.readouterr().out)
+    assert seeded == {"data", "teacher", "index", "distill_encoder"}
+    assert ran == {"teacher_finetune", "student_init", "student_folder", "general_cache", "distill_general",
+                   "teacher_logits", "distill_generator", "eval_teacher", "eval"}
+    assert not same_file(first / "teacher/generator/model.safetensors", out / "teacher/generator/model.safetensors")
+    assert state(first / "teacher/generator").keys() == state(out / "teacher/generator").keys()
+    assert json.loads((out / "stages/eval_teacher/result.json").read_text()) == report["teacher"]
+    assert report["teacher"]["generator_params"] == first_report["teacher"]["generator_params"]
+
+
+def test_student_folder_is_finished_before_the_evaluation(full_run, tiny, tmp_path, capsys):
+    """A run stopped before its evaluation already has the student's edgerag.json, naming the teacher's
+    encoder for passages where the recipe says so."""
+    from edgerag.models import passage_encoder_folder
+
+    recipe = variant(tiny, tmp_path, lambda t: t.replace("[student]\n", '[student]\npassage_encoder = "teacher"\n'))
+    out = tmp_path / "run"
+    assert distill(recipe, out, stop_after="student_folder", seed_from=full_run[0]) is None
+    seeded, ran = stage_events(capsys.readouterr().out)
+    assert ran == {"student_folder"}   # student_init does not depend on the passage encoder: seeded with the rest
+    assert seeded == set(STAGE_NAMES[:STAGE_NAMES.index("student_folder")])
+    info = json.loads((out / "student" / "edgerag.json").read_text())
+    assert info["passage_encoder"] == "passage_encoder"
+    assert info["student"]["generator"]["intermediate_size"] == 64
+    assert passage_encoder_folder(out / "student") == out / "student" / "passage_encoder"
+    assert (out / "student" / "passage_encoder" / "model.safetensors").exists()
+    assert not (out / "student" / "generator").exists() and not (out / "eval.json").exists()
+    assert sorted(p.name for p in (out / "stages").iterdir()) == sorted(STAGE_NAMES[:STAGE_NAMES.index("student_folder") + 1])
+    with pytest.raises(RunError, match="unknown stage"):
+        distill(recipe, tmp_path / "other", stop_after="evaluate")
+
+
+def test_seed_from_needs_a_run(tiny, tmp_path):
+    with pytest.raises(RunError, match="no run there"):
+        distill(tiny["recipe"], tmp_path / "run", seed_from=tmp_path / "nothing")
 
 
 def test_cli_eval_on_a_model_folder(full_run, tiny, tmp_path):
+    from edgerag.cli import main
+
     out, _ = full_run
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
     target = tmp_path / "eval.json"
-    args = parser.parse_args(["eval", str(out / "student"), "--questions", str(tiny["eval"]), "--n", "4", "--k", "2",
-                              "--out", str(target)])
-    assert args.func(args) == 0
+    assert main(["eval", str(out / "student"), "--questions", str(tiny["eval"]), "--n", "4", "--k", "2",
+                 "--out", str(target)]) == 0
     result = json.loads(target.read_text())
     assert result["n_questions"] == 4 and result["k"] == 2
     assert METRIC_KEYS <= set(result)
 
 
 def test_cli_distill_reports_recipe_errors(tmp_path, capsys):
+    from edgerag.cli import main
+
     bad = tmp_path / "bad.toml"
     bad.write_text("[student]\nlayerz = 3\n")
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["distill", str(bad), "--out", str(tmp_path / "run")])
-    assert args.func(args) == 2
+    assert main(["distill", str(bad), "--out", str(tmp_path / "run")]) != 0
     assert "student.layerz" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
-def test_ddp_two_processes_on_gloo(tiny, tmp_path):
-    """torchrun with 2 CPU processes: DDP training stages, rank 0 writes, and the run finishes."""
-    recipe = tmp_path / "ddp.toml"
-    text = tiny["recipe"].read_text().replace("[teacher_finetune]\n", "[teacher_finetune]\nenabled = false\n")
-    text = text.replace("seq_kd = true", "seq_kd = false")
-    recipe.write_text(text)
+def test_cli_distill_seed_from(full_run, tiny, tmp_path, capsys):
+    """`edgerag distill RECIPE --out RUN --seed-from OTHER_RUN`: the same recipe reuses every stage."""
+    from edgerag.cli import main
+
+    first, report = full_run
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    assert main(["distill", str(tiny["recipe"]), "--out", str(out), "--seed-from", str(first)]) == 0
+    assert stage_events(capsys.readouterr().out) == (set(STAGE_NAMES), set())
+    assert json.loads((out / "eval.json").read_text()) == report
+    assert same_file(first / "student/generator/model.safetensors", out / "student/generator/model.safetensors")
+
+
+def test_ddp_two_processes_on_gloo(full_run, tiny, tmp_path):
+    """torchrun with 2 CPU processes: rank 0 seeds the teacher side from another run while the other
+    waits, the DDP training stages run on both ranks, rank 0 writes, and the run finishes."""
+    recipe = variant(tiny, tmp_path, lambda t: t.replace("seq_kd = true", "seq_kd = false")
+                     .replace("intermediate_size = 64", "intermediate_size = 32").replace("encoder_layers = 1", "encoder_layers = 2"))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "train.pipeline", "distill",
-                           str(recipe), "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "edgerag.train.pipeline", "distill",
+                           str(recipe), "--out", str(out), "--seed-from", str(full_run[0])],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    seeded, ran = stage_events(proc.stdout)
+    assert seeded == {"data", "teacher", "index", "teacher_finetune", "general_cache", "eval_teacher"}
+    assert ran == {"student_init", "distill_encoder", "student_folder", "distill_general", "teacher_logits",
+                   "distill_generator", "eval"}
     report = json.loads((out / "eval.json").read_text())
     assert set(report["student"]) == METRIC_KEYS
+    assert report["teacher"] == full_run[1]["teacher"]
     log = [json.loads(l) for l in (out / "stages" / "distill_generator" / "log.jsonl").read_text().splitlines()]
     # 16 examples, batch 4 split over 2 ranks: 4 optimizer steps in all
     assert len(log) == 4
@@ -219,7 +359,7 @@ def trimmed_run(tiny, tmp_path_factory):
 def test_trimmed_student_end_to_end(trimmed_run, tiny, tmp_path):
     from transformers import AutoTokenizer
 
-    from train.evaluate import evaluate_model
+    from edgerag.evaluation import evaluate_model
 
     out, report = trimmed_run
     teacher_tok = AutoTokenizer.from_pretrained(out / "teacher" / "generator")
@@ -275,7 +415,7 @@ def test_progressive_compression_prunes_an_earlier_student(trimmed_run, tiny, tm
 
 
 def test_curve_table_of_students(full_run, trimmed_run, tmp_path):
-    from benchmarks.curve import main as curve
+    from edgerag.benchmarks.curve import main as curve
 
     assert curve([str(full_run[0]), str(trimmed_run[0]), "--out", str(tmp_path), "--rounds", "1"]) == 0
     rows = json.loads((tmp_path / "curve.json").read_text())
