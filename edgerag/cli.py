@@ -16,7 +16,8 @@ import sys
 
 WORKSTATION_MODULES = ("torch", "transformers", "optimum", "onnx")
 EXTRAS = {"train": WORKSTATION_MODULES + ("accelerate", "gguf", "safetensors", "tqdm", "onnx_ir"),
-          "bench": ("psutil", "matplotlib")}
+          "bench": ("psutil", "matplotlib"),
+          "serve": ("starlette", "uvicorn", "anyio", "httptools")}
 
 
 class MissingExtra(Exception):
@@ -41,7 +42,7 @@ def cmd_ask(args) -> int:
     for question in questions:
         if args.json:
             answer = pipeline.ask(question, k=args.k, max_new_tokens=args.max_new_tokens)
-            print(json.dumps(_record(answer)), flush=True)
+            print(json.dumps(answer.to_record()), flush=True)
             continue
         stream = pipeline.stream(question, k=args.k, max_new_tokens=args.max_new_tokens)
         while True:
@@ -60,11 +61,13 @@ def cmd_ask(args) -> int:
     return 0
 
 
-def _record(answer) -> dict:
-    return {"question": answer.question, "answer": answer.answer, "passages": answer.passages,
-            "timings": {k: round(v, 3) for k, v in answer.timings.items()},
-            "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens,
-            "tokens_per_second": round(answer.tokens_per_second, 2)}
+def cmd_serve(args) -> int:
+    from edgerag.runtime.serve import ServeOptions, serve
+
+    options = ServeOptions(**{k: getattr(args, k) for k in ("host", "port", "threads", "concurrency", "max_queue",
+                                                           "api_key", "timeout_s")})
+    serve(args.bundle, options)
+    return 0
 
 
 def cmd_verify(args) -> int:
@@ -154,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     ask.add_argument("--no-verify", action="store_true", help="skip the checksum check at load")
     ask.set_defaults(func=cmd_ask)
+
+    srv = sub.add_parser("serve", help="answer over HTTP: /v1/ask, OpenAI's /v1/chat/completions (device; extra [serve])")
+    srv.add_argument("bundle")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; any other needs --api-key)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    srv.add_argument("--concurrency", type=int, default=1, help="answers computed at once (default: %(default)s)")
+    srv.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond those; more get 503 (default: %(default)s)")
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    srv.add_argument("--timeout", dest="timeout_s", type=float, default=60.0, help="each request's deadline in seconds")
+    srv.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("verify", help="check a bundle's files against its manifest (device)")
     check.add_argument("bundle")

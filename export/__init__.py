@@ -37,6 +37,7 @@ class ExportOptions:
     accuracy_level: int = _option(4, "MatMulNBits accuracy level (4: int8 compute)")
     k: int = _option(3, "default passages per question")
     max_new_tokens: int = _option(32, "default new tokens per answer")
+    repetition_window: int = _option(16, "cut an answer whose last N tokens repeat one block, 3 times or more (0: never)")
     max_context: int = _option(2048, "prompt + answer tokens (capped by the generator's own positions)")
     hnsw_m: int = _option(32, "hnswlib M (graph degree)")
     ef_construction: int = _option(200, "hnswlib ef at build time")

@@ -202,9 +202,10 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
     if not passages:
         raise ValueError(f"{passages_path} holds no passages")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_work(out)
     started = time.time()
     stages = tqdm(total=7, desc="export", unit="stage")
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-") as tmp:
         bundle, work = Path(tmp) / "bundle", Path(tmp) / "work"
         bundle.mkdir()
         work.mkdir()
@@ -293,7 +294,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
                                     max_context=min(opts.max_context, getattr(config, "max_position_embeddings", opts.max_context)),
                                     graph=gen_builder, quantization=gen_quant, graph_optimization=gen_optimization),
             prompt=PromptSpec(template=template, stop_token_ids=stop),
-            generation=GenerationSpec(k=opts.k, max_new_tokens=opts.max_new_tokens),
+            generation=GenerationSpec(k=opts.k, max_new_tokens=opts.max_new_tokens,
+                                      repetition_window=opts.repetition_window),
             index=IndexSpec(file="index.hnsw", dim=int(vectors.shape[1]), count=len(passages), M=opts.hnsw_m,
                             ef_construction=opts.ef_construction, ef=opts.ef),
             passages=PassagesSpec(file="passages.sqlite", count=len(passages)),
@@ -306,6 +308,26 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.close()
         _replace_dir(bundle, out)
     return out
+
+
+def _remove_abandoned_work(out: Path) -> None:
+    """Folders that an export killed before it finished left beside `out` (their process is gone): its
+    work in progress, or the bundle it was replacing."""
+    for kind in ("tmp", "old"):
+        for folder in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = folder.name[len(f".{out.name}.{kind}-"):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _replace_dir(new: Path, target: Path) -> None:

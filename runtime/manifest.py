@@ -92,6 +92,7 @@ class GenerationSpec:
     k: int
     max_new_tokens: int
     strategy: str = "greedy"
+    repetition_window: int = 16       # cut an answer whose last N tokens repeat one block (0: never)
 
 
 @dataclass
@@ -153,9 +154,18 @@ class Manifest:
                               f"runtime (supported: {', '.join(SUPPORTED_FAMILIES)})")
         for name in manifest.files:
             # a listed file must sit in the bundle folder itself: no paths, no way out of it
-            if name in ("", ".", "..", MANIFEST) or Path(name).name != name or "\\" in name:
+            if not _plain_name(name):
                 raise BundleError(f"{where} lists the file {name!r}, which is not a plain file name in the bundle")
+        for key, name in manifest.named_files().items():
+            if name not in manifest.files:
+                raise BundleError(f"{where}: {key} is {name!r}, which is not among the bundle's listed files")
         return manifest
+
+    def named_files(self) -> dict[str, str]:
+        """{manifest key: file name} of every file the runtime opens."""
+        return {"query_encoder.onnx": self.query_encoder.onnx, "query_encoder.tokenizer": self.query_encoder.tokenizer,
+                "generator.onnx": self.generator.onnx, "generator.tokenizer": self.generator.tokenizer,
+                "index.file": self.index.file, "passages.file": self.passages.file}
 
     def to_bytes(self) -> bytes:
         return dump_manifest(self.to_dict())
@@ -166,6 +176,10 @@ class Manifest:
         tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
         tmp.write_bytes(self.to_bytes())
         tmp.replace(path)
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..", MANIFEST) and Path(name).name == name and "\\" not in name
 
 
 def _build(cls, data, prefix: str, where: str):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from edgerag.runtime.manifest import Manifest, read_manifest, verify
+from edgerag.runtime.manifest import BundleError, Manifest, read_manifest, verify
 from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -68,6 +69,10 @@ class PassageStore:
         self.db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
         self.extra: dict[int, tuple[str, str, str]] = {}  # passages added in memory, by index row
 
+    def count(self) -> int:
+        """Passages in the bundle's store (added ones aside)."""
+        return self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+
     def add(self, rows: Iterable[int], passages: list[tuple[str, str, str]]) -> None:
         self.extra.update({int(r): p for r, p in zip(rows, passages)})
 
@@ -103,6 +108,7 @@ class Generation:
         self.prefill_ms = 0.0
         self.decode_ms = 0.0
         self.reused_prompt_tokens = 0
+        self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end
         self._steps = decode(self)  # the decoding loop, which records its figures on this object
 
     def __iter__(self) -> Iterator[int]:
@@ -111,25 +117,44 @@ class Generation:
             yield token
 
 
+REUSE_MODES = ("template", "previous", "none")
+
+
 class DecoderOnlyGenerator:
     """Greedy decoding over one ONNX graph that serves prefill and decode with a KV cache.
 
     Inputs input_ids, attention_mask, past_key_values.N.key/value (and position_ids where the graph
     has them); outputs logits and present.N.key/value: the layout of both export builders.
+
+    reuse_prefix: where a prompt starts from a KV cache computed before.
+      "template"  the prompt template's opening, computed once (`prefix_ids`) and never changed:
+                  every answer depends on its own prompt only, whatever ran before or beside it.
+      "previous"  the part of the previous prompt that this one shares (follow-up questions on the
+                  same passages reuse those too). With dynamic int8 activations (int8sq) the answer
+                  then depends on the previous question within the quantization error.
+      "none"      every prompt from scratch. True and False stand for "template" and "none".
+    Generation keeps no other state on the object, so threads may share a generator.
     """
 
     # reuse a previous prompt's KV only when it saves at least this many positions
     MIN_REUSED_TOKENS = 8
 
-    def __init__(self, session: ort.InferenceSession, stop_token_ids: list[int], reuse_prefix: bool = True):
+    def __init__(self, session: ort.InferenceSession, stop_token_ids: list[int], reuse_prefix="template",
+                 prefix_ids: list[int] = ()):
+        mode = {True: "template", False: "none"}.get(reuse_prefix, reuse_prefix)
+        if mode not in REUSE_MODES:
+            raise ValueError(f"reuse_prefix must be one of {', '.join(REUSE_MODES)}, not {reuse_prefix!r}")
         self.session = session
         self.stop = set(stop_token_ids)
         self.past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
         self.present_outputs = [n.replace("past_key_values.", "present.") for n in (i.name for i in self.past_inputs)]
         self.input_names = {i.name for i in session.get_inputs()}
-        self.reuse_prefix = reuse_prefix
-        self._last_prompt: list[int] = []
-        self._last_prompt_cache: list[ort.OrtValue] = []  # the prefill's present values, copied out only when reused
+        self.reuse_prefix = mode
+        # (prompt ids, their KV as one array or OrtValue per past input), replaced as a whole so that a
+        # reader in another thread always gets a matching pair
+        self._cached: tuple[list[int], list] | None = None
+        if mode == "template" and len(prefix_ids) >= self.MIN_REUSED_TOKENS:
+            self._cached = (list(prefix_ids), self._prefill(list(prefix_ids)))
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         # inputs are [batch, kv_heads, past_length, head_dim]; kv_heads and head_dim are fixed in the graph
@@ -148,21 +173,29 @@ class DecoderOnlyGenerator:
 
     def last_logits(self, prompt_ids: list[int]) -> np.ndarray:
         """The next-token logits after `prompt_ids`, from an empty cache (for parity checks)."""
+        return self.session.run(["logits"], self._fresh_feed(prompt_ids))[0][0, -1]
+
+    def _prefill(self, prompt_ids: list[int]) -> list[np.ndarray]:
+        """The KV of `prompt_ids`, from an empty cache."""
+        return self.session.run(self.present_outputs, self._fresh_feed(prompt_ids))
+
+    def _fresh_feed(self, prompt_ids: list[int]) -> dict:
         feed = {"input_ids": np.array([prompt_ids], dtype=np.int64),
                 "attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64), **self.empty_cache()}
         if "position_ids" in self.input_names:
             feed["position_ids"] = np.arange(len(prompt_ids), dtype=np.int64)[None]
-        return self.session.run(["logits"], feed)[0][0, -1]
+        return feed
 
     def _steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
         """The decoding loop. The KV cache stays in onnxruntime's own buffers (IOBinding): each step's
         `present` values are bound as the next step's `past` without a round trip through numpy."""
         binding = self.session.io_binding()
-        reused = self._reusable_prefix(prompt_ids)
+        reused, kv = self._reusable_prefix(prompt_ids)
         if reused:
             # RAG prompts share the template's opening, and follow-up questions often share their
-            # top passages: the KV of the previous prompt's common prefix is exact for this one
-            past = {i.name: c.numpy()[:, :, :reused] for i, c in zip(self.past_inputs, self._last_prompt_cache)}
+            # top passages: the KV of a common prefix, computed before, is exact for this prompt
+            past = {i.name: (c.numpy() if isinstance(c, ort.OrtValue) else c)[:, :, :reused]
+                    for i, c in zip(self.past_inputs, kv)}
         else:
             past = self.empty_cache()
         cache = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in past.items()}
@@ -189,31 +222,66 @@ class DecoderOnlyGenerator:
             elapsed = (time.perf_counter() - start) * 1000
             if step == 0:
                 result.prefill_ms = elapsed
-                if self.reuse_prefix:
-                    self._last_prompt = list(prompt_ids)
-                    self._last_prompt_cache = presents
+                if self.reuse_prefix == "previous":
+                    self._cached = (list(prompt_ids), presents)  # copied out only when reused
             else:
                 result.decode_ms += elapsed
             if token in self.stop:
+                result.stop_reason = "stop"
                 return
             yield token
             cache = {i.name: p for i, p in zip(self.past_inputs, presents)}
             ids = np.array([[token]], dtype=np.int64)
             positions = np.array([[length]], dtype=np.int64)
             length += 1
+        result.stop_reason = "length"
 
-    def _reusable_prefix(self, prompt_ids: list[int]) -> int:
-        """Positions of `prompt_ids` whose KV the previous prompt already computed (0: none)."""
-        if not self.reuse_prefix or not self._last_prompt:
-            return 0
-        limit = min(len(self._last_prompt), len(prompt_ids) - 1)  # at least one position is fed
+    def _reusable_prefix(self, prompt_ids: list[int]) -> tuple[int, list | None]:
+        """(positions of `prompt_ids` whose KV is cached, that KV); (0, None) where none is."""
+        cached = self._cached  # one read: another thread may replace it meanwhile
+        if cached is None:
+            return 0, None
+        ids, kv = cached
+        limit = min(len(ids), len(prompt_ids) - 1)  # at least one position is fed
         common = 0
-        while common < limit and self._last_prompt[common] == prompt_ids[common]:
+        while common < limit and ids[common] == prompt_ids[common]:
             common += 1
-        return common if common >= self.MIN_REUSED_TOKENS else 0
+        return (common, kv) if common >= self.MIN_REUSED_TOKENS else (0, None)
 
 
 GENERATORS = {"decoder-only": DecoderOnlyGenerator}
+
+
+def repetition_cut(tokens: list[int], window: int) -> int | None:
+    """Where to cut an answer whose last `window` tokens repeat one block (at least three times over):
+    after the first occurrence of the block in that run. None where they do not, or window is 0.
+
+    A small model decoding greedily can loop ("Angularananan..." up to the token limit); the run of
+    repeats is cut, its first block kept.
+    """
+    if window <= 0 or len(tokens) < window:
+        return None
+    tail = tokens[-window:]
+    for period in range(1, window // 3 + 1):
+        if all(tail[i] == tail[i - period] for i in range(period, window)):
+            start = len(tokens) - window
+            while start > 0 and tokens[start - 1] == tokens[start - 1 + period]:
+                start -= 1
+            return start + period
+    return None
+
+
+def check_question(question) -> str:
+    """The question, or a PromptError saying why it cannot be asked."""
+    if not isinstance(question, str):
+        raise PromptError(f"the question must be text, not {type(question).__name__}")
+    if not question.strip():
+        raise PromptError("the question is empty")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError("the question is not valid Unicode (it holds a lone surrogate)") from None
+    return question
 
 
 @dataclass
@@ -225,9 +293,19 @@ class Answer:
     prompt_tokens: int = 0
     new_tokens: int = 0
     tokens_per_second: float = 0.0
+    # "stop" (the model ended it), "length" (max_new_tokens), "repetition" (a repeating tail was cut),
+    # "deadline" (the caller's deadline passed)
+    stop_reason: str = ""
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def to_record(self) -> dict:
+        """The answer as one JSON-ready record (timings to the microsecond)."""
+        record = self.to_dict()
+        record["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        record["tokens_per_second"] = round(self.tokens_per_second, 2)
+        return record
 
 
 @dataclass
@@ -243,36 +321,60 @@ class Pipeline:
     tokenizer: Tokenizer
     template: PromptTemplate
     size: int = field(default=0)
+    # hnswlib's ef is set per search and added passages grow the index: retrieval runs one at a time
+    _retrieval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
-             reuse_prefix: bool = True) -> "Pipeline":
+             reuse_prefix="template") -> "Pipeline":
         """Load a bundle directory. Every file's checksum is verified first (`check=False` skips that).
 
-        reuse_prefix: keep the last prompt's KV cache and start the next prompt from the part they share.
+        reuse_prefix: "template" (the default) starts every prompt from the KV of the template's
+        opening, computed once here; "previous" from the part it shares with the previous prompt;
+        "none" from scratch (see DecoderOnlyGenerator).
+
+        Threads may share a Pipeline: ask, stream, ask_batch and retrieve keep no state between
+        calls (with "previous", an answer depends on the previous prompt within the quantization
+        error of int8sq), retrieval is serialized and generation runs concurrently.
         """
         bundle = Path(bundle)
         manifest = read_manifest(bundle)
         if check:
             verify(bundle, manifest)
+        for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
+            if not (bundle / name).is_file():
+                raise BundleError(f"missing file {name} in bundle {bundle}")
         enc, gen, idx = manifest.query_encoder, manifest.generator, manifest.index
         encoder = QueryEncoder(make_session(bundle / enc.onnx, threads),
                                Tokenizer.from_file(str(bundle / enc.tokenizer)), enc.max_length)
         index = hnswlib.Index(space=idx.space, dim=idx.dim)
-        index.load_index(str(bundle / idx.file), max_elements=idx.count)
+        try:
+            index.load_index(str(bundle / idx.file), max_elements=idx.count)
+        except RuntimeError as e:
+            raise BundleError(f"{idx.file} in bundle {bundle} does not load as an index of {idx.count} vectors "
+                              f"of dimension {idx.dim}: {e}") from None
+        if index.get_current_count() != idx.count:
+            raise BundleError(f"{idx.file} in bundle {bundle} holds {index.get_current_count()} vectors, "
+                              f"the manifest says {idx.count}")
         index.set_ef(idx.ef)
+        store = PassageStore(bundle / manifest.passages.file)
+        if store.count() != manifest.passages.count or manifest.passages.count != idx.count:
+            raise BundleError(f"{manifest.passages.file} in bundle {bundle} holds {store.count()} passages for "
+                              f"{idx.count} index vectors, the manifest says {manifest.passages.count}")
+        tokenizer = Tokenizer.from_file(str(bundle / gen.tokenizer))
+        template = manifest.prompt.template
         # read_manifest has refused families without a generation loop here
-        generator = GENERATORS[gen.family](make_session(bundle / gen.onnx, threads),
-                                           manifest.prompt.stop_token_ids, reuse_prefix)
-        return cls(bundle, manifest, encoder, index, PassageStore(bundle / manifest.passages.file),
-                   generator, Tokenizer.from_file(str(bundle / gen.tokenizer)), manifest.prompt.template, idx.count)
+        generator = GENERATORS[gen.family](make_session(bundle / gen.onnx, threads), manifest.prompt.stop_token_ids,
+                                           reuse_prefix, tokenizer.encode(template.prefix, add_special_tokens=False).ids)
+        return cls(bundle, manifest, encoder, index, store, generator, tokenizer, template, idx.count)
 
     # retrieval ---------------------------------------------------------------------------
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, scores) of the k nearest passages for each embedding."""
-        k = min(k, self.size)
-        self.index.set_ef(max(self.manifest.index.ef, k))
-        rows, distances = self.index.knn_query(embeddings, k=k)
+        with self._retrieval_lock:
+            k = min(k, self.size)
+            self.index.set_ef(max(self.manifest.index.ef, k))
+            rows, distances = self.index.knn_query(embeddings, k=k)
         return rows, 1.0 - distances  # hnswlib's 'ip' distance is 1 - dot product
 
     def retrieve(self, question: str, k: int | None = None) -> list[dict]:
@@ -282,8 +384,10 @@ class Pipeline:
     def passages_at(self, rows, scores=None) -> list[dict]:
         """The passages at index rows, as {"id", "title", "score", "text"}."""
         scores = [None] * len(rows) if scores is None else [float(s) for s in scores]
+        with self._retrieval_lock:
+            found = self.store.get(rows)
         return [{"id": pid, "title": title, "score": score, "text": text}
-                for (pid, title, text), score in zip(self.store.get(rows), scores)]
+                for (pid, title, text), score in zip(found, scores)]
 
     def passages(self) -> Iterator[tuple[str, str, str]]:
         """Every (id, title, text) the pipeline retrieves from, in index row order."""
@@ -295,20 +399,22 @@ class Pipeline:
         Passages whose id the bundle already holds are skipped, so a corpus that overlaps the
         bundle's own passages does not duplicate them. Returns how many were added.
         """
-        self.index.resize_index(self.size + len(passages))
         fmt = self.manifest.index.passage_format
         added = 0
         for start in range(0, len(passages), batch_size):
             chunk = passages[start:start + batch_size]
-            known = self.store.has_ids([pid for pid, _, _ in chunk])
+            with self._retrieval_lock:
+                known = self.store.has_ids([pid for pid, _, _ in chunk])
             chunk = [p for p in chunk if p[0] not in known]
             if not chunk:
                 continue
             vectors = self.encoder.encode([fmt.format(title=title, text=text) for _, title, text in chunk])
-            rows = np.arange(self.size, self.size + len(chunk))
-            self.index.add_items(vectors, rows)
-            self.store.add(rows, chunk)
-            self.size += len(chunk)
+            with self._retrieval_lock:
+                rows = np.arange(self.size, self.size + len(chunk))
+                self.index.resize_index(self.size + len(chunk))
+                self.index.add_items(vectors, rows)
+                self.store.add(rows, chunk)
+                self.size += len(chunk)
             added += len(chunk)
         return added
 
@@ -322,30 +428,44 @@ class Pipeline:
                                 self.manifest.generator.max_context - max_new_tokens)
 
     def _answer(self, question: str, passages: list[dict], max_new_tokens: int | None,
-                timings: dict, started: float) -> Iterator[str]:
+                timings: dict, started: float, deadline: float | None = None) -> Iterator[str]:
         max_new_tokens = max_new_tokens or self.manifest.generation.max_new_tokens
+        if max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         prompt = self.prompt_ids(question, [(p["title"], p["text"]) for p in passages], max_new_tokens)
         decoder = DecodeStream(skip_special_tokens=True)
         generation = self.generator.generate(prompt, max_new_tokens)
+        window = self.manifest.generation.repetition_window
+        tokens, stop_reason = generation.tokens, ""
         for token in generation:
             if len(generation.tokens) == 1:
                 timings["ttft_ms"] = (time.perf_counter() - started) * 1000
             piece = decoder.step(self.tokenizer, token)
             if piece:
                 yield piece
+            cut = repetition_cut(generation.tokens, window)
+            if cut is not None:
+                tokens, stop_reason = generation.tokens[:cut], "repetition"
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                stop_reason = "deadline"
+                break
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
                        reused_prompt_tokens=generation.reused_prompt_tokens,
                        total_ms=(time.perf_counter() - started) * 1000)
-        tokens = generation.tokens
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         decode_s = generation.decode_ms / 1000
+        n = len(generation.tokens)
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
-                      (len(tokens) - 1) / decode_s if decode_s > 0 and len(tokens) > 1 else 0.0)
+                      (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0, stop_reason or generation.stop_reason)
 
-    def stream(self, question: str, k: int | None = None, max_new_tokens: int | None = None) -> Iterator[str]:
-        """Yield answer text as it is produced; the generator's return value is the full Answer."""
-        if not question or not question.strip():
-            raise PromptError("the question is empty")
+    def stream(self, question: str, k: int | None = None, max_new_tokens: int | None = None,
+               deadline: float | None = None) -> Iterator[str]:
+        """Yield answer text as it is produced; the generator's return value is the full Answer.
+
+        deadline: a time.monotonic() value after which generation stops (stop_reason "deadline").
+        """
+        check_question(question)
         started = time.perf_counter()
         timings = {}
         vector = self.encoder.encode([question])
@@ -354,25 +474,27 @@ class Pipeline:
         rows, scores = self.search(vector, k or self.manifest.generation.k)
         timings["search_ms"] = (time.perf_counter() - t) * 1000
         passages = self.passages_at(rows[0], scores[0])
-        return (yield from self._answer(question, passages, max_new_tokens, timings, started))
+        return (yield from self._answer(question, passages, max_new_tokens, timings, started, deadline))
 
-    def ask(self, question: str, k: int | None = None, max_new_tokens: int | None = None) -> Answer:
-        return _drain(self.stream(question, k, max_new_tokens))
+    def ask(self, question: str, k: int | None = None, max_new_tokens: int | None = None,
+            deadline: float | None = None) -> Answer:
+        return _drain(self.stream(question, k, max_new_tokens, deadline))
 
     def answer_with_passages(self, question: str, passages: list[tuple[str, str]],
                              max_new_tokens: int | None = None) -> Answer:
         """Answer from given (title, text) passages, skipping retrieval (e.g. the gold passage)."""
-        if not question or not question.strip():
-            raise PromptError("the question is empty")
+        check_question(question)
         given = [{"id": None, "title": t, "score": None, "text": x} for t, x in passages]
         timings = {"encode_ms": 0.0, "search_ms": 0.0}
         return _drain(self._answer(question, given, max_new_tokens, timings, time.perf_counter()))
 
     def ask_batch(self, questions: list[str], k: int | None = None, max_new_tokens: int | None = None) -> list[Answer]:
         """Many questions: encoded and searched together, then answered one by one."""
-        for q in questions:
-            if not q or not q.strip():
-                raise PromptError("a question in the batch is empty")
+        for i, q in enumerate(questions):
+            try:
+                check_question(q)
+            except PromptError as e:
+                raise PromptError(f"question {i} of the batch: {e}") from None
         started = time.perf_counter()
         vectors = self.encoder.encode(questions)
         encode_ms = (time.perf_counter() - started) * 1000 / max(len(questions), 1)

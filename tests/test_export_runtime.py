@@ -64,9 +64,9 @@ def test_kv_cache_decoding_equals_full_recomputation(bundle_fixture, request):
 
 
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8wo", "tiny_bundle_optimum"])
-def test_prefix_reuse_gives_the_tokens_of_a_fresh_start(bundle_fixture, request):
+def test_previous_prompt_reuse_gives_the_tokens_of_a_fresh_start(bundle_fixture, request):
     bundle = request.getfixturevalue(bundle_fixture)
-    reusing = Pipeline.load(bundle)
+    reusing = Pipeline.load(bundle, reuse_prefix="previous")
     fresh = Pipeline.load(bundle, reuse_prefix=False)
     passages = PROMPTS[0][1] + PROMPTS[1][1]
     # same passages, other questions: everything before the question is shared

@@ -144,6 +144,28 @@ def _set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------- the loop
 
+def _read_checkpoint(path: Path, desc: str) -> dict | None:
+    """The stage's checkpoint, or None. Checkpoints are renamed into place whole, so a killed save
+    leaves only checkpoint.pt.tmp behind; a checkpoint that still does not read is set aside, never
+    half-trusted, and the stage starts again."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not {"model", "optimizer", "scheduler", "step", "log", "rng"} <= set(ckpt):
+            raise ValueError("keys missing")
+        return ckpt
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside the same way
+        aside = path.with_name(path.name + ".unreadable")
+        os.replace(path, aside)
+        print(f"[{desc}] checkpoint {path} does not read ({type(e).__name__}: {e}); moved to {aside.name}, "
+              "starting the stage again")
+        return None
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1
@@ -186,8 +208,8 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     step, log = 0, []
     seed_everything(cfg.seed)
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = _read_checkpoint(ckpt_path, desc) if resume else None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -1,0 +1,333 @@
+"""`edgerag serve BUNDLE`: one bundle over HTTP, for the other programs on a device.
+
+    POST /v1/ask               {"question", "k"?, "max_new_tokens"?, "stream"?} -> the answer record,
+                               or server-sent events: `token` events, then one `answer` event
+    POST /v1/chat/completions  OpenAI's chat format (streaming chunks too); the last user message is
+                               the question, the passages come back in an extra `passages` field
+    GET  /health, GET /v1/info
+
+Starlette on uvicorn: a small, well-kept ASGI stack (routing, streaming responses, a production
+server) that pulls in no torch, installed with `pip install 'edgerag[serve]'`.
+
+Answers are computed in threads, at most `concurrency` at a time (on a small CPU one answer already
+uses every core); up to `max_queue` more wait, and further requests get 503 with Retry-After at
+once. Every request has a deadline: one that waits past it gets 503, one whose answer runs past it
+is cut (stop_reason "deadline"). Errors are JSON, `{"error": {"type", "message"}}`, and never stop
+the server. The Pipeline is shared by the threads (see Pipeline.load): answers are those of a
+sequential run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from edgerag.runtime.pipeline import Answer, Pipeline, check_question
+from edgerag.runtime.prompt import PromptError
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    threads: int | None = None          # onnxruntime intra-op threads per session (default: all cores)
+    concurrency: int = 1                # answers computed at once
+    max_queue: int = 8                  # requests waiting beyond those; more get 503
+    api_key: str | None = None          # required (Bearer) when binding beyond loopback
+    timeout_s: float = 60.0             # each request's deadline, waiting included
+    max_body_bytes: int = 64 * 1024
+    max_question_chars: int = 4000
+    max_new_tokens: int = 256           # the most a request may ask for
+    max_k: int = 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+
+
+def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Admission:
+    """At most `concurrency` answers at once and `max_queue` waiting; a request beyond that is refused."""
+
+    def __init__(self, concurrency: int, max_queue: int):
+        self.concurrency, self.limit = concurrency, concurrency + max_queue
+        self.admitted = 0
+        self.slots: asyncio.Semaphore | None = None   # made in the server's event loop
+
+    async def enter(self, deadline: float) -> None:
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.concurrency)
+        if self.admitted >= self.limit:
+            raise ApiError(503, "overloaded", f"{self.admitted} requests are in progress or waiting; retry later",
+                           {"Retry-After": "1"})
+        self.admitted += 1
+        try:
+            await asyncio.wait_for(self.slots.acquire(), timeout=max(deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            self.admitted -= 1
+            raise ApiError(503, "timeout", "the request waited past its deadline for a free slot",
+                           {"Retry-After": "1"}) from None
+
+    def leave(self) -> None:
+        self.admitted -= 1
+        self.slots.release()
+
+
+def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starlette:
+    opts = options or ServeOptions()
+    admission = Admission(opts.concurrency, opts.max_queue)
+    model_name = Path(pipeline.path).name
+
+    def authorize(request: Request) -> None:
+        if opts.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {opts.api_key}"
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")):
+            raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)")
+
+    async def read_json(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > opts.max_body_bytes:
+            raise ApiError(413, "request_too_large", f"the body is over {opts.max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > opts.max_body_bytes:
+                raise ApiError(413, "request_too_large", f"the body is over {opts.max_body_bytes} bytes")
+        try:
+            data = json.loads(bytes(body))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_request", "the body must be a JSON object")
+        return data
+
+    def field(data: dict, name: str, kind, default=None, low=None, high=None):
+        value = data.get(name, default)
+        if value is None:
+            return default
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)) or \
+                kind is not int and not isinstance(value, kind):
+            raise ApiError(400, "invalid_request", f"{name} must be {kind.__name__}, not {type(value).__name__}")
+        if low is not None and value < low or high is not None and value > high:
+            raise ApiError(422, "invalid_request", f"{name} must be between {low} and {high}, not {value}")
+        return value
+
+    def question_of(text) -> str:
+        if not isinstance(text, str):
+            raise ApiError(400, "invalid_request", f"the question must be a string, not {type(text).__name__}")
+        if len(text) > opts.max_question_chars:
+            raise ApiError(413, "question_too_long", f"the question has {len(text)} characters; "
+                                                     f"the limit is {opts.max_question_chars}")
+        try:
+            return check_question(text)
+        except PromptError as e:
+            raise ApiError(422, "invalid_question", str(e)) from None
+
+    def settings(data: dict, max_tokens_name: str = "max_new_tokens") -> tuple[int | None, int | None, bool]:
+        k = field(data, "k", int, None, 1, opts.max_k)
+        max_new = field(data, max_tokens_name, int, None, 1, opts.max_new_tokens)
+        return k, max_new, field(data, "stream", bool, False)
+
+    async def answer(question: str, k, max_new, deadline: float) -> Answer:
+        await admission.enter(deadline)
+        task = asyncio.ensure_future(asyncio.to_thread(pipeline.ask, question, k, max_new, deadline))
+        task.add_done_callback(lambda _: admission.leave())  # when the thread ends, even if the client left
+        return await asyncio.shield(task)
+
+    async def start_stream(question: str, k, max_new, deadline: float):
+        """Admit the request (or refuse it before any response starts), start its answer in a thread,
+        and return an async iterator of ("piece", text) and then ("answer", Answer) or ("error", e).
+        The slot is held until the thread ends, even if the client goes away."""
+        await admission.enter(deadline)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def produce():
+            try:
+                stream = pipeline.stream(question, k, max_new, deadline)
+                while True:
+                    try:
+                        piece = next(stream)
+                    except StopIteration as done:
+                        loop.call_soon_threadsafe(queue.put_nowait, ("answer", done.value))
+                        return
+                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+            except Exception as e:  # noqa: BLE001 - reported to the client as an error event
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+            finally:
+                loop.call_soon_threadsafe(admission.leave)
+
+        threading.Thread(target=produce, daemon=True).start()
+
+        async def pieces():
+            while True:
+                kind, value = await queue.get()
+                yield kind, value
+                if kind != "piece":
+                    return
+        return pieces()
+
+    def sse(data, event: str | None = None) -> str:
+        return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def error_event(e: Exception) -> str:
+        kind, message = ("invalid_question", str(e)) if isinstance(e, PromptError) else ("internal", "the answer failed")
+        return sse({"error": {"type": kind, "message": message}}, "error")
+
+    async def ask_endpoint(request: Request):
+        authorize(request)
+        data = await read_json(request)
+        if "question" not in data:
+            raise ApiError(400, "invalid_request", "the body needs a question")
+        question = question_of(data["question"])
+        k, max_new, stream = settings(data)
+        deadline = time.monotonic() + opts.timeout_s
+        if not stream:
+            return JSONResponse((await answer(question, k, max_new, deadline)).to_record())
+        pieces = await start_stream(question, k, max_new, deadline)
+
+        async def events():
+            async for kind, value in pieces:
+                if kind == "piece":
+                    yield sse({"token": value}, "token")
+                elif kind == "answer":
+                    yield sse(value.to_record(), "answer")
+                else:
+                    yield error_event(value)
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def last_user_message(data: dict) -> str:
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "invalid_request", "messages must be a non-empty list")
+        for message in reversed(messages):
+            if not isinstance(message, dict):
+                raise ApiError(400, "invalid_request", "each message must be an object")
+            if message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, list):  # content parts: the text ones, joined
+                    if not all(isinstance(p, dict) for p in content):
+                        raise ApiError(400, "invalid_request", "content parts must be objects")
+                    content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+                return question_of(content)
+        raise ApiError(400, "invalid_request", "no message with role 'user'")
+
+    def finish_reason(a: Answer) -> str:
+        return "length" if a.stop_reason in ("length", "deadline") else "stop"
+
+    async def chat_endpoint(request: Request):
+        authorize(request)
+        data = await read_json(request)
+        question = last_user_message(data)
+        max_new = field(data, "max_completion_tokens", int, None, 1, opts.max_new_tokens) or \
+            field(data, "max_tokens", int, None, 1, opts.max_new_tokens)
+        k = field(data, "k", int, None, 1, opts.max_k)
+        stream = field(data, "stream", bool, False)
+        deadline = time.monotonic() + opts.timeout_s
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": completion_id, "created": created, "model": model_name}
+        if not stream:
+            a = await answer(question, k, max_new, deadline)
+            return JSONResponse({**base, "object": "chat.completion",
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": a.answer},
+                                              "finish_reason": finish_reason(a)}],
+                                 "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
+                                           "total_tokens": a.prompt_tokens + a.new_tokens},
+                                 "passages": a.passages, "timings": a.to_record()["timings"]})
+        pieces = await start_stream(question, k, max_new, deadline)
+
+        def chunk(delta: dict, reason=None, **extra) -> str:
+            return sse({**base, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra})
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            async for kind, value in pieces:
+                if kind == "piece":
+                    yield chunk({"content": value})
+                elif kind == "answer":
+                    yield chunk({}, finish_reason(value), passages=value.passages)
+                else:
+                    yield error_event(value)
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok"})
+
+    async def info(request: Request):
+        authorize(request)
+        m = pipeline.manifest
+        return JSONResponse({
+            "model": model_name, "format_version": m.format_version, "size_mb": round(m.megabytes, 1),
+            "generator": {"model_type": m.generator.model_type, "parameters": m.generator.parameters,
+                          "layers": m.generator.num_layers, "quantization": m.generator.quantization_method,
+                          "max_context": m.generator.max_context},
+            "query_encoder": {"parameters": m.query_encoder.parameters, "dim": m.query_encoder.dim,
+                              "quantization": m.query_encoder.quantization.get("method", "none")},
+            "passages": pipeline.size, "defaults": {"k": m.generation.k, "max_new_tokens": m.generation.max_new_tokens},
+            "limits": {"concurrency": opts.concurrency, "max_queue": opts.max_queue, "timeout_s": opts.timeout_s,
+                       "max_body_bytes": opts.max_body_bytes, "max_question_chars": opts.max_question_chars,
+                       "max_new_tokens": opts.max_new_tokens, "max_k": opts.max_k},
+        })
+
+    async def on_api_error(request: Request, e: ApiError):
+        return error_response(e.status, e.kind, e.message, e.headers)
+
+    async def on_http_error(request: Request, e: HTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error_response(e.status_code, kind, str(e.detail), getattr(e, "headers", None))
+
+    async def on_error(request: Request, e: Exception):
+        if isinstance(e, PromptError):
+            return error_response(422, "invalid_question", str(e))
+        return error_response(500, "internal", f"the request failed ({type(e).__name__}); the server goes on")
+
+    routes = [Route("/v1/ask", ask_endpoint, methods=["POST"]),
+              Route("/v1/chat/completions", chat_endpoint, methods=["POST"]),
+              Route("/health", health, methods=["GET"]), Route("/v1/info", info, methods=["GET"])]
+    return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
+                                                        Exception: on_error})
+
+
+def serve(bundle: str | Path, options: ServeOptions | None = None) -> None:
+    """Load the bundle (every checksum verified) and serve it until interrupted."""
+    import uvicorn
+
+    opts = options or ServeOptions()
+    if not is_loopback(opts.host) and not opts.api_key:
+        raise ValueError(f"binding to {opts.host} exposes the bundle beyond this machine: give --api-key KEY")
+    pipeline = Pipeline.load(bundle, threads=opts.threads)
+    config = uvicorn.Config(build_app(pipeline, opts), host=opts.host, port=opts.port, log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=5)
+    print(f"edgerag: serving {bundle} on http://{opts.host}:{opts.port}", flush=True)
+    uvicorn.Server(config).run()
