@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export EDGERAG_DATA := $(DATA)
 
-.PHONY: demo test test-all install install-base clean medium full full-curve curve curve-variants
+.PHONY: demo test test-all install install-base clean medium full full-curve curve curve-variants reliability
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ test-all: $(VENV)/.installed $(BASE_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m edgerag.demo --data $(DATA) --run $(RUN)
+
+# The reliability suite at full size on the demo bundle (about an hour on 2 cores): 1,000 fuzzed inputs
+# per API, 1/2/4/8 clients x 50 questions against `edgerag serve`, a 2,000-question soak, export killed
+# 5 times, distill killed in each training stage of the demo recipe, every bundle file damaged.
+reliability: $(VENV)/.installed
+	[ -f $(RUN)/bundle/manifest.json ] || $(MAKE) demo
+	$(VENV)/bin/python -m edgerag.benchmarks.reliability $(RUN)/bundle --out runs/reliability \
+	  --questions-file $(DATA)/xquad-en.json.gz --distill-recipe recipes/demo.toml --threads 2
 
 # Hours on 2 cores, minutes on a GPU: the medium recipe, then three students from its teacher at about
 # 70%, 55% and 40% of its generator parameters (`make curve`: each run is seeded from medium's finished

@@ -45,6 +45,12 @@ def add_cli(subparsers) -> None:
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help="comma-separated, from: %(default)s ('bundle' means every --bundle)")
     p.add_argument("--index-sizes", default="10000,100000,1000000", help="random vectors for the hnswlib sweep ('' skips it)")
+    p.add_argument("--index-corpus", default="squad-v1.1-train.json.gz",
+                   help="a real corpus for the hnswlib sweep, embedded with the first bundle's encoder and cached: a "
+                        "SQuAD file (its questions and passages) or JSONL passages; a bare name is looked up in the data "
+                        "folder ('' skips it)")
+    p.add_argument("--index-queries", default="squad-v1.1-dev.json.gz",
+                   help="SQuAD file whose questions query the real corpus (200 of them, seeded)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the first bundle's")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "edgerag" / "bench"),
                    help="baseline models and the onnxruntime-genai venv are built here once")
@@ -164,18 +170,40 @@ def run_worker(system: dict, spec: dict, workdir: Path, timeout: float | None = 
     return json.loads(out_path.read_text())
 
 
-def run_index_sizes(sizes: list[int], dim: int, m: int, ef_construction: int, workdir: Path) -> list[dict]:
+def run_index(sizes: list[int], corpus: str | None, queries: str | None, bundle: Path, manifest, cache: Path,
+              workdir: Path) -> list[dict]:
+    """hnswlib rows, each in its own process: a real corpus embedded with the bundle's encoder (cached),
+    then random unit vectors at each size (the worst case)."""
+    idx = manifest.index
+    jobs = []
+    if corpus:
+        jobs.append((Path(corpus).name, ["corpus", str(bundle), corpus, queries, str(cache / "index"), str(idx.M),
+                                         str(idx.ef_construction)]))
+    jobs += [(f"{n} random", ["random", str(n), str(idx.dim), str(idx.M), str(idx.ef_construction)]) for n in sizes]
     rows = []
-    for n in sizes:
-        out = workdir / f"index-{n}.json"
-        log(f"index: {n} random unit vectors, dim {dim}")
-        r = subprocess.run([sys.executable, "-m", "edgerag.benchmarks.index_scale", str(n), str(dim), str(m),
-                            str(ef_construction), str(out)], capture_output=True, text=True)
+    for i, (label, args) in enumerate(jobs):
+        out = workdir / f"index-{i}.json"
+        log(f"index: {label}")
+        r = subprocess.run([sys.executable, "-m", "edgerag.benchmarks.index_scale", *args, str(out)],
+                           capture_output=True, text=True)
         if r.returncode:
-            rows.append({"n": n, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
+            rows.append({"vectors": label, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
             continue
         rows.append(json.loads(out.read_text()))
     return rows
+
+
+def _existing_data(name: str | None) -> str | None:
+    """A data file's path (bare names in the data folder), or None where it is not given or not there."""
+    from edgerag.data import data_path
+
+    if not name:
+        return None
+    path = data_path(name)
+    if not path.exists():
+        log(f"index: {path} not found, its rows are skipped")
+        return None
+    return str(path)
 
 
 def run_bench(args) -> dict:
@@ -223,11 +251,9 @@ def run_bench(args) -> dict:
                 log(f"{system['name']} (t={t}) failed: {e}")
                 skipped.append({"name": system["name"], "threads": t, "reason": f"failed: {e}"})
 
-    index_rows = []
-    sizes = _ints(args.index_sizes)
-    if sizes:
-        idx = first.index
-        index_rows = run_index_sizes(sizes, idx.dim, idx.M, idx.ef_construction, workdir)
+    corpus = _existing_data(args.index_corpus)
+    index_rows = run_index(_ints(args.index_sizes), corpus, _existing_data(args.index_queries) if corpus else None,
+                           bundles[0], first, cache, workdir)
 
     rows = [summary.system_row(r, limits) for r in raw]
     return {"machine": {k: limits[k] for k in ("cpu", "cores", "bandwidth_gb_s", "matmul_gflops")},

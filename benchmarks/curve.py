@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from edgerag.benchmarks.generator_speed import graph_megabytes, measure
-from edgerag.runtime.manifest import read_manifest
+from edgerag.runtime.manifest import MANIFEST, read_manifest
 
 
 def collect(runs: list[Path]) -> list[dict]:
@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     rows = collect(args.runs)
-    graphs = {r["name"]: r["bundle"] / "generator.onnx" for r in rows if (r["bundle"] / "manifest.json").exists()}
+    graphs = {r["name"]: r["bundle"] / read_manifest(r["bundle"]).generator.onnx for r in rows
+              if (r["bundle"] / MANIFEST).exists()}
     speed = measure(list(graphs.values()), args.prompt_tokens, 17, args.threads, args.rounds) if graphs else {}
     for row in rows:
         graph = graphs.get(row["name"])

@@ -41,11 +41,11 @@ def main(argv=None) -> int:
     }
     print("| questions | prefix reuse | prefill ms (median) | prompt tokens (mean) | reused tokens (mean) |\n|---|---|---|---|---|")
     for name, questions in sequences.items():
-        for reuse in (False, True):
+        for reuse in ("none", "template", "previous"):
             pipeline = Pipeline.load(args.bundle, threads=args.threads, reuse_prefix=reuse)
             pipeline.ask("A warm-up question about nothing in particular?")
             answers = [pipeline.ask(q) for q in questions]
-            print(f"| {name} | {'on' if reuse else 'off'} | {np.median([a.timings['prefill_ms'] for a in answers]):.0f} | "
+            print(f"| {name} | {reuse} | {np.median([a.timings['prefill_ms'] for a in answers]):.0f} | "
                   f"{np.mean([a.prompt_tokens for a in answers]):.0f} | "
                   f"{np.mean([a.timings['reused_prompt_tokens'] for a in answers]):.0f} |")
     return 0

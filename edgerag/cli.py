@@ -118,7 +118,9 @@ def cmd_eval(args) -> int:
 
     from edgerag.evaluation import evaluate_model, format_table
 
-    if not (Path(args.model) / "manifest.json").exists():
+    from edgerag.runtime.manifest import MANIFEST
+
+    if not (Path(args.model) / MANIFEST).exists():
         require_workstation("eval")  # a model folder runs in torch; a bundle needs the base install only
     result = evaluate_model(args.model, args.questions, args.corpus, args.n, args.k)
     out = Path(args.out)

@@ -41,12 +41,16 @@ def main(argv=None) -> int:
 
     from edgerag.export import ExportOptions
     from edgerag.export.bundle import export_bundle
+    from edgerag.models import folder_models, passage_encoder_folder
+    from edgerag.runtime.manifest import MANIFEST
 
     bundle = run / "bundle"
     t = time.time()
-    if not (bundle / "manifest.json").exists():
-        export_bundle(str(run / "student" / "query_encoder"), str(run / "student" / "generator"),
-                      Path(args.data) / "xquad-en.json.gz", bundle, options=ExportOptions(parity_questions=4))
+    if not (bundle / MANIFEST).exists():
+        query_encoder, generator = folder_models(run / "student")
+        passage_encoder = passage_encoder_folder(run / "student")  # as `edgerag export RUN/student` does
+        export_bundle(query_encoder, generator, Path(args.data) / "xquad-en.json.gz", bundle,
+                      str(passage_encoder) if passage_encoder else None, options=ExportOptions(parity_questions=4))
     timings["export_s"] = time.time() - t
 
     from edgerag.runtime import Pipeline

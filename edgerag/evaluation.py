@@ -93,7 +93,9 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
     """
     model_path = Path(model_path)
     questions = sample_questions(read_questions(questions_path), n, seed)
-    if (model_path / "manifest.json").exists():
+    from edgerag.runtime.manifest import MANIFEST
+
+    if (model_path / MANIFEST).exists():
         passages = read_passages(corpus_path) if corpus_path else None
         metrics = evaluate_bundle(model_path, questions, passages, k, answers_out)
     else:

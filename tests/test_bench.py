@@ -13,7 +13,7 @@ from edgerag.benchmarks.bench import DEFAULT_SYSTEMS
 
 SYSTEM_KEYS = ("name", "threads", "p50_ms", "p95_ms", "ttft_ms", "prefill_ms", "decode_ms_per_token",
                "decode_floor_ms_per_token", "peak_rss_mb", "cold_start_s", "size_mb", "em", "f1", "recall@5")
-INDEX_KEYS = ("n", "ef", "recall@10", "p50_query_ms", "build_s", "memory_mb")
+INDEX_KEYS = ("n", "ef", "recall@10", "p50_query_ms", "p99_query_ms", "build_s", "memory_mb")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -41,7 +41,8 @@ def bench_out(tiny_bundle, tiny_bundle_int4, tiny_models, run_folder, tmp_path_f
     code = main(["bench", "--bundle", str(tiny_bundle), "--bundle", str(tiny_bundle_int4),
                  "--teacher", str(run_folder), "--student", str(run_folder), "--questions", str(squad),
                  "--n", "3", "--threads", "1", "--systems", "teacher-torch,student-torch,bundle,optimum-ort",
-                 "--index-sizes", "300,600", "--quick-machine", "--max-new-tokens", "6",
+                 "--index-sizes", "300,600", "--index-corpus", str(squad), "--index-queries", str(squad),
+                 "--quick-machine", "--max-new-tokens", "6",
                  "--cache", str(out / "cache"), "--out", str(out)])
     assert code == 0
     return out
@@ -62,7 +63,9 @@ def test_results_follow_the_schema(bench_out):
                 assert _finite(row[key]) or (key == "decode_ms_per_token" and row[key] is None), (row["name"], key, row[key])
         assert row["threads"] == 1 and row["peak_rss_mb"] > 0 and row["size_mb"] > 0
         assert 0 <= row["f1"] <= 100 and 0 <= row["recall@5"] <= 100
-    assert [r["n"] for r in results["index"]] == [300, 600]
+    assert [(r["vectors"], r["n"]) for r in results["index"]] == [("squad.json", 16), ("random", 300), ("random", 600)]
+    real = results["index"][0]   # 12 passages and 4 questions, embedded with the bundle's encoder
+    assert real["recall@10"] == 1.0 and real["reached_target"] and real["queries"] == 4
     for row in results["index"]:
         for key in INDEX_KEYS:
             assert _finite(row[key]), key

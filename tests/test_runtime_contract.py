@@ -170,3 +170,15 @@ def test_iterating_passages_and_public_prompt(tiny_bundle):
     assert [p["id"] for p in pipeline.passages_at(rows)] == [p["id"] for p in found]
     prompt = pipeline.prompt_ids(QUESTIONS[0], [(p["title"], p["text"]) for p in found])
     assert pipeline.ask(QUESTIONS[0], k=2).prompt_tokens == len(prompt)
+
+
+def test_the_device_side_loads_no_pickle():
+    """Nothing under runtime/ can unpickle: bundles are ONNX, JSON, hnswlib and sqlite files only."""
+    from pathlib import Path
+
+    import edgerag.runtime
+
+    for path in Path(edgerag.runtime.__file__).parent.glob("*.py"):
+        source = path.read_text()
+        for needle in ("pickle", "np.load", "torch.load", "joblib", "marshal"):
+            assert needle not in source, f"{path.name} mentions {needle}"
