@@ -2,9 +2,10 @@
 
     edgerag bench --bundle B [--bundle B2 ...] [--teacher RUN/teacher] [--student RUN/student]
                   --questions ../shared/data/xquad-en.json.gz [--n 200] [--threads 1,2]
-                  [--systems ...] [--index-sizes 10000,100000,1000000] --out RESULTS
+                  [--systems ...] [--index-sizes 10000,100000,1000000]
+                  [--index-corpus squad-v1.1-train.json.gz --index-queries squad-v1.1-dev.json.gz] --out RESULTS
 
-Every (system, threads) runs in a fresh process (benchmarks.worker) so its peak RSS and cold start
+Every (system, threads) runs in a fresh process (edgerag.benchmarks.worker) so its peak RSS and cold start
 are its own. All systems answer the same questions from the same passages (the first bundle's top-k),
 so their generation times and EM/F1 compare like for like; each also runs its own retriever for the
 encode/search times and recall@5. Writes RESULTS/results.json, RESULTS/report.md and PNG plots.
@@ -148,7 +149,7 @@ def shared_passages(bundle: Path, questions, k: int) -> list[list[tuple[str, str
     """The first bundle's top-k for every question: what every system generates from."""
     from edgerag.runtime import Pipeline
 
-    pipeline = Pipeline.load(bundle, check=False)  # read_manifest has checked the manifest; workers load it again
+    pipeline = Pipeline.load(bundle, retrieval_only=True)
     rows, _ = pipeline.search(pipeline.encoder.encode([q.question for q in questions]), k)
     return [[(p["title"], p["text"]) for p in pipeline.passages_at(r)] for r in rows]
 
@@ -251,8 +252,8 @@ def run_bench(args) -> dict:
                 log(f"{system['name']} (t={t}) failed: {e}")
                 skipped.append({"name": system["name"], "threads": t, "reason": f"failed: {e}"})
 
-    corpus = _existing_data(args.index_corpus)
-    index_rows = run_index(_ints(args.index_sizes), corpus, _existing_data(args.index_queries) if corpus else None,
+    corpus, corpus_queries = _existing_data(args.index_corpus), _existing_data(args.index_queries)
+    index_rows = run_index(_ints(args.index_sizes), corpus if corpus_queries else None, corpus_queries,
                            bundles[0], first, cache, workdir)
 
     rows = [summary.system_row(r, limits) for r in raw]

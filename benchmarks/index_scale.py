@@ -5,7 +5,7 @@ Two kinds of vectors, named in each row's `vectors` field:
                   neighbours barely nearer than the rest): an upper bound on the ef a corpus needs.
   a corpus name   real texts embedded with a bundle's own query encoder (for example SQuAD v1.1
                   train, its questions and passages, about 106k texts), queried with held-out real
-                  questions. The embeddings are cached, keyed by the encoder's checksum and the files.
+                  questions. The embeddings are cached, keyed by the encoder's checksums and the texts.
 Run in its own process by the bench, so the memory figure is this index's alone:
 
     python -m edgerag.benchmarks.index_scale random N DIM M EF_CONSTRUCTION OUT.json
@@ -107,17 +107,24 @@ def corpus_texts(path: str) -> list[str]:
     return [fmt.format(title=p.title, text=p.text) for p in read_passages(path)]
 
 
-def embedded(bundle: Path, texts: list[str], cache: Path, label: str, batch_size: int = 64) -> np.ndarray:
-    """The texts embedded with the bundle's query encoder, computed once and cached."""
-    from edgerag.runtime import Pipeline, read_manifest
+def embedded(bundle: Path, texts: list[str], cache: Path, batch_size: int = 64) -> np.ndarray:
+    """The texts embedded with the bundle's query encoder, computed once and cached (keyed by the
+    encoder's and its tokenizer's checksums and every text)."""
+    from tokenizers import Tokenizer
 
-    manifest = read_manifest(bundle)
-    key = hashlib.sha256((manifest.files[manifest.query_encoder.onnx].sha256 + label + str(len(texts)) +
-                          "".join(texts[:50])).encode()).hexdigest()[:16]
-    path = Path(cache) / f"embeddings-{key}.npy"
+    from edgerag.runtime import verify
+    from edgerag.runtime.pipeline import QueryEncoder, make_session
+
+    manifest = verify(bundle)
+    enc = manifest.query_encoder
+    key = hashlib.sha256()
+    for part in (manifest.files[enc.onnx].sha256, manifest.files[enc.tokenizer].sha256, *texts):
+        key.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    path = Path(cache) / f"embeddings-{key.hexdigest()[:20]}.npy"
     if path.exists():
         return np.load(path)
-    encoder = Pipeline.load(bundle).encoder
+    encoder = QueryEncoder(make_session(bundle / enc.onnx, None), Tokenizer.from_file(str(bundle / enc.tokenizer)),
+                           enc.max_length)
     out = np.empty((len(texts), manifest.query_encoder.dim), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         out[start:start + batch_size] = encoder.encode(texts[start:start + batch_size])
@@ -136,8 +143,8 @@ def measure_corpus(bundle: Path, corpus: str, queries_file: str, cache: Path, m:
     data_texts = corpus_texts(corpus)
     query_texts = [q.question for q in sample_questions(read_questions(queries_file), queries, seed)]
     started = time.perf_counter()
-    data = embedded(bundle, data_texts, cache, Path(corpus).name)
-    query_vectors = embedded(bundle, query_texts, cache, Path(queries_file).name + f"-{queries}-{seed}")
+    data = embedded(bundle, data_texts, cache)
+    query_vectors = embedded(bundle, query_texts, cache)
     row = measure(data, query_vectors, Path(corpus).name, m, ef_construction, seed=seed)
     row.update(embed_s=round(time.perf_counter() - started, 1), queries_from=Path(queries_file).name)
     return row

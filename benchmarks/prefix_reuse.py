@@ -1,4 +1,4 @@
-"""What reusing the previous prompt's KV buys: prefill time with and without it, on one bundle.
+"""What prefix reuse buys: prefill time with each reuse_prefix mode (none, template, previous), on one bundle.
 
     python -m edgerag.benchmarks.prefix_reuse BUNDLE [--questions ../shared/data/xquad-en.json.gz]
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from pathlib import Path
 
 import numpy as np
 

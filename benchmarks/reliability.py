@@ -47,29 +47,32 @@ def free_port() -> int:
 
 @contextmanager
 def server(bundle, *args, python: str = sys.executable):
-    """`edgerag serve BUNDLE` in its own process on a free loopback port; yields (url, pid)."""
+    """`edgerag serve BUNDLE` in its own process on a free loopback port; yields (url, pid). Its output
+    goes to a file (a pipe nobody reads would stall it once full), shown if it fails to start."""
     port = free_port()
-    proc = subprocess.Popen([python, "-m", "edgerag.cli", "serve", str(bundle), "--port", str(port), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise RuntimeError(f"the server did not start: {proc.stdout.read()[-2000:]}")
-                time.sleep(0.1)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen([str(python), "-m", "edgerag.cli", "serve", str(bundle), "--port", str(port),
+                                 *map(str, args)], stdout=output, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/health", timeout=2)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        proc.kill()
+                        output.seek(0)
+                        raise RuntimeError(f"the server did not start: {output.read()[-2000:]}")
+                    time.sleep(0.1)
+            yield url, proc.pid
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def request(url: str, body: bytes | dict | None = None, timeout: float = 120) -> tuple[int, dict | None]:
@@ -96,6 +99,17 @@ def rss_mb(pid: int) -> float:
 
 # ---------------------------------------------------------------------------------------- fuzz
 
+def generated(strategy, examples: int, seed: int):
+    """Decorate `run(value)` to be called on `examples` values drawn from `strategy` (hypothesis,
+    generation only: the suite counts outcomes, it does not shrink failures)."""
+    from hypothesis import HealthCheck, Phase, given, seed as fix_seed, settings
+
+    def wrap(run):
+        return fix_seed(seed)(settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+                                       suppress_health_check=list(HealthCheck))(given(strategy)(run)))
+    return wrap
+
+
 def question_strategy():
     from hypothesis import strategies as st
 
@@ -114,22 +128,22 @@ def question_strategy():
 
 
 def fuzz_python(pipeline, examples: int, seed: int = 0) -> dict:
-    """Generated questions through Pipeline.ask: each is answered or a PromptError; nothing else."""
-    from hypothesis import HealthCheck, Phase, given, seed as fix_seed, settings, strategies as st
+    """Generated questions (and k, max_new_tokens) through Pipeline.ask: each is answered or a PromptError."""
+    from hypothesis import strategies as st
 
     from edgerag.runtime import PromptError
 
     text, wrong_types = question_strategy()
     outcome = {"inputs": 0, "answered": 0, "clear_error": 0, "crash": 0, "crashes": []}
+    count = st.one_of(st.none(), st.integers(-2, 30), wrong_types)
 
-    @fix_seed(seed)
-    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(st.one_of(text, wrong_types), st.one_of(st.none(), st.integers(-2, 30)))
-    def one(question, k):
+    @generated(st.tuples(st.one_of(text, wrong_types), count, st.one_of(st.none(), st.integers(-2, 6), wrong_types)),
+               examples, seed)
+    def one(case):
+        question, k, max_new_tokens = case
         outcome["inputs"] += 1
         try:
-            pipeline.ask(question, k=k if k and k > 0 else None, max_new_tokens=4)
+            pipeline.ask(question, k=k, max_new_tokens=max_new_tokens)
             outcome["answered"] += 1
         except PromptError:
             outcome["clear_error"] += 1
@@ -144,7 +158,7 @@ def fuzz_python(pipeline, examples: int, seed: int = 0) -> dict:
 def fuzz_http(url: str, examples: int, seed: int = 0) -> dict:
     """Generated bodies to /v1/ask and /v1/chat/completions: each gets 200 or a 4xx JSON error, and the
     server still answers /health afterwards."""
-    from hypothesis import HealthCheck, Phase, given, seed as fix_seed, settings, strategies as st
+    from hypothesis import strategies as st
 
     text, wrong_types = question_strategy()
     value = st.one_of(text, wrong_types)
@@ -155,14 +169,13 @@ def fuzz_http(url: str, examples: int, seed: int = 0) -> dict:
         st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", 3]), "content": value}),
                  max_size=3), wrong_types)}, optional={"max_tokens": st.one_of(st.integers(-5, 500), wrong_types),
                                                        "stream": st.booleans()})
-    raw = st.one_of(st.binary(max_size=300), st.just(b"{"), st.just(b"null"), st.just(b'{"question": "' + b"a" * 70000 + b'"}'))
+    raw = st.one_of(st.binary(max_size=300), st.just(b"{"), st.just(b"null"), st.just(b'{"question": "' + b"a" * 70000 + b'"}'),
+                    st.integers(1, 2000).map(lambda n: b"[" * n + b"]" * n),             # deep nesting
+                    st.integers(4300, 6000).map(lambda n: b'{"question": "q?", "k": ' + b"9" * n + b"}"))  # huge number
     outcome = {"inputs": 0, "ok": 0, "client_error": 0, "server_error": 0, "unreadable": 0, "statuses": {}}
 
-    @fix_seed(seed)
-    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(st.one_of(ask_body.map(lambda b: ("/v1/ask", b)), chat_body.map(lambda b: ("/v1/chat/completions", b)),
-                     raw.map(lambda b: ("/v1/ask", b))))
+    @generated(st.one_of(ask_body.map(lambda b: ("/v1/ask", b)), chat_body.map(lambda b: ("/v1/chat/completions", b)),
+                         raw.map(lambda b: ("/v1/ask", b))), examples, seed)
     def one(case):
         path, body = case
         if isinstance(body, dict) and isinstance(body.get("max_new_tokens"), int):
@@ -190,7 +203,7 @@ def fuzz_http(url: str, examples: int, seed: int = 0) -> dict:
 def fuzz_manifest(bundle: Path, examples: int, seed: int = 0) -> dict:
     """Generated values in manifest.json (re-signed, so only the values are wrong): each bundle loads or
     is a BundleError."""
-    from hypothesis import HealthCheck, Phase, given, seed as fix_seed, settings, strategies as st
+    from hypothesis import strategies as st
 
     from edgerag.runtime import BundleError, Pipeline
     from edgerag.runtime.manifest import MANIFEST, dump_manifest
@@ -207,11 +220,10 @@ def fuzz_manifest(bundle: Path, examples: int, seed: int = 0) -> dict:
         copy = Path(tmp) / "bundle"
         shutil.copytree(bundle, copy)
 
-        @fix_seed(seed)
-        @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(st.sampled_from(paths), st.one_of(json_value, st.just("../../etc/passwd")), st.booleans())
-        def one(path, value, delete):
+        @generated(st.tuples(st.sampled_from(paths), st.one_of(json_value, st.just("../../etc/passwd")), st.booleans()),
+                   examples, seed)
+        def one(case):
+            path, value, delete = case
             data = json.loads(json.dumps(original))
             holder = data if len(path) == 1 else data[path[0]]
             if delete:
@@ -235,7 +247,7 @@ def fuzz_manifest(bundle: Path, examples: int, seed: int = 0) -> dict:
 
 def fuzz_passages(examples: int, seed: int = 0) -> dict:
     """Generated JSONL passage files, as export reads them first: each reads or is a DataError naming its line."""
-    from hypothesis import HealthCheck, Phase, given, seed as fix_seed, settings, strategies as st
+    from hypothesis import strategies as st
 
     from edgerag.data import DataError, read_passages
 
@@ -248,10 +260,7 @@ def fuzz_passages(examples: int, seed: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "passages.jsonl"
 
-        @fix_seed(seed)
-        @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(st.lists(line, min_size=1, max_size=5))
+        @generated(st.lists(line, min_size=1, max_size=5), examples, seed)
         def one(lines):
             path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
             outcome["inputs"] += 1
@@ -415,8 +424,9 @@ def kill_distill(recipe: str, workdir: Path, seed: int = 0, timeout: float = 360
                 killed_in.append(stage)
                 break
             time.sleep(0.05)
-        else:
-            proc.wait()   # the stage was not reached (disabled in this recipe) or finished between polls
+        if proc.poll() is None:   # out of time
+            proc.kill()
+            proc.wait()
     final = subprocess.run(base + ["--resume"], capture_output=True, text=True, timeout=timeout)
     done = sorted(p.parent.name for p in (run / "stages").glob("*/done"))
     return {"killed_in": killed_in, "resume_ok": final.returncode == 0 and (run / "eval.json").exists(),
@@ -515,10 +525,12 @@ def main(argv=None) -> int:
     section("damage", lambda: damage(args.bundle))
     if args.export_kills:
         sources = read_manifest(args.bundle).sources
+        encoder, generator, passages = (args.encoder or sources.get("query_encoder"),
+                                        args.generator or sources.get("generator"), args.passages or sources.get("passages"))
+        if not (encoder and generator and passages):
+            raise SystemExit("the export kills need --encoder, --generator and --passages (the manifest does not name them)")
         with tempfile.TemporaryDirectory(dir=args.out) as tmp:
-            section("kill_export", lambda: kill_export(args.encoder or sources["query_encoder"],
-                                                       args.generator or sources["generator"],
-                                                       args.passages or sources["passages"], args.export_kills, Path(tmp)))
+            section("kill_export", lambda: kill_export(encoder, generator, passages, args.export_kills, Path(tmp)))
     if args.distill_recipe:
         with tempfile.TemporaryDirectory(dir=args.out) as tmp:
             section("kill_distill", lambda: kill_distill(args.distill_recipe, Path(tmp)))

@@ -11,8 +11,8 @@ Importing edgerag imports none of them until they are used.
 __version__ = "0.1.0"
 
 
-def load(bundle, threads=None, check: bool = True, reuse_prefix: bool = True):
-    """A loaded bundle (edgerag.runtime.Pipeline), every file's checksum verified first."""
-    from edgerag.runtime import load as load_bundle
+def load(bundle, **options):
+    """A loaded bundle, every file's checksum verified first: edgerag.runtime.Pipeline.load (see its options)."""
+    from edgerag.runtime import Pipeline
 
-    return load_bundle(bundle, threads=threads, check=check, reuse_prefix=reuse_prefix)
+    return Pipeline.load(bundle, **options)

@@ -17,7 +17,7 @@ import sys
 WORKSTATION_MODULES = ("torch", "transformers", "optimum", "onnx")
 EXTRAS = {"train": WORKSTATION_MODULES + ("accelerate", "gguf", "safetensors", "tqdm", "onnx_ir"),
           "bench": ("psutil", "matplotlib"),
-          "serve": ("starlette", "uvicorn", "anyio", "httptools")}
+          "serve": ("starlette", "uvicorn")}
 
 
 class MissingExtra(Exception):
@@ -231,9 +231,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if os.environ.get("EDGERAG_DEBUG"):
             raise
-        known = ("BundleError", "PromptError", "DataError", "RecipeError", "RunError", "FileNotFoundError",
-                 "FileExistsError", "ValueError", "NotImplementedError")
-        if type(e).__name__ not in known:
+        known = {"BundleError", "PromptError", "DataError", "RecipeError", "RunError", "FileNotFoundError",
+                 "FileExistsError", "IsADirectoryError", "NotADirectoryError", "PermissionError", "ValueError",
+                 "NotImplementedError"}
+        if not any(c.__name__ in known for c in type(e).__mro__):  # by name: their modules may not be importable
             raise
         print(f"edgerag: error: {e}", file=sys.stderr)
         return 1

@@ -314,9 +314,13 @@ def _remove_abandoned_work(out: Path) -> None:
     """Folders that an export killed before it finished left beside `out` (their process is gone): its
     work in progress, or the bundle it was replacing."""
     for kind in ("tmp", "old"):
-        for folder in out.parent.glob(f".{out.name}.{kind}-*"):
+        for folder in sorted(out.parent.glob(f".{out.name}.{kind}-*")):
             pid = folder.name[len(f".{out.name}.{kind}-"):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                folder.rename(out)  # killed between the two renames: the previous bundle goes back in place
+            else:
                 shutil.rmtree(folder, ignore_errors=True)
 
 

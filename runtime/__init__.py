@@ -12,6 +12,4 @@ __all__ = ["Answer", "BundleError", "Generation", "Manifest", "Pipeline", "Promp
            "verify"]
 
 
-def load(bundle, threads=None, check: bool = True, reuse_prefix: bool = True) -> Pipeline:
-    """Pipeline.load: a bundle directory, verified, ready to answer."""
-    return Pipeline.load(bundle, threads=threads, check=check, reuse_prefix=reuse_prefix)
+load = Pipeline.load  # edgerag.runtime.load("bundle/") is Pipeline.load("bundle/")

@@ -10,7 +10,8 @@ Format version 1 (every bundle edgerag has written so far):
   generator       family "decoder-only": one ONNX graph with a KV cache for prefill and decode.
                   A new family adds its own generation loop in runtime.pipeline.GENERATORS.
   prompt          the template pieces (see runtime.prompt) and stop token ids.
-  generation      defaults: passages per question (k), new tokens.
+  generation      defaults: passages per question (k), new tokens, and the repetition_window
+                  over which a looping answer is cut (added within version 1; older bundles get 16).
   index/passages  hnswlib index (inner product) and the sqlite passage store.
   files           {name: {"sha256", "bytes"}} for every other file in the bundle.
   sources, parity, versions, created_unix, export_seconds: how it was made, for people.
@@ -57,6 +58,10 @@ class QueryEncoderSpec:
     parameters: int | None = None
     quantization: dict = field(default_factory=dict)
     graph_optimization: str = "none"
+
+    @property
+    def quantization_method(self) -> str:
+        return self.quantization.get("method", "none")
 
 
 @dataclass
@@ -159,6 +164,21 @@ class Manifest:
         for key, name in manifest.named_files().items():
             if name not in manifest.files:
                 raise BundleError(f"{where}: {key} is {name!r}, which is not among the bundle's listed files")
+        at_least = {"query_encoder.max_length": (manifest.query_encoder.max_length, 1),
+                    "query_encoder.dim": (manifest.query_encoder.dim, 1),
+                    "generator.max_context": (manifest.generator.max_context, 2),
+                    "generation.k": (manifest.generation.k, 1),
+                    "generation.max_new_tokens": (manifest.generation.max_new_tokens, 1),
+                    "generation.repetition_window": (manifest.generation.repetition_window, 0),
+                    "index.dim": (manifest.index.dim, 1), "index.count": (manifest.index.count, 0),
+                    "index.M": (manifest.index.M, 2), "index.ef_construction": (manifest.index.ef_construction, 1),
+                    "index.ef": (manifest.index.ef, 1), "passages.count": (manifest.passages.count, 0)}
+        for key, (value, low) in at_least.items():
+            if value < low:
+                raise BundleError(f"{where}: {key} is {value}; it must be at least {low}")
+        if manifest.index.dim != manifest.query_encoder.dim:
+            raise BundleError(f"{where}: index.dim ({manifest.index.dim}) differs from query_encoder.dim "
+                              f"({manifest.query_encoder.dim})")
         return manifest
 
     def named_files(self) -> dict[str, str]:
@@ -270,6 +290,16 @@ def read_manifest(bundle: str | Path) -> Manifest:
     return Manifest.from_dict(data, str(path))
 
 
+def check_in_bundle(bundle: Path, name: str) -> Path:
+    """The path of a bundle file that exists and, if it is a link, points inside the bundle."""
+    path = Path(bundle) / name
+    if not path.is_file():
+        raise BundleError(f"missing file {name} in bundle {bundle}")
+    if path.is_symlink() and path.resolve().parent != Path(bundle).resolve():
+        raise BundleError(f"file {name} in bundle {bundle} is a link to {path.resolve()}, outside the bundle")
+    return path
+
+
 def verify(bundle: str | Path, manifest: Manifest | None = None) -> Manifest:
     """Check every listed file's size and SHA-256; raise BundleError naming the first bad one."""
     bundle = Path(bundle)
@@ -277,11 +307,7 @@ def verify(bundle: str | Path, manifest: Manifest | None = None) -> Manifest:
     if not manifest.files:
         raise BundleError(f"{MANIFEST} in {bundle} lists no files")
     for name, record in manifest.files.items():
-        path = bundle / name
-        if not path.is_file():
-            raise BundleError(f"missing file {name} in bundle {bundle}")
-        if path.is_symlink() and path.resolve().parent != bundle.resolve():
-            raise BundleError(f"file {name} in bundle {bundle} is a link to {path.resolve()}, outside the bundle")
+        path = check_in_bundle(bundle, name)
         if os.path.getsize(path) != record.bytes:
             raise BundleError(f"file {name} in bundle {bundle} has {os.path.getsize(path)} bytes, "
                               f"the manifest says {record.bytes}: the bundle is damaged or was changed")

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from edgerag.runtime.manifest import BundleError, Manifest, read_manifest, verify
+from edgerag.runtime.manifest import BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -271,6 +271,29 @@ def repetition_cut(tokens: list[int], window: int) -> int | None:
     return None
 
 
+def periodic_tail(tokens: list[int], max_period: int) -> int:
+    """Length of the longest tail of `tokens` that repeats one block of at most `max_period` tokens at
+    least twice: what a stream holds back while a loop may be starting (0 where none does)."""
+    longest = 0
+    for period in range(1, max_period + 1):
+        i = len(tokens) - period - 1
+        while i >= 0 and tokens[i] == tokens[i + period]:
+            i -= 1
+        run = len(tokens) - 1 - i
+        if run >= 2 * period:
+            longest = max(longest, run)
+    return longest
+
+
+def check_count(name: str, value) -> int | None:
+    """None (the bundle's default) or a positive int, else a PromptError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PromptError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
 def check_question(question) -> str:
     """The question, or a PromptError saying why it cannot be asked."""
     if not isinstance(question, str):
@@ -294,7 +317,7 @@ class Answer:
     new_tokens: int = 0
     tokens_per_second: float = 0.0
     # "stop" (the model ended it), "length" (max_new_tokens), "repetition" (a repeating tail was cut),
-    # "deadline" (the caller's deadline passed)
+    # "deadline" (the caller's deadline passed), "cancelled" (the caller's cancel event was set)
     stop_reason: str = ""
 
     def to_dict(self) -> dict:
@@ -317,7 +340,7 @@ class Pipeline:
     encoder: QueryEncoder
     index: hnswlib.Index
     store: PassageStore
-    generator: DecoderOnlyGenerator
+    generator: DecoderOnlyGenerator | None
     tokenizer: Tokenizer
     template: PromptTemplate
     size: int = field(default=0)
@@ -326,8 +349,10 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
-             reuse_prefix="template") -> "Pipeline":
+             reuse_prefix: str | bool = "template", retrieval_only: bool = False) -> "Pipeline":
         """Load a bundle directory. Every file's checksum is verified first (`check=False` skips that).
+
+        retrieval_only: load no generator (retrieve and passages work; ask and stream do not).
 
         reuse_prefix: "template" (the default) starts every prompt from the KV of the template's
         opening, computed once here; "previous" from the part it shares with the previous prompt;
@@ -342,30 +367,34 @@ class Pipeline:
         if check:
             verify(bundle, manifest)
         for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
-            if not (bundle / name).is_file():
-                raise BundleError(f"missing file {name} in bundle {bundle}")
+            check_in_bundle(bundle, name)
         enc, gen, idx = manifest.query_encoder, manifest.generator, manifest.index
-        encoder = QueryEncoder(make_session(bundle / enc.onnx, threads),
-                               Tokenizer.from_file(str(bundle / enc.tokenizer)), enc.max_length)
-        index = hnswlib.Index(space=idx.space, dim=idx.dim)
-        try:
+        with _reading(bundle, enc.onnx, enc.tokenizer):
+            encoder = QueryEncoder(make_session(bundle / enc.onnx, threads),
+                                   Tokenizer.from_file(str(bundle / enc.tokenizer)), enc.max_length)
+        with _reading(bundle, idx.file):
+            index = hnswlib.Index(space=idx.space, dim=idx.dim)
             index.load_index(str(bundle / idx.file), max_elements=idx.count)
-        except RuntimeError as e:
-            raise BundleError(f"{idx.file} in bundle {bundle} does not load as an index of {idx.count} vectors "
-                              f"of dimension {idx.dim}: {e}") from None
         if index.get_current_count() != idx.count:
             raise BundleError(f"{idx.file} in bundle {bundle} holds {index.get_current_count()} vectors, "
                               f"the manifest says {idx.count}")
         index.set_ef(idx.ef)
-        store = PassageStore(bundle / manifest.passages.file)
-        if store.count() != manifest.passages.count or manifest.passages.count != idx.count:
-            raise BundleError(f"{manifest.passages.file} in bundle {bundle} holds {store.count()} passages for "
+        with _reading(bundle, manifest.passages.file):
+            store = PassageStore(bundle / manifest.passages.file)
+            stored = store.count()
+        if stored != manifest.passages.count or manifest.passages.count != idx.count:
+            raise BundleError(f"{manifest.passages.file} in bundle {bundle} holds {stored} passages for "
                               f"{idx.count} index vectors, the manifest says {manifest.passages.count}")
-        tokenizer = Tokenizer.from_file(str(bundle / gen.tokenizer))
         template = manifest.prompt.template
-        # read_manifest has refused families without a generation loop here
-        generator = GENERATORS[gen.family](make_session(bundle / gen.onnx, threads), manifest.prompt.stop_token_ids,
-                                           reuse_prefix, tokenizer.encode(template.prefix, add_special_tokens=False).ids)
+        with _reading(bundle, gen.tokenizer):
+            tokenizer = Tokenizer.from_file(str(bundle / gen.tokenizer))
+        generator = None
+        if not retrieval_only:
+            with _reading(bundle, gen.onnx):
+                # read_manifest has refused families without a generation loop here
+                generator = GENERATORS[gen.family](make_session(bundle / gen.onnx, threads),
+                                                   manifest.prompt.stop_token_ids, reuse_prefix,
+                                                   tokenizer.encode(template.prefix, add_special_tokens=False).ids)
         return cls(bundle, manifest, encoder, index, store, generator, tokenizer, template, idx.count)
 
     # retrieval ---------------------------------------------------------------------------
@@ -378,7 +407,8 @@ class Pipeline:
         return rows, 1.0 - distances  # hnswlib's 'ip' distance is 1 - dot product
 
     def retrieve(self, question: str, k: int | None = None) -> list[dict]:
-        rows, scores = self.search(self.encoder.encode([question]), k or self.manifest.generation.k)
+        check_question(question)
+        rows, scores = self.search(self.encoder.encode([question]), self._k(k))
         return self.passages_at(rows[0], scores[0])
 
     def passages_at(self, rows, scores=None) -> list[dict]:
@@ -389,9 +419,10 @@ class Pipeline:
         return [{"id": pid, "title": title, "score": score, "text": text}
                 for (pid, title, text), score in zip(found, scores)]
 
-    def passages(self) -> Iterator[tuple[str, str, str]]:
+    def passages(self) -> list[tuple[str, str, str]]:
         """Every (id, title, text) the pipeline retrieves from, in index row order."""
-        return iter(self.store)
+        with self._retrieval_lock:
+            return list(self.store)
 
     def add_passages(self, passages: list[tuple[str, str, str]], batch_size: int = 64) -> int:
         """Add (id, title, text) passages to the in-memory index, embedded with the bundle's query encoder.
@@ -402,54 +433,65 @@ class Pipeline:
         fmt = self.manifest.index.passage_format
         added = 0
         for start in range(0, len(passages), batch_size):
-            chunk = passages[start:start + batch_size]
-            with self._retrieval_lock:
-                known = self.store.has_ids([pid for pid, _, _ in chunk])
-            chunk = [p for p in chunk if p[0] not in known]
-            if not chunk:
-                continue
+            chunk = list({p[0]: p for p in passages[start:start + batch_size]}.values())  # each id once
             vectors = self.encoder.encode([fmt.format(title=title, text=text) for _, title, text in chunk])
-            with self._retrieval_lock:
-                rows = np.arange(self.size, self.size + len(chunk))
-                self.index.resize_index(self.size + len(chunk))
-                self.index.add_items(vectors, rows)
-                self.store.add(rows, chunk)
-                self.size += len(chunk)
-            added += len(chunk)
+            with self._retrieval_lock:  # the check and the add as one step: concurrent adds cannot duplicate
+                known = self.store.has_ids([pid for pid, _, _ in chunk])
+                keep = [i for i, p in enumerate(chunk) if p[0] not in known]
+                if not keep:
+                    continue
+                rows = np.arange(self.size, self.size + len(keep))
+                self.index.resize_index(self.size + len(keep))
+                self.index.add_items(vectors[keep], rows)
+                self.store.add(rows, [chunk[i] for i in keep])
+                self.size += len(keep)
+            added += len(keep)
         return added
 
     # generation --------------------------------------------------------------------------
     def prompt_ids(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int | None = None) -> list[int]:
         """The generator's prompt for a question and (title, text) passages in rank order, cut to fit
         the context with room for `max_new_tokens` (runtime.prompt's truncation rule)."""
-        max_new_tokens = max_new_tokens or self.manifest.generation.max_new_tokens
+        if check_count("max_new_tokens", max_new_tokens) is None:
+            max_new_tokens = self.manifest.generation.max_new_tokens
         encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
         return build_prompt_ids(encode, self.template, question, passages,
                                 self.manifest.generator.max_context - max_new_tokens)
 
-    def _answer(self, question: str, passages: list[dict], max_new_tokens: int | None,
-                timings: dict, started: float, deadline: float | None = None) -> Iterator[str]:
-        max_new_tokens = max_new_tokens or self.manifest.generation.max_new_tokens
-        if max_new_tokens < 1:
-            raise PromptError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    def _answer(self, question: str, passages: list[dict], max_new_tokens: int | None, timings: dict,
+                started: float, deadline: float | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+        if self.generator is None:
+            raise ValueError("this pipeline was loaded with retrieval_only=True: it has no generator")
+        if check_count("max_new_tokens", max_new_tokens) is None:
+            max_new_tokens = self.manifest.generation.max_new_tokens
         prompt = self.prompt_ids(question, [(p["title"], p["text"]) for p in passages], max_new_tokens)
         decoder = DecodeStream(skip_special_tokens=True)
         generation = self.generator.generate(prompt, max_new_tokens)
         window = self.manifest.generation.repetition_window
-        tokens, stop_reason = generation.tokens, ""
+        # A piece is held back while its token is part of a repeating tail, so that a loop which is
+        # then cut is never streamed: streamed text and the answer's text stay the same.
+        pieces, sent, stop_reason = [], 0, ""
         for token in generation:
             if len(generation.tokens) == 1:
                 timings["ttft_ms"] = (time.perf_counter() - started) * 1000
-            piece = decoder.step(self.tokenizer, token)
-            if piece:
-                yield piece
+            pieces.append(decoder.step(self.tokenizer, token) or "")
             cut = repetition_cut(generation.tokens, window)
             if cut is not None:
-                tokens, stop_reason = generation.tokens[:cut], "repetition"
+                stop_reason = "repetition"
                 break
             if deadline is not None and time.monotonic() > deadline:
                 stop_reason = "deadline"
+            if cancel is not None and cancel.is_set():
+                stop_reason = "cancelled"
+            if stop_reason:
                 break
+            ready = len(pieces) - (periodic_tail(generation.tokens, window // 3) if window else 0)
+            if ready > sent:
+                yield "".join(pieces[sent:ready])
+                sent = ready
+        tokens = generation.tokens[:cut] if stop_reason == "repetition" else generation.tokens
+        if len(tokens) > sent:
+            yield "".join(pieces[sent:len(tokens)])
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
                        reused_prompt_tokens=generation.reused_prompt_tokens,
                        total_ms=(time.perf_counter() - started) * 1000)
@@ -460,25 +502,31 @@ class Pipeline:
                       (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0, stop_reason or generation.stop_reason)
 
     def stream(self, question: str, k: int | None = None, max_new_tokens: int | None = None,
-               deadline: float | None = None) -> Iterator[str]:
+               deadline: float | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
         """Yield answer text as it is produced; the generator's return value is the full Answer.
 
-        deadline: a time.monotonic() value after which generation stops (stop_reason "deadline").
+        deadline: a time.monotonic() value after which generation stops (stop_reason "deadline");
+        cancel: an event that stops it when set (stop_reason "cancelled").
         """
         check_question(question)
+        k = self._k(k)
+        check_count("max_new_tokens", max_new_tokens)
         started = time.perf_counter()
         timings = {}
         vector = self.encoder.encode([question])
         timings["encode_ms"] = (time.perf_counter() - started) * 1000
         t = time.perf_counter()
-        rows, scores = self.search(vector, k or self.manifest.generation.k)
+        rows, scores = self.search(vector, k)
         timings["search_ms"] = (time.perf_counter() - t) * 1000
         passages = self.passages_at(rows[0], scores[0])
-        return (yield from self._answer(question, passages, max_new_tokens, timings, started, deadline))
+        return (yield from self._answer(question, passages, max_new_tokens, timings, started, deadline, cancel))
 
     def ask(self, question: str, k: int | None = None, max_new_tokens: int | None = None,
-            deadline: float | None = None) -> Answer:
-        return _drain(self.stream(question, k, max_new_tokens, deadline))
+            deadline: float | None = None, cancel: threading.Event | None = None) -> Answer:
+        return _drain(self.stream(question, k, max_new_tokens, deadline, cancel))
+
+    def _k(self, k) -> int:
+        return self.manifest.generation.k if check_count("k", k) is None else k
 
     def answer_with_passages(self, question: str, passages: list[tuple[str, str]],
                              max_new_tokens: int | None = None) -> Answer:
@@ -495,17 +543,37 @@ class Pipeline:
                 check_question(q)
             except PromptError as e:
                 raise PromptError(f"question {i} of the batch: {e}") from None
+        k = self._k(k)
+        check_count("max_new_tokens", max_new_tokens)
+        if not questions:
+            return []
         started = time.perf_counter()
         vectors = self.encoder.encode(questions)
         encode_ms = (time.perf_counter() - started) * 1000 / max(len(questions), 1)
         t = time.perf_counter()
-        rows, scores = self.search(vectors, k or self.manifest.generation.k)
+        rows, scores = self.search(vectors, k)
         search_ms = (time.perf_counter() - t) * 1000 / max(len(questions), 1)
         answers = []
         for q, r, s in zip(questions, rows, scores):
             timings = {"encode_ms": encode_ms, "search_ms": search_ms}
             answers.append(_drain(self._answer(q, self.passages_at(r, s), max_new_tokens, timings, time.perf_counter())))
         return answers
+
+
+class _reading:
+    """Turns a library's error while a bundle file loads into a BundleError naming the file."""
+
+    def __init__(self, bundle: Path, *names: str):
+        self.bundle, self.names = bundle, names
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is not None and not isinstance(error, BundleError) and isinstance(error, Exception):
+            raise BundleError(f"{' or '.join(self.names)} in bundle {self.bundle} does not load: "
+                              f"{type(error).__name__}: {error}") from None
+        return False
 
 
 def _drain(stream: Iterator[str]) -> Answer:

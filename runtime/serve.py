@@ -12,7 +12,7 @@ server) that pulls in no torch, installed with `pip install 'edgerag[serve]'`.
 Answers are computed in threads, at most `concurrency` at a time (on a small CPU one answer already
 uses every core); up to `max_queue` more wait, and further requests get 503 with Retry-After at
 once. Every request has a deadline: one that waits past it gets 503, one whose answer runs past it
-is cut (stop_reason "deadline"). Errors are JSON, `{"error": {"type", "message"}}`, and never stop
+is cut (stop_reason "deadline"); an answer whose client went away stops at its next token. Errors are JSON, `{"error": {"type", "message"}}`, and never stop
 the server. The Pipeline is shared by the threads (see Pipeline.load): answers are those of a
 sequential run.
 """
@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import threading
 import time
 import uuid
@@ -38,6 +39,8 @@ from starlette.routing import Route
 from edgerag.runtime.pipeline import Answer, Pipeline, check_question
 from edgerag.runtime.prompt import PromptError
 
+log = logging.getLogger("edgerag.serve")
+
 
 @dataclass
 class ServeOptions:
@@ -52,6 +55,17 @@ class ServeOptions:
     max_question_chars: int = 4000
     max_new_tokens: int = 256           # the most a request may ask for
     max_k: int = 20
+
+    def check(self) -> "ServeOptions":
+        for name, value, low in (("concurrency", self.concurrency, 1), ("max_queue", self.max_queue, 0),
+                                 ("max_body_bytes", self.max_body_bytes, 1024), ("max_question_chars", self.max_question_chars, 1),
+                                 ("max_new_tokens", self.max_new_tokens, 1), ("max_k", self.max_k, 1),
+                                 ("port", self.port, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}, not {value}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"the timeout must be positive, not {self.timeout_s}")
+        return self
 
 
 class ApiError(Exception):
@@ -74,34 +88,45 @@ def is_loopback(host: str) -> bool:
 
 
 class Admission:
-    """At most `concurrency` answers at once and `max_queue` waiting; a request beyond that is refused."""
+    """At most `concurrency` answers at once and `max_queue` waiting; a request beyond that is refused.
+
+    Thread-safe and tied to no event loop: a slot is freed by the thread that computed the answer.
+    Waiting polls (every few ms, nothing against an answer's hundreds) so that a request cancelled
+    while it waits holds nothing."""
+
+    POLL_S = 0.005
 
     def __init__(self, concurrency: int, max_queue: int):
-        self.concurrency, self.limit = concurrency, concurrency + max_queue
+        self.limit = concurrency + max_queue
+        self.slots = threading.Semaphore(concurrency)
         self.admitted = 0
-        self.slots: asyncio.Semaphore | None = None   # made in the server's event loop
+        self.lock = threading.Lock()
 
     async def enter(self, deadline: float) -> None:
-        if self.slots is None:
-            self.slots = asyncio.Semaphore(self.concurrency)
-        if self.admitted >= self.limit:
-            raise ApiError(503, "overloaded", f"{self.admitted} requests are in progress or waiting; retry later",
-                           {"Retry-After": "1"})
-        self.admitted += 1
+        with self.lock:
+            if self.admitted >= self.limit:
+                raise ApiError(503, "overloaded", f"{self.admitted} requests are in progress or waiting; retry later",
+                               {"Retry-After": "1"})
+            self.admitted += 1
         try:
-            await asyncio.wait_for(self.slots.acquire(), timeout=max(deadline - time.monotonic(), 0.001))
-        except asyncio.TimeoutError:
-            self.admitted -= 1
-            raise ApiError(503, "timeout", "the request waited past its deadline for a free slot",
-                           {"Retry-After": "1"}) from None
+            while not self.slots.acquire(blocking=False):
+                if time.monotonic() > deadline:
+                    raise ApiError(503, "timeout", "the request waited past its deadline for a free slot",
+                                   {"Retry-After": "1"})
+                await asyncio.sleep(self.POLL_S)
+        except BaseException:  # refused, or cancelled while waiting (the client went away): not admitted
+            with self.lock:
+                self.admitted -= 1
+            raise
 
     def leave(self) -> None:
-        self.admitted -= 1
         self.slots.release()
+        with self.lock:
+            self.admitted -= 1
 
 
 def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starlette:
-    opts = options or ServeOptions()
+    opts = (options or ServeOptions()).check()
     admission = Admission(opts.concurrency, opts.max_queue)
     model_name = Path(pipeline.path).name
 
@@ -124,8 +149,8 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
                 raise ApiError(413, "request_too_large", f"the body is over {opts.max_body_bytes} bytes")
         try:
             data = json.loads(bytes(body))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a number too long to read
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {type(e).__name__}: {e}"[:300]) from None
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_request", "the body must be a JSON object")
         return data
@@ -157,44 +182,61 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
         max_new = field(data, max_tokens_name, int, None, 1, opts.max_new_tokens)
         return k, max_new, field(data, "stream", bool, False)
 
-    async def answer(question: str, k, max_new, deadline: float) -> Answer:
-        await admission.enter(deadline)
-        task = asyncio.ensure_future(asyncio.to_thread(pipeline.ask, question, k, max_new, deadline))
-        task.add_done_callback(lambda _: admission.leave())  # when the thread ends, even if the client left
-        return await asyncio.shield(task)
-
-    async def start_stream(question: str, k, max_new, deadline: float):
-        """Admit the request (or refuse it before any response starts), start its answer in a thread,
-        and return an async iterator of ("piece", text) and then ("answer", Answer) or ("error", e).
-        The slot is held until the thread ends, even if the client goes away."""
+    async def start(question: str, k, max_new, deadline: float, cancel: threading.Event):
+        """Admit the request (or refuse it before any response starts), start its answer in a thread of
+        its own, and return an async iterator of ("piece", text)... then ("answer", Answer) or
+        ("error", exception). The slot is held until the thread ends; `cancel` stops the thread early."""
         await admission.enter(deadline)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
+        def post(*item):
+            try:
+                loop.call_soon_threadsafe(*item)
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                pass
+
         def produce():
             try:
-                stream = pipeline.stream(question, k, max_new, deadline)
+                stream = pipeline.stream(question, k, max_new, deadline, cancel)
                 while True:
                     try:
                         piece = next(stream)
                     except StopIteration as done:
-                        loop.call_soon_threadsafe(queue.put_nowait, ("answer", done.value))
+                        post(queue.put_nowait, ("answer", done.value))
                         return
-                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-            except Exception as e:  # noqa: BLE001 - reported to the client as an error event
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+                    post(queue.put_nowait, ("piece", piece))
+            except Exception as e:  # noqa: BLE001 - reported to the client, and logged here
+                if not isinstance(e, PromptError):
+                    log.exception("answering %r failed", question[:200])
+                post(queue.put_nowait, ("error", e))
             finally:
-                loop.call_soon_threadsafe(admission.leave)
+                admission.leave()
 
-        threading.Thread(target=produce, daemon=True).start()
+        try:
+            threading.Thread(target=produce, daemon=True).start()
+        except BaseException:
+            admission.leave()
+            raise
 
-        async def pieces():
+        async def results():
             while True:
                 kind, value = await queue.get()
                 yield kind, value
                 if kind != "piece":
                     return
-        return pieces()
+        return results()
+
+    async def answer(question: str, k, max_new, deadline: float) -> Answer:
+        cancel = threading.Event()
+        try:
+            async for kind, value in await start(question, k, max_new, deadline, cancel):
+                if kind == "answer":
+                    return value
+                if kind == "error":
+                    raise value
+        finally:
+            cancel.set()  # no-op once the answer is made; stops it if this request was cancelled
 
     def sse(data, event: str | None = None) -> str:
         return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -213,16 +255,20 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
         deadline = time.monotonic() + opts.timeout_s
         if not stream:
             return JSONResponse((await answer(question, k, max_new, deadline)).to_record())
-        pieces = await start_stream(question, k, max_new, deadline)
+        cancel = threading.Event()
+        pieces = await start(question, k, max_new, deadline, cancel)
 
         async def events():
-            async for kind, value in pieces:
-                if kind == "piece":
-                    yield sse({"token": value}, "token")
-                elif kind == "answer":
-                    yield sse(value.to_record(), "answer")
-                else:
-                    yield error_event(value)
+            try:
+                async for kind, value in pieces:
+                    if kind == "piece":
+                        yield sse({"token": value}, "token")
+                    elif kind == "answer":
+                        yield sse(value.to_record(), "answer")
+                    else:
+                        yield error_event(value)
+            finally:
+                cancel.set()  # the client went away, or the answer is done
         return StreamingResponse(events(), media_type="text/event-stream")
 
     def last_user_message(data: dict) -> str:
@@ -235,14 +281,15 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
             if message.get("role") == "user":
                 content = message.get("content")
                 if isinstance(content, list):  # content parts: the text ones, joined
-                    if not all(isinstance(p, dict) for p in content):
-                        raise ApiError(400, "invalid_request", "content parts must be objects")
-                    content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+                    texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                    if not all(isinstance(p, dict) for p in content) or not all(isinstance(t, str) for t in texts):
+                        raise ApiError(400, "invalid_request", "content parts must be objects, their text strings")
+                    content = "".join(texts)
                 return question_of(content)
         raise ApiError(400, "invalid_request", "no message with role 'user'")
 
     def finish_reason(a: Answer) -> str:
-        return "length" if a.stop_reason in ("length", "deadline") else "stop"
+        return "length" if a.stop_reason in ("length", "deadline", "cancelled") else "stop"
 
     async def chat_endpoint(request: Request):
         authorize(request)
@@ -263,22 +310,26 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
                                  "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
                                            "total_tokens": a.prompt_tokens + a.new_tokens},
                                  "passages": a.passages, "timings": a.to_record()["timings"]})
-        pieces = await start_stream(question, k, max_new, deadline)
+        cancel = threading.Event()
+        pieces = await start(question, k, max_new, deadline, cancel)
 
         def chunk(delta: dict, reason=None, **extra) -> str:
             return sse({**base, "object": "chat.completion.chunk",
                         "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra})
 
         async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            async for kind, value in pieces:
-                if kind == "piece":
-                    yield chunk({"content": value})
-                elif kind == "answer":
-                    yield chunk({}, finish_reason(value), passages=value.passages)
-                else:
-                    yield error_event(value)
-            yield "data: [DONE]\n\n"
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for kind, value in pieces:
+                    if kind == "piece":
+                        yield chunk({"content": value})
+                    elif kind == "answer":
+                        yield chunk({}, finish_reason(value), passages=value.passages)
+                    else:
+                        yield error_event(value)
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def health(request: Request):
@@ -293,7 +344,7 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
                           "layers": m.generator.num_layers, "quantization": m.generator.quantization_method,
                           "max_context": m.generator.max_context},
             "query_encoder": {"parameters": m.query_encoder.parameters, "dim": m.query_encoder.dim,
-                              "quantization": m.query_encoder.quantization.get("method", "none")},
+                              "quantization": m.query_encoder.quantization_method},
             "passages": pipeline.size, "defaults": {"k": m.generation.k, "max_new_tokens": m.generation.max_new_tokens},
             "limits": {"concurrency": opts.concurrency, "max_queue": opts.max_queue, "timeout_s": opts.timeout_s,
                        "max_body_bytes": opts.max_body_bytes, "max_question_chars": opts.max_question_chars,
@@ -307,23 +358,24 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         return error_response(e.status_code, kind, str(e.detail), getattr(e, "headers", None))
 
-    async def on_error(request: Request, e: Exception):
-        if isinstance(e, PromptError):
-            return error_response(422, "invalid_question", str(e))
+    async def on_prompt_error(request: Request, e: PromptError):
+        return error_response(422, "invalid_question", str(e))
+
+    async def on_error(request: Request, e: Exception):  # logged by starlette; the client gets JSON
         return error_response(500, "internal", f"the request failed ({type(e).__name__}); the server goes on")
 
     routes = [Route("/v1/ask", ask_endpoint, methods=["POST"]),
               Route("/v1/chat/completions", chat_endpoint, methods=["POST"]),
               Route("/health", health, methods=["GET"]), Route("/v1/info", info, methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
-                                                        Exception: on_error})
+    return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, PromptError: on_prompt_error,
+                                                        HTTPException: on_http_error, Exception: on_error})
 
 
 def serve(bundle: str | Path, options: ServeOptions | None = None) -> None:
     """Load the bundle (every checksum verified) and serve it until interrupted."""
     import uvicorn
 
-    opts = options or ServeOptions()
+    opts = (options or ServeOptions()).check()
     if not is_loopback(opts.host) and not opts.api_key:
         raise ValueError(f"binding to {opts.host} exposes the bundle beyond this machine: give --api-key KEY")
     pipeline = Pipeline.load(bundle, threads=opts.threads)

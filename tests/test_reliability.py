@@ -66,3 +66,18 @@ def test_killed_distill_resumes_in_every_training_stage(tmp_path):
     assert result["killed_in"] == reliability.training_stages(str(project["recipe"]))
     assert len(result["killed_in"]) == 4
     assert {"eval", "distill_generator", "teacher_finetune"} <= set(result["stages_done"])
+
+
+def test_a_bundle_left_aside_by_a_killed_overwrite_goes_back(tiny_bundle, tmp_path):
+    """Killed between moving the old bundle aside and moving the new one in: the next export puts it back."""
+    import shutil
+
+    from edgerag.export.bundle import _remove_abandoned_work
+
+    out = tmp_path / "bundle"
+    dead = 2 ** 22 + 12345   # above any pid this machine hands out
+    shutil.copytree(tiny_bundle, tmp_path / f".bundle.old-{dead}")
+    (tmp_path / f".bundle.tmp-{dead}-x").mkdir()
+    _remove_abandoned_work(out)
+    assert reliability.looks_complete(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

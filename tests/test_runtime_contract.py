@@ -99,6 +99,18 @@ def test_a_looping_answer_is_cut_and_says_so(looping_bundle):
     assert record["stop_reason"] == "repetition" and json.loads(json.dumps(record)) == record
 
 
+def test_a_cut_loop_is_never_streamed(looping_bundle):
+    stream = Pipeline.load(looping_bundle).stream("Which team won Super Bowl 50?")
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(stream))
+        except StopIteration as done:
+            answer = done.value
+            break
+    assert answer.stop_reason == "repetition" and "".join(pieces).strip() == answer.answer
+
+
 def test_repetition_window_comes_from_the_manifest(looping_bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(looping_bundle, copy)
@@ -123,6 +135,34 @@ def test_unaskable_questions_are_clear_errors(tiny_bundle, question):
         pipeline.ask(question)
     with pytest.raises(PromptError, match="question 1 of the batch"):
         pipeline.ask_batch(["Where is Victoria?", question])
+
+
+@pytest.mark.parametrize("settings", [{"k": 0}, {"k": -1}, {"k": "3"}, {"k": 2.5}, {"max_new_tokens": 0},
+                                      {"max_new_tokens": -4}, {"max_new_tokens": True}])
+def test_bad_settings_are_clear_errors(tiny_bundle, settings):
+    pipeline = Pipeline.load(tiny_bundle)
+    with pytest.raises(PromptError, match="positive integer"):
+        pipeline.ask(QUESTIONS[0], **settings)
+    with pytest.raises(PromptError, match="positive integer"):
+        pipeline.ask_batch(QUESTIONS[:2], **settings)
+
+
+def test_an_empty_batch_is_no_answers(tiny_bundle):
+    assert Pipeline.load(tiny_bundle).ask_batch([]) == []
+
+
+def test_cancel_stops_an_answer(tiny_bundle):
+    cancel = threading.Event()
+    cancel.set()
+    answer = Pipeline.load(tiny_bundle).ask(QUESTIONS[0], max_new_tokens=12, cancel=cancel)
+    assert answer.stop_reason == "cancelled" and answer.new_tokens == 1
+
+
+def test_retrieval_only(tiny_bundle):
+    pipeline = Pipeline.load(tiny_bundle, retrieval_only=True)
+    assert pipeline.generator is None and pipeline.retrieve(QUESTIONS[0], k=2)
+    with pytest.raises(ValueError, match="retrieval_only"):
+        pipeline.ask(QUESTIONS[0])
 
 
 def test_far_too_long_question_still_answers(tiny_bundle):
@@ -150,6 +190,17 @@ def test_index_whose_size_disagrees_with_the_manifest_is_refused(tiny_bundle, tm
     index.save_index(str(copy / "index.hnsw"))
     _resign(copy, lambda d: None)   # the checksums match: only the count gives it away
     with pytest.raises(BundleError, match="index.hnsw"):
+        Pipeline.load(copy)
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("index", "ef", 0, "index.ef is 0"), ("query_encoder", "max_length", -1, "query_encoder.max_length"),
+    ("passages", "file", "index.hnsw", "does not load"), ("query_encoder", "onnx", "query_tokenizer.json", "does not load")])
+def test_manifest_values_that_cannot_work_are_refused(tiny_bundle, tmp_path, section, key, value, message):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    _resign(copy, lambda d: d[section].update({key: value}))
+    with pytest.raises(BundleError, match=message):
         Pipeline.load(copy)
 
 

@@ -2,14 +2,9 @@
 
 import asyncio
 import json
-import os
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ import pytest
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
+from edgerag.benchmarks.reliability import request, server  # noqa: E402
 from edgerag.runtime import Pipeline  # noqa: E402
 from edgerag.runtime.serve import Admission, ApiError, ServeOptions, build_app, serve  # noqa: E402
 
@@ -106,12 +102,33 @@ def test_chat_completions_format(client, pipeline):
     (json.dumps({"question": "ok?", "max_new_tokens": 10 ** 6}).encode(), 422, "invalid_request"),
     (json.dumps({"question": "x" * 501}).encode(), 413, "question_too_long"),
     (json.dumps({"question": "x" * 5000}).encode(), 413, "request_too_large"),
+    (b"[" * 1500 + b"]" * 1500, 400, "invalid_json"),                     # nested past the parser's recursion
 ])
 def test_bad_requests_are_json_errors_and_the_server_goes_on(client, body, status, kind):
     response = client.post("/v1/ask", content=body, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     assert response.json()["error"]["type"] == kind and response.json()["error"]["message"]
     assert client.get("/health").status_code == 200
+
+
+def test_a_number_too_long_to_read_is_bad_json(pipeline):
+    client = TestClient(build_app(pipeline))
+    response = client.post("/v1/ask", content=b'{"question": "q?", "k": ' + b"9" * 5000 + b"}")
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_json"
+
+
+def test_chat_content_parts(client, pipeline):
+    parts = [{"type": "text", "text": "Which team won "}, {"type": "image_url"}, {"type": "text", "text": "Super Bowl 50?"}]
+    reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 5})
+    assert reply.json()["choices"][0]["message"]["content"] == pipeline.ask(QUESTIONS[0], max_new_tokens=5).answer
+    bad = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request"
+
+
+@pytest.mark.parametrize("change", [{"concurrency": 0}, {"max_queue": -1}, {"timeout_s": 0}, {"max_body_bytes": 10}])
+def test_serve_options_are_checked(change):
+    with pytest.raises(ValueError):
+        ServeOptions(**change).check()
 
 
 def test_unknown_routes_and_methods_are_json(client):
@@ -141,59 +158,31 @@ def test_admission_refuses_beyond_the_queue():
     async def scenario():
         admission = Admission(concurrency=1, max_queue=1)
         deadline = time.monotonic() + 5
-        await admission.enter(deadline)                      # running
+        await admission.enter(deadline)                              # running
         waiting = asyncio.ensure_future(admission.enter(deadline))   # queued
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
         with pytest.raises(ApiError) as refused:
-            await admission.enter(deadline)                  # beyond the queue
+            await admission.enter(deadline)                          # beyond the queue
         assert refused.value.status == 503 and refused.value.headers["Retry-After"]
-        admission.leave()
-        await waiting                                        # the queued one gets the slot
-        with pytest.raises(ApiError) as late:                # and one that cannot get it in time
+        threading.Thread(target=admission.leave).start()             # the first answer's thread ends
+        await waiting                                                # and the queued one gets the slot
+        with pytest.raises(ApiError) as late:                        # one that cannot get it in time
             await admission.enter(time.monotonic() + 0.05)
         assert late.value.kind == "timeout"
+        cancelled = asyncio.ensure_future(admission.enter(time.monotonic() + 5))
+        await asyncio.sleep(0.02)
+        cancelled.cancel()                                           # a client that leaves while waiting
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
         admission.leave()
         assert admission.admitted == 0
     asyncio.run(scenario())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(bundle, *args, python=sys.executable):
-    port = free_port()
-    proc = subprocess.Popen([str(python), "-m", "edgerag.cli", "serve", str(bundle), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(proc.stdout.read())
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def post(url: str, body: dict, timeout: float = 60) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 def test_openai_client_against_the_server(tiny_bundle):
     openai = pytest.importorskip("openai")
     pipeline = Pipeline.load(tiny_bundle)
-    with running_server(tiny_bundle) as url:
+    with server(tiny_bundle) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="edgerag", max_tokens=6,
                                                messages=[{"role": "user", "content": QUESTIONS[0]}])
@@ -211,13 +200,14 @@ def test_concurrent_clients_get_the_sequential_answers(tiny_bundle):
     pipeline = Pipeline.load(tiny_bundle)
     questions = QUESTIONS * 2
     sequential = [pipeline.ask(q, max_new_tokens=10).answer for q in questions]
-    with running_server(tiny_bundle, "--max-queue", "16") as url:
+    with server(tiny_bundle, "--max-queue", "16") as (url, _):
         results, errors = {}, []
 
         def client(c):
             try:
                 for i, q in enumerate(questions):
-                    results[(c, i)] = post(url + "/v1/ask", {"question": q, "max_new_tokens": 10})["answer"]
+                    status, reply = request(url + "/v1/ask", {"question": q, "max_new_tokens": 10})
+                    results[(c, i)] = reply["answer"] if status == 200 else status
             except Exception as e:  # noqa: BLE001 - asserted below
                 errors.append(e)
 
@@ -237,5 +227,6 @@ def test_serve_runs_on_the_base_install_with_its_extra(tiny_bundle):
                             "print([m for m in ('torch', 'transformers', 'optimum') if m in sys.modules])"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
-    with running_server(tiny_bundle, python=python) as url:
-        assert post(url + "/v1/ask", {"question": QUESTIONS[0], "max_new_tokens": 3})["passages"]
+    with server(tiny_bundle, python=python) as (url, _):
+        status, reply = request(url + "/v1/ask", {"question": QUESTIONS[0], "max_new_tokens": 3})
+        assert status == 200 and reply["passages"]

@@ -208,7 +208,13 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     step, log = 0, []
     seed_everything(cfg.seed)
-    ckpt = _read_checkpoint(ckpt_path, desc) if resume else None
+    ckpt = None
+    if resume:  # rank 0 reads the checkpoint (setting aside one that does not read) before the others do
+        if rank == 0:
+            ckpt = _read_checkpoint(ckpt_path, desc)
+        barrier()
+        if rank != 0 and ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
