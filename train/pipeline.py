@@ -809,7 +809,9 @@ def distill(recipe_path, out_dir, resume: bool = False, stop_after: str | None =
             if other is not None and seed_stage(stage, run, other, fp):
                 seeded.append(name)
         barrier()  # the other ranks see what rank 0 seeded
-        if run.done(name):
+        skip = run.done(name)
+        barrier()  # every rank has looked before rank 0 can run the stage and mark it done
+        if skip:
             if rank == 0 and name not in seeded:
                 print(f"[{name}] done already, skipped")
             continue
