@@ -110,6 +110,14 @@ def generated(strategy, examples: int, seed: int):
     return wrap
 
 
+def mostly(usual, hostile, one_in: int = 5):
+    """`usual`, except one draw in `one_in` from `hostile` (hypothesis dedupes repeated strategies in
+    one_of, so repeating one does not weight it)."""
+    from hypothesis import strategies as st
+
+    return st.integers(0, one_in - 1).flatmap(lambda i: hostile if i == 0 else usual)
+
+
 def question_strategy():
     from hypothesis import strategies as st
 
@@ -135,10 +143,11 @@ def fuzz_python(pipeline, examples: int, seed: int = 0) -> dict:
 
     text, wrong_types = question_strategy()
     outcome = {"inputs": 0, "answered": 0, "clear_error": 0, "crash": 0, "crashes": []}
-    count = st.one_of(st.none(), st.integers(-2, 30), wrong_types)
+    # mostly text and the bundle's settings, so that most inputs test the question; one in five hostile
+    k = mostly(st.none(), st.one_of(st.integers(-2, 30), wrong_types))
+    new_tokens = mostly(st.just(4), st.one_of(st.integers(-2, 6), wrong_types))
 
-    @generated(st.tuples(st.one_of(text, wrong_types), count, st.one_of(st.none(), st.integers(-2, 6), wrong_types)),
-               examples, seed)
+    @generated(st.tuples(mostly(text, wrong_types), k, new_tokens), examples, seed)
     def one(case):
         question, k, max_new_tokens = case
         outcome["inputs"] += 1
@@ -161,10 +170,11 @@ def fuzz_http(url: str, examples: int, seed: int = 0) -> dict:
     from hypothesis import strategies as st
 
     text, wrong_types = question_strategy()
-    value = st.one_of(text, wrong_types)
+    value = mostly(text, wrong_types)   # mostly text and sane settings: most bodies test the question
     ask_body = st.fixed_dictionaries({"question": value}, optional={
-        "k": st.one_of(st.integers(-5, 50), wrong_types), "max_new_tokens": st.one_of(st.integers(-5, 500), wrong_types),
-        "stream": st.one_of(st.booleans(), wrong_types)})
+        "k": mostly(st.integers(1, 5), st.one_of(st.integers(-5, 50), wrong_types)),
+        "max_new_tokens": mostly(st.integers(1, 8), st.one_of(st.integers(-5, 500), wrong_types)),
+        "stream": mostly(st.booleans(), wrong_types)})
     chat_body = st.fixed_dictionaries({"messages": st.one_of(
         st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", 3]), "content": value}),
                  max_size=3), wrong_types)}, optional={"max_tokens": st.one_of(st.integers(-5, 500), wrong_types),
@@ -331,24 +341,31 @@ def soak(url: str, pid: int, questions: list[str], n: int, max_new_tokens: int, 
               "rss_end_mb": round(samples[-1][1], 1), "rss_growth_pct": round(100 * (samples[-1][1] - warm) / warm, 2),
               "rss_samples": samples}
     if out is not None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(7, 3.5))
-            ax.plot([i for i, _ in samples], [mb for _, mb in samples])
-            ax.axhline(warm, linestyle=":", color="gray")
-            ax.set_xlabel("questions answered")
-            ax.set_ylabel("server RSS (MB)")
-            ax.set_title(f"soak: {n} questions, RSS {warm:.0f} -> {samples[-1][1]:.0f} MB after warm-up")
-            fig.tight_layout()
-            fig.savefig(out / "soak_rss.png", dpi=100)
-            result["plot"] = str(out / "soak_rss.png")
-        except ImportError:
-            result["plot"] = None
+        result["plot"] = plot_rss(samples, warm, out / "soak_rss.png")
     return result
+
+
+def plot_rss(samples: list, warm: float, path: Path) -> str | None:
+    """The soak's RSS curve, on an axis from 0 so that growth looks its true size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([i for i, _ in samples], [mb for _, mb in samples], label="server RSS")
+    ax.axhline(warm, linestyle=":", color="gray", label="after warm-up")
+    ax.set_ylim(0, max(mb for _, mb in samples) * 1.15)
+    ax.set_xlabel("questions answered")
+    ax.set_ylabel("MB")
+    ax.set_title(f"soak: {samples[-1][0]} questions, RSS {warm:.0f} -> {samples[-1][1]:.0f} MB after warm-up")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------- kills

@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,19 +88,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _Waiter:
+    __slots__ = ("loop", "future", "granted")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.future, self.granted = loop, loop.create_future(), False
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class Admission:
-    """At most `concurrency` answers at once and `max_queue` waiting; a request beyond that is refused.
+    """At most `concurrency` answers at once and `max_queue` waiting, served first come, first served;
+    a request beyond that is refused.
 
-    Thread-safe and tied to no event loop: a slot is freed by the thread that computed the answer.
-    Waiting polls (every few ms, nothing against an answer's hundreds) so that a request cancelled
-    while it waits holds nothing."""
-
-    POLL_S = 0.005
+    Thread-safe: a slot is freed by the thread that computed the answer, and handed to the oldest
+    waiting request under the same lock, so a request that gives up (its deadline, or its client
+    leaving) at that moment passes the slot on instead of losing it."""
 
     def __init__(self, concurrency: int, max_queue: int):
-        self.limit = concurrency + max_queue
-        self.slots = threading.Semaphore(concurrency)
+        self.free, self.limit = concurrency, concurrency + max_queue
         self.admitted = 0
+        self.waiters: deque[_Waiter] = deque()
         self.lock = threading.Lock()
 
     async def enter(self, deadline: float) -> None:
@@ -108,21 +120,41 @@ class Admission:
                 raise ApiError(503, "overloaded", f"{self.admitted} requests are in progress or waiting; retry later",
                                {"Retry-After": "1"})
             self.admitted += 1
+            if self.free > 0:
+                self.free -= 1
+                return
+            waiter = _Waiter(asyncio.get_running_loop())
+            self.waiters.append(waiter)
         try:
-            while not self.slots.acquire(blocking=False):
-                if time.monotonic() > deadline:
-                    raise ApiError(503, "timeout", "the request waited past its deadline for a free slot",
-                                   {"Retry-After": "1"})
-                await asyncio.sleep(self.POLL_S)
-        except BaseException:  # refused, or cancelled while waiting (the client went away): not admitted
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max(deadline - time.monotonic(), 0.0))
+        except BaseException as e:  # out of time, or cancelled (the client went away): not admitted
             with self.lock:
+                if waiter.granted:
+                    self._hand_on()
+                else:
+                    self.waiters.remove(waiter)
                 self.admitted -= 1
+            if isinstance(e, asyncio.TimeoutError):
+                raise ApiError(503, "timeout", "the request waited past its deadline for a free slot",
+                               {"Retry-After": "1"}) from None
             raise
 
     def leave(self) -> None:
-        self.slots.release()
         with self.lock:
             self.admitted -= 1
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """A slot is free: to the oldest waiter whose event loop still runs, else back to the pool (lock held)."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            try:
+                waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+            except RuntimeError:  # its loop has closed
+                continue
+            waiter.granted = True
+            return
+        self.free += 1
 
 
 def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starlette:

@@ -154,28 +154,36 @@ def test_binding_beyond_loopback_needs_a_key(tiny_bundle):
         serve(tiny_bundle, ServeOptions(host="0.0.0.0"))
 
 
-def test_admission_refuses_beyond_the_queue():
+def test_admission_refuses_beyond_the_queue_and_serves_in_order():
     async def scenario():
-        admission = Admission(concurrency=1, max_queue=1)
+        admission = Admission(concurrency=1, max_queue=3)
         deadline = time.monotonic() + 5
         await admission.enter(deadline)                              # running
-        waiting = asyncio.ensure_future(admission.enter(deadline))   # queued
-        await asyncio.sleep(0.02)
+        order = []
+
+        async def wait(name):
+            await admission.enter(deadline)
+            order.append(name)
+        queued = [asyncio.ensure_future(wait(n)) for n in ("first", "second")]
+        await asyncio.sleep(0.01)
+        gives_up = asyncio.ensure_future(admission.enter(deadline))  # a client that leaves while waiting
+        await asyncio.sleep(0.01)
         with pytest.raises(ApiError) as refused:
             await admission.enter(deadline)                          # beyond the queue
         assert refused.value.status == 503 and refused.value.headers["Retry-After"]
-        threading.Thread(target=admission.leave).start()             # the first answer's thread ends
-        await waiting                                                # and the queued one gets the slot
-        with pytest.raises(ApiError) as late:                        # one that cannot get it in time
+        gives_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gives_up
+        for _ in range(2):                                           # two answers' threads end
+            threading.Thread(target=admission.leave).start()
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*queued)
+        assert order == ["first", "second"]                          # first come, first served
+        with pytest.raises(ApiError) as late:                        # one that cannot get a slot in time
             await admission.enter(time.monotonic() + 0.05)
         assert late.value.kind == "timeout"
-        cancelled = asyncio.ensure_future(admission.enter(time.monotonic() + 5))
-        await asyncio.sleep(0.02)
-        cancelled.cancel()                                           # a client that leaves while waiting
-        with pytest.raises(asyncio.CancelledError):
-            await cancelled
         admission.leave()
-        assert admission.admitted == 0
+        assert admission.admitted == 0 and admission.free == 1 and not admission.waiters
     asyncio.run(scenario())
 
 
