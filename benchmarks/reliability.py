@@ -110,6 +110,19 @@ def generated(strategy, examples: int, seed: int):
     return wrap
 
 
+def tally(outcome: dict, ok: str, refused: str, expected, call, about: str = "") -> None:
+    """Run one generated input: count it as `ok`, as `refused` (the clear error expected), or as a crash."""
+    outcome["inputs"] += 1
+    try:
+        call()
+        outcome[ok] += 1
+    except expected:
+        outcome[refused] += 1
+    except Exception as e:  # noqa: BLE001 - a crash is what this counts
+        outcome["crash"] += 1
+        outcome["crashes"].append(f"{type(e).__name__}: {e}"[:200] + f" <- {about}"[:200])
+
+
 def mostly(usual, hostile, one_in: int = 5):
     """`usual`, except one draw in `one_in` from `hostile` (hypothesis dedupes repeated strategies in
     one_of, so repeating one does not weight it)."""
@@ -150,15 +163,8 @@ def fuzz_python(pipeline, examples: int, seed: int = 0) -> dict:
     @generated(st.tuples(mostly(text, wrong_types), k, new_tokens), examples, seed)
     def one(case):
         question, k, max_new_tokens = case
-        outcome["inputs"] += 1
-        try:
-            pipeline.ask(question, k=k, max_new_tokens=max_new_tokens)
-            outcome["answered"] += 1
-        except PromptError:
-            outcome["clear_error"] += 1
-        except Exception as e:  # noqa: BLE001 - a crash is what this counts
-            outcome["crash"] += 1
-            outcome["crashes"].append(f"{type(e).__name__}: {e}"[:200] + f" <- {question!r}"[:200])
+        tally(outcome, "answered", "clear_error", PromptError,
+              lambda: pipeline.ask(question, k=k, max_new_tokens=max_new_tokens), repr(case))
 
     one()
     return outcome
@@ -241,15 +247,8 @@ def fuzz_manifest(bundle: Path, examples: int, seed: int = 0) -> dict:
             else:
                 holder[path[-1]] = value
             (copy / MANIFEST).write_bytes(dump_manifest(data))
-            outcome["inputs"] += 1
-            try:
-                Pipeline.load(copy, check=False)
-                outcome["loaded"] += 1
-            except BundleError:
-                outcome["refused"] += 1
-            except Exception as e:  # noqa: BLE001 - a crash is what this counts
-                outcome["crash"] += 1
-                outcome["crashes"].append(f"{path}={value!r}: {type(e).__name__}: {e}"[:300])
+            tally(outcome, "loaded", "refused", BundleError, lambda: Pipeline.load(copy, check=False),
+                  f"{path}={value!r}" + (" (deleted)" if delete else ""))
 
         one()
     return outcome
@@ -273,15 +272,7 @@ def fuzz_passages(examples: int, seed: int = 0) -> dict:
         @generated(st.lists(line, min_size=1, max_size=5), examples, seed)
         def one(lines):
             path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
-            outcome["inputs"] += 1
-            try:
-                read_passages(path)
-                outcome["read"] += 1
-            except DataError:
-                outcome["refused"] += 1
-            except Exception as e:  # noqa: BLE001 - a crash is what this counts
-                outcome["crash"] += 1
-                outcome["crashes"].append(f"{type(e).__name__}: {e}"[:300])
+            tally(outcome, "read", "refused", DataError, lambda: read_passages(path), repr(lines))
 
         one()
     return outcome

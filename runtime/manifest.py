@@ -47,8 +47,16 @@ class FileRecord:
     bytes: int
 
 
+class _Quantized:
+    quantization: dict
+
+    @property
+    def quantization_method(self) -> str:
+        return self.quantization.get("method", "none")
+
+
 @dataclass
-class QueryEncoderSpec:
+class QueryEncoderSpec(_Quantized):
     onnx: str
     tokenizer: str
     pooling: str
@@ -59,13 +67,9 @@ class QueryEncoderSpec:
     quantization: dict = field(default_factory=dict)
     graph_optimization: str = "none"
 
-    @property
-    def quantization_method(self) -> str:
-        return self.quantization.get("method", "none")
-
 
 @dataclass
-class GeneratorSpec:
+class GeneratorSpec(_Quantized):
     family: str
     onnx: str
     tokenizer: str
@@ -79,10 +83,6 @@ class GeneratorSpec:
     graph: str = ""
     quantization: dict = field(default_factory=dict)
     graph_optimization: str = "none"
-
-    @property
-    def quantization_method(self) -> str:
-        return self.quantization.get("method", "none")
 
 
 @dataclass
