@@ -252,6 +252,15 @@ class DecoderOnlyGenerator:
 GENERATORS = {"decoder-only": DecoderOnlyGenerator}
 
 
+def _periodic_run(tokens: list[int], period: int) -> int:
+    """Length of the longest tail of `tokens` in which every token equals the one `period` before it
+    (counting that first block)."""
+    i = len(tokens) - period - 1
+    while i >= 0 and tokens[i] == tokens[i + period]:
+        i -= 1
+    return len(tokens) - 1 - i
+
+
 def repetition_cut(tokens: list[int], window: int) -> int | None:
     """Where to cut an answer whose last `window` tokens repeat one block (at least three times over):
     after the first occurrence of the block in that run. None where they do not, or window is 0.
@@ -261,28 +270,18 @@ def repetition_cut(tokens: list[int], window: int) -> int | None:
     """
     if window <= 0 or len(tokens) < window:
         return None
-    tail = tokens[-window:]
     for period in range(1, window // 3 + 1):
-        if all(tail[i] == tail[i - period] for i in range(period, window)):
-            start = len(tokens) - window
-            while start > 0 and tokens[start - 1] == tokens[start - 1 + period]:
-                start -= 1
-            return start + period
+        run = _periodic_run(tokens, period)
+        if run >= window:
+            return len(tokens) - run + period
     return None
 
 
 def periodic_tail(tokens: list[int], max_period: int) -> int:
     """Length of the longest tail of `tokens` that repeats one block of at most `max_period` tokens at
     least twice: what a stream holds back while a loop may be starting (0 where none does)."""
-    longest = 0
-    for period in range(1, max_period + 1):
-        i = len(tokens) - period - 1
-        while i >= 0 and tokens[i] == tokens[i + period]:
-            i -= 1
-        run = len(tokens) - 1 - i
-        if run >= 2 * period:
-            longest = max(longest, run)
-    return longest
+    runs = [_periodic_run(tokens, period) for period in range(1, max_period + 1)]
+    return max([run for period, run in enumerate(runs, start=1) if run >= 2 * period], default=0)
 
 
 def check_count(name: str, value) -> int | None:

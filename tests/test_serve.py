@@ -205,27 +205,14 @@ def test_openai_client_against_the_server(tiny_bundle):
 
 
 def test_concurrent_clients_get_the_sequential_answers(tiny_bundle):
+    from edgerag.benchmarks.reliability import load
+
     pipeline = Pipeline.load(tiny_bundle)
     questions = QUESTIONS * 2
     sequential = [pipeline.ask(q, max_new_tokens=10).answer for q in questions]
     with server(tiny_bundle, "--max-queue", "16") as (url, _):
-        results, errors = {}, []
-
-        def client(c):
-            try:
-                for i, q in enumerate(questions):
-                    status, reply = request(url + "/v1/ask", {"question": q, "max_new_tokens": 10})
-                    results[(c, i)] = reply["answer"] if status == 200 else status
-            except Exception as e:  # noqa: BLE001 - asserted below
-                errors.append(e)
-
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
-        assert all(results[(c, i)] == sequential[i] for c in range(8) for i in range(len(questions)))
+        row, = load(url, questions, [8], 10, sequential)
+    assert row["errors"] == 0 and row["identical_to_sequential"] == 8 * len(questions)
 
 
 @pytest.mark.skipif(not (BASE_VENV / ".installed").exists(), reason="make install-base builds the base-install venv")
