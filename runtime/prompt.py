@@ -34,6 +34,16 @@ PLAIN = {
     "answer_end": "\n",
 }
 
+# Encoder-decoder (BART) students read RAG's own context format, "title / text // question",
+# with every retrieved passage before the question; BART's tokenizer wraps a text in <s> ... </s>.
+RAG_CONCAT = {
+    "prefix": "<s>",
+    "passage": "{title} / ",
+    "passage_end": " // ",
+    "question": "{question}</s>",
+    "answer_end": "</s>",
+}
+
 
 @dataclass(frozen=True)
 class PromptTemplate:

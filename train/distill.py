@@ -32,7 +32,7 @@ class QueryExample:
 
 
 def encoder_loss_fn(tokenizer, pooling: str, max_length: int, passage_embeddings, mse_weight=1.0, cosine_weight=0.0,
-                    contrastive_weight=0.1, temperature=0.05):
+                    contrastive_weight=0.1, temperature=0.05, normalize: bool = True):
     """loss(model, batch): squared distance to the teacher's query embedding (+ 1 - cosine), plus an
     InfoNCE term that ranks the gold passage (teacher's passage embedding) above the other gold
     passages of the batch. The passages stay fixed: the student must fit the teacher's index."""
@@ -40,10 +40,10 @@ def encoder_loss_fn(tokenizer, pooling: str, max_length: int, passage_embeddings
     import torch.nn.functional as F
 
     def loss_fn(model, batch: list[QueryExample]):
-        student = embed_batch(model, tokenizer, [e.text for e in batch], pooling, max_length)
+        student = embed_batch(model, tokenizer, [e.text for e in batch], pooling, max_length, normalize)
         target = torch.stack([e.target for e in batch]).to(student.device)
         mse = ((student - target) ** 2).sum(-1).mean()
-        cosine = (1 - (student * target).sum(-1)).mean()
+        cosine = (1 - F.cosine_similarity(student, target, dim=-1)).mean()
         queries = [i for i, e in enumerate(batch) if e.passage >= 0]  # passage texts have no gold passage
         contrastive = student.new_zeros(())
         if queries and contrastive_weight:
@@ -130,9 +130,7 @@ def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weig
         for row, b in enumerate(batch):
             t = len(b.example.target)
             sel = logits[row, logits.shape[1] - t:].float()
-            log_q = torch.log_softmax(sel / temperature, dim=-1).gather(-1, b.cache["ids"].long().to(sel.device))
-            log_p = b.cache["logp"].to(sel.device)
-            kl_sum = kl_sum + (log_p.exp() * (log_p - log_q)).sum() + _rest_kl(log_p, log_q)
+            kl_sum = kl_sum + kl_to_topk(torch.log_softmax(sel / temperature, dim=-1), b.cache)
             if hidden_weight > 0:
                 hid_sum = hid_sum + ((h[row, h.shape[1] - t:].float() - b.cache["hidden"].to(sel.device)) ** 2).mean(-1).sum()
             n += t
@@ -146,6 +144,15 @@ def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weig
         return loss, parts
 
     return loss_fn
+
+
+def kl_to_topk(student_logprobs, cache: dict):
+    """KL(teacher || student) summed over positions, over the teacher's cached top-k tokens and
+    "everything else" (see generator_loss_fn). student_logprobs: [positions, vocab], at the cache's
+    temperature; cache: {"logp", "ids"} [positions, k]."""
+    log_q = student_logprobs.gather(-1, cache["ids"].long().to(student_logprobs.device))
+    log_p = cache["logp"].to(student_logprobs.device)
+    return (log_p.exp() * (log_p - log_q)).sum() + _rest_kl(log_p, log_q)
 
 
 def _rest_kl(log_p, log_q):

@@ -116,6 +116,16 @@ class Run:
         """Where the task distillation starts: after the general pass where the recipe has one."""
         return self.general_generator if self.recipe.distill_general.passages else self.student_init_generator
 
+    def passage_string(self, passage: Passage) -> str:
+        """A passage as its encoder reads it (a bundle writes it by its index.passage_format)."""
+        if self.recipe.teacher.kind == "hf-rag":
+            from .rag import DPR_PASSAGE_FORMAT
+
+            return DPR_PASSAGE_FORMAT.format(title=passage.title, text=passage.text)
+        from .retrieval import passage_text
+
+        return passage_text(passage.title, passage.text)
+
     @property
     def teacher_passages(self) -> bool:
         """The student ranks passages by the teacher's vectors (student.passage_encoder = "teacher")."""
@@ -365,12 +375,13 @@ def stage_distill_encoder(run: Run) -> dict:
     import numpy as np
     import torch
 
-    from edgerag.models import load_encoder
+    from edgerag.models import load_encoder, normalizes
 
     from .distill import QueryExample, disable_dropout, encoder_loss_fn
-    from .retrieval import embed, passage_text
+    from .retrieval import embed
 
     cfg = run.recipe.distill_encoder
+    normalize = normalizes(run.teacher_encoder)  # DPR (the RAG family) scores raw vectors
     teacher, t_tok, pooling, max_length = load_encoder(run.teacher_encoder)
     student, s_tok, s_pooling, s_max_length = load_encoder(run.student_init_encoder)
     corpus = run.corpus()
@@ -381,9 +392,10 @@ def stage_distill_encoder(run: Run) -> dict:
     rows = [row_of.get(q.passage_id, -1) for q in questions]
     rng = random.Random(run.recipe.seed + 3)
     for i in sorted(rng.sample(range(len(corpus)), min(cfg.passages, len(corpus)))):
-        texts.append(passage_text(corpus[i].title, corpus[i].text))
+        texts.append(run.passage_string(corpus[i]))
         rows.append(-1)
-    targets = torch.from_numpy(embed(teacher, t_tok, texts, pooling, max_length, progress="teacher embeddings"))
+    targets = torch.from_numpy(embed(teacher, t_tok, texts, pooling, max_length, progress="teacher embeddings",
+                                     normalize=normalize))
     examples = [QueryExample(t, targets[i], rows[i]) for i, t in enumerate(texts)]
     before = _embedding_distance(student, s_tok, s_pooling, s_max_length, examples)
     disable_dropout(student)
@@ -391,7 +403,7 @@ def stage_distill_encoder(run: Run) -> dict:
         student.pooler.requires_grad_(False)  # unused by mean/CLS pooling; DDP wants every trained weight used
     student.to(loop.device())
     loss_fn = encoder_loss_fn(s_tok, s_pooling, s_max_length, passage_emb, cfg.mse_weight, cfg.cosine_weight,
-                              cfg.contrastive_weight, cfg.contrastive_temperature)
+                              cfg.contrastive_weight, cfg.contrastive_temperature, normalize)
     log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_encoder"), desc="distill encoder")
     student.cpu()
     after = _embedding_distance(student, s_tok, s_pooling, s_max_length, examples)
@@ -407,7 +419,7 @@ def _embedding_distance(model, tok, pooling, max_length, examples) -> float:
 
     sample = examples[:256]
     emb = torch.from_numpy(embed(model, tok, [e.text for e in sample], pooling, max_length))
-    target = torch.stack([e.target for e in sample])
+    target = torch.nn.functional.normalize(torch.stack([e.target for e in sample]), dim=-1)
     return float((1 - (emb * target).sum(-1)).mean())
 
 
@@ -690,11 +702,16 @@ STAGES = [
 
 def plan(recipe: Recipe, stop_after: str | None = None) -> list[Stage]:
     """The stages a run of `recipe` goes through, in order (up to `stop_after`)."""
-    names = [s.name for s in STAGES]
+    table = STAGES
+    if recipe.teacher.kind == "hf-rag":
+        from .rag import stages as rag_stages
+
+        table = rag_stages()
+    names = [s.name for s in table]
     if stop_after is not None and stop_after not in names:
         raise RunError(f"unknown stage {stop_after!r} (stages: {', '.join(names)})")
     last = names.index(stop_after) if stop_after is not None else len(names) - 1
-    return [s for s in STAGES[:last + 1] if s.enabled(recipe)]
+    return [s for s in table[:last + 1] if s.enabled(recipe)]
 
 
 # ---------------------------------------------------------------- fingerprints and seeding

@@ -41,8 +41,11 @@ class PromptConfig:
 
 @dataclass
 class TeacherConfig:
+    kind: str = "decoder-only"       # "decoder-only": query_encoder + generator; "hf-rag": a Hugging Face RAG checkpoint
     query_encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
     generator: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    rag: str = ""                    # hf-rag: a RagTokenForGeneration / RagSequenceForGeneration folder or hub id
+    context_encoder: str = ""        # hf-rag: the DPR context encoder of its passages (RAG checkpoints ship without)
 
 
 @dataclass
@@ -72,6 +75,8 @@ class StudentConfig:
     passage_encoder: str = "student" # "teacher": passages keep the teacher's vectors; only queries use the student encoder
     encoder_layers: typing.Any = 0   # int N (evenly spaced) or a list of teacher encoder layers (0: keep all)
     calibration_passages: int = 16
+    generator_encoder_layers: typing.Any = "all"  # hf-rag: BART encoder layers kept (DistilBART keeps them all)
+    reading: str = "concatenated"    # hf-rag: "concatenated" top-k passages in one context, or "marginalized" like the teacher
 
 
 @dataclass
@@ -102,6 +107,8 @@ class GeneratorDistillConfig:
     top_k: int = 32                  # teacher logits cached as top-k per answer position
     seq_kd: bool = False             # also train on teacher-generated answers (sequence-level KD)
     hidden_weight: float = 0.0       # MSE between final hidden states at answer positions
+    gradient_weight: float = 0.0     # match the teacher's input gradient too (train/gradient.py); 0: outputs only
+    gradient_projections: int = 16   # random projections per input position for gradient matching
     warmup_steps: int = 5
     train_layers: int = 0            # train only the top N decoder layers (+ final norm); 0: everything
 
@@ -248,6 +255,21 @@ def load_recipe(path: str | Path, check_models: bool = True) -> Recipe:
 
 
 def validate(r: Recipe, check_models: bool = True) -> None:
+    if r.teacher.kind not in ("decoder-only", "hf-rag"):
+        raise RecipeError(f"teacher.kind: expected 'decoder-only' or 'hf-rag', got {r.teacher.kind!r}")
+    if r.teacher.kind == "hf-rag":
+        for key in ("rag", "context_encoder"):
+            if not getattr(r.teacher, key):
+                raise RecipeError(f"teacher.{key}: a hf-rag teacher needs it")
+        if r.student.reading not in ("concatenated", "marginalized"):
+            raise RecipeError(f"student.reading: expected 'concatenated' or 'marginalized', got {r.student.reading!r}")
+        for key in ("generator", "query_encoder"):
+            if getattr(r.student, key):
+                raise RecipeError(f"student.{key}: a hf-rag student is cut from the teacher's layers; leave it empty")
+        if r.distill_general.passages:
+            raise RecipeError("distill_general.passages: the general pass is not available for hf-rag teachers yet")
+    if r.distill_generator.gradient_weight < 0 or r.distill_generator.gradient_projections < 1:
+        raise RecipeError("distill_generator.gradient_weight must be >= 0 and gradient_projections >= 1")
     if r.data.corpus_scope not in ("files", "sampled"):
         raise RecipeError(f"data.corpus_scope: expected 'files' or 'sampled', got {r.data.corpus_scope!r}")
     if r.student.passage_encoder not in ("student", "teacher"):
@@ -266,7 +288,7 @@ def validate(r: Recipe, check_models: bool = True) -> None:
             raise RecipeError(f"{name}: must be at least 1, got {value}")
     if r.distill_generator.temperature <= 0:
         raise RecipeError(f"distill_generator.temperature: must be positive, got {r.distill_generator.temperature}")
-    if not check_models:
+    if not check_models or r.teacher.kind == "hf-rag":  # hf-rag layer lists are checked when the teacher loads
         return
     if not r.student.generator:
         depth = model_depth(r.teacher.generator)

@@ -20,17 +20,18 @@ def pool(hidden, attention_mask, pooling: str):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-def embed_batch(model, tokenizer, texts, pooling: str, max_length: int):
-    """Normalized embeddings of a batch, with gradients (for distillation)."""
+def embed_batch(model, tokenizer, texts, pooling: str, max_length: int, normalize: bool = True):
+    """Embeddings of a batch (L2-normalized unless told otherwise), with gradients (for distillation)."""
     import torch.nn.functional as F
 
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     enc = {k: v.to(model.device) for k, v in enc.items()}
-    out = model(**enc)
-    return F.normalize(pool(out.last_hidden_state, enc["attention_mask"], pooling), dim=-1)
+    pooled = pool(model(**enc).last_hidden_state, enc["attention_mask"], pooling)
+    return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
-def embed(model, tokenizer, texts, pooling: str, max_length: int, batch_size: int = 64, progress: str | None = None) -> np.ndarray:
+def embed(model, tokenizer, texts, pooling: str, max_length: int, batch_size: int = 64, progress: str | None = None,
+          normalize: bool = True) -> np.ndarray:
     import torch
     from tqdm.auto import tqdm
 
@@ -43,7 +44,7 @@ def embed(model, tokenizer, texts, pooling: str, max_length: int, batch_size: in
     with torch.no_grad():
         for start in tqdm(range(0, len(texts), batch_size), desc=progress, disable=progress is None, leave=False):
             idx = order[start:start + batch_size]
-            out[idx] = embed_batch(model, tokenizer, [texts[i] for i in idx], pooling, max_length).float().cpu().numpy()
+            out[idx] = embed_batch(model, tokenizer, [texts[i] for i in idx], pooling, max_length, normalize).float().cpu().numpy()
     model.train(was_training)
     return out
 

@@ -219,3 +219,66 @@ def make_tiny_project(folder, data_dir=None) -> dict:
     recipe.write_text(TINY_RECIPE.format(folder=folder.as_posix()))
     return {"folder": folder, "recipe": recipe, "train": train, "eval": folder / "eval.json.gz",
             "generator": folder / "generator", "encoder": folder / "encoder"}
+
+
+# ---------------------------------------------------------------- a tiny RAG checkpoint (DPR + BART)
+
+BART_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]   # BART's ids 0..4
+
+
+def _tiny_bart_tokenizer(texts, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=BART_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    # BART's own tokenizer wraps every text in <s> ... </s>
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", mask_token="<mask>")
+
+
+def make_tiny_rag(folder, texts=None, kind: str = "token", hidden: int = 32, layers: int = 2, n_docs: int = 3,
+                  vocab_size: int = 600, seed: int = 0) -> dict:
+    """A tiny random Hugging Face RAG checkpoint, saved with save_pretrained the way
+    `facebook/rag-token-nq` is laid out (config + weights + question_encoder_tokenizer/ +
+    generator_tokenizer/), and the DPR context encoder that RAG checkpoints ship without.
+
+    The question and context encoders use the packaged MiniLM WordPiece vocabulary (DPR's is
+    bert-base-uncased, the same one); the BART generator a byte-level BPE trained on `texts`.
+    Returns {"rag": folder, "context_encoder": folder}.
+    """
+    import torch
+    from transformers import (AutoTokenizer, BartConfig, BartForConditionalGeneration, DPRConfig,
+                              DPRContextEncoder, DPRQuestionEncoder, RagConfig, RagSequenceForGeneration,
+                              RagTokenForGeneration, RagTokenizer)
+
+    from edgerag.models import DEFAULT_QUERY_ENCODER, resolve
+
+    folder = Path(folder)
+    texts = list(texts) if texts is not None else tiny_corpus_texts()
+    word_tok = AutoTokenizer.from_pretrained(resolve(DEFAULT_QUERY_ENCODER).path)
+    bart_tok = _tiny_bart_tokenizer(texts, vocab_size)
+    torch.manual_seed(seed)
+    dpr = DPRConfig(vocab_size=len(word_tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                    intermediate_size=2 * hidden, max_position_embeddings=512, initializer_range=0.2)
+    bart = BartConfig(vocab_size=len(bart_tok), d_model=hidden, encoder_layers=layers, decoder_layers=layers,
+                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * hidden,
+                      decoder_ffn_dim=2 * hidden, max_position_embeddings=512, bos_token_id=0, pad_token_id=1,
+                      eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
+                      init_std=0.2)
+    config = RagConfig.from_question_encoder_generator_configs(dpr, bart, n_docs=n_docs, max_combined_length=256,
+                                                                title_sep=" / ", doc_sep=" // ")
+    model_class = {"token": RagTokenForGeneration, "sequence": RagSequenceForGeneration}[kind]
+    model = model_class(config, question_encoder=DPRQuestionEncoder(dpr), generator=BartForConditionalGeneration(bart))
+    rag_folder, ctx_folder = folder / f"rag-{kind}", folder / "ctx_encoder"
+    model.save_pretrained(rag_folder)
+    RagTokenizer(question_encoder=word_tok, generator=bart_tok).save_pretrained(rag_folder)
+    torch.manual_seed(seed + 1)
+    DPRContextEncoder(dpr).save_pretrained(ctx_folder)
+    word_tok.save_pretrained(ctx_folder)
+    return {"rag": rag_folder, "context_encoder": ctx_folder}
