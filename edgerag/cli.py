@@ -82,7 +82,7 @@ def cmd_export(args) -> int:
     require_workstation("export")
     from edgerag.export import ExportOptions
     from edgerag.export.bundle import export_bundle
-    from edgerag.models import folder_models, passage_encoder_folder
+    from edgerag.models import folder_models, passage_encoder_folder, read_info
     from edgerag.runtime.manifest import read_manifest
 
     if args.model_folder:
@@ -91,14 +91,20 @@ def cmd_export(args) -> int:
         query_encoder, generator = folder_models(args.model_folder)
         folder_passages = passage_encoder_folder(args.model_folder)
         args.passage_encoder = args.passage_encoder or (str(folder_passages) if folder_passages else None)
+        info = read_info(args.model_folder)
+        # an encoder-decoder student says how its passages were embedded and how long a context it read
+        passage_format = info.get("passage_format")
+        max_prompt_tokens = info.get("max_prompt_tokens") if info.get("family") == "encoder-decoder" else None
     else:
         if not (args.query_encoder and args.generator):
             raise ValueError("export needs a model folder (with query_encoder/ and generator/) "
                              "or both --query-encoder and --generator")
         query_encoder, generator = args.query_encoder, args.generator
+        passage_format = max_prompt_tokens = None
     options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)
                                if f.metadata.get("cli", True)})
-    out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options)
+    out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options,
+                        passage_format, max_prompt_tokens)
     manifest = read_manifest(out)
     print(f"bundle written to {out} ({manifest.megabytes:.1f} MB, {manifest.passages.count} passages)")
     print(json.dumps(manifest.parity, indent=2))

@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 import edgerag
 from tokenizers import Tokenizer
+from transformers import AutoConfig
 
 from edgerag.data import Passage, data_path, is_squad, read_passages, read_squad
 from edgerag.export import QUANTIZATIONS, ExportOptions, onnx_export, resolve_quantization
 from edgerag.export.quantize import quantize
-from edgerag.models import load_encoder, load_generator, resolve
+from edgerag.models import load_encoder, load_generator, normalizes, resolve
 from edgerag.runtime.manifest import (GenerationSpec, GeneratorSpec, IndexSpec, Manifest, PassagesSpec, PromptSpec,
                                       QueryEncoderSpec, file_record)
 from edgerag.runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
@@ -34,7 +35,8 @@ from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
 PASSAGE_FORMAT = IndexSpec.passage_format  # how a passage is embedded; the device embeds added passages alike
 
 
-def embed_passages(model, tokenizer, pooling: str, max_length: int, texts: list[str], batch_size: int) -> np.ndarray:
+def embed_passages(model, tokenizer, pooling: str, max_length: int, texts: list[str], batch_size: int,
+                   normalize: bool = True) -> np.ndarray:
     import torch
 
     out = []
@@ -48,7 +50,7 @@ def embed_passages(model, tokenizer, pooling: str, max_length: int, texts: list[
             else:
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+            out.append((torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled).numpy())
     return np.concatenate(out).astype(np.float32)
 
 
@@ -180,8 +182,84 @@ def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_pat
     return figures
 
 
+def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path, prompts, opts: ExportOptions,
+                                     max_prompt_tokens: int | None) -> tuple[GeneratorSpec, PromptSpec, dict]:
+    """A BART generator -> generator_encoder.onnx + generator_decoder.onnx (quantized, optimized) and
+    its tokenizer in `bundle`; (spec, prompt, parity against PyTorch)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from edgerag.export.bart_graph import export_encoder_decoder
+    from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
+    from edgerag.runtime.prompt import RAG_CONCAT
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(gen_folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gen_folder)
+    graphs = export_encoder_decoder(model, work / "generator_fp32")
+    method = resolve_quantization(opts.quantize, "bart")
+    if method == "int8sq":
+        raise ValueError("--quantize int8sq needs the fused Llama graph; choose int8wo, int4, int8 or none for BART")
+    paths = {"fp32": {}, method: {}}
+    quantization = {}
+    for part, file in (("encoder", graphs["encoder"]), ("decoder", graphs["decoder"])):
+        import onnx
+
+        graph = onnx.load(str(work / "generator_fp32" / file))
+        paths["fp32"][part] = work / "generator_fp32" / file
+        graph, quantization[part] = quantize(graph, method, opts.block_size, opts.accuracy_level, is_generator=part == "decoder")
+        onnx_export.save(graph, work / f"generator_{part}.onnx")
+        quantization[part]["graph_optimization"] = optimize_offline(work / f"generator_{part}.onnx",
+                                                                    bundle / f"generator_{part}.onnx")
+        paths[method][part] = bundle / f"generator_{part}.onnx"
+    shutil.copy(gen_folder / "tokenizer.json", bundle / "generator_tokenizer.json")
+
+    template = PromptTemplate(**RAG_CONCAT)
+    stop = [graphs["eos_token_id"]]
+    start, forced = graphs["decoder_start_token_id"], graphs["forced_bos_token_id"]
+    max_context = min(max_prompt_tokens or opts.max_context, opts.max_context, graphs["max_positions"])
+    encode = encode_with(tokenizer)
+    prompt_ids = [build_prompt_ids(encode, template, q, ps, max_context) for q, ps in prompts]
+    parity = {"n_prompts": len(prompt_ids),
+              "mean_prompt_tokens": float(np.mean([len(p) for p in prompt_ids])) if prompt_ids else 0.0}
+    import torch
+
+    reference, reference_logits = [], []
+    prefix = [start] + ([forced] if forced is not None else [])
+    with torch.inference_mode():
+        for p in prompt_ids:
+            ids = torch.tensor([p])
+            reference_logits.append(model(input_ids=ids, decoder_input_ids=torch.tensor([prefix])).logits[0, -1].numpy())
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=1, do_sample=False,
+                                 max_new_tokens=opts.max_new_tokens + len(prefix) - 1, forced_eos_token_id=None,
+                                 no_repeat_ngram_size=0, min_length=0, eos_token_id=stop)[0].tolist()[len(prefix):]
+            reference.append(out[:out.index(stop[0])] if stop[0] in out else out)
+    for name, files in paths.items():
+        generator = EncoderDecoderGenerator(make_session(files["encoder"], None), make_session(files["decoder"], None),
+                                            stop, start, forced)
+        generations = [generator.greedy(p, opts.max_new_tokens) for p in prompt_ids]
+        decode_tokens = sum(max(len(g.tokens) - 1, 0) for g in generations)
+        parity[name] = {
+            "max_abs_logit_delta": max((float(np.abs(generator.last_logits(p) - r).max())
+                                        for p, r in zip(prompt_ids, reference_logits)), default=0.0),
+            "greedy_exact_match": sum(g.tokens == r for g, r in zip(generations, reference)) / max(len(prompt_ids), 1),
+            "prefill_ms_mean": float(np.mean([g.prefill_ms for g in generations])) if generations else None,
+            "decode_ms_per_token": sum(g.decode_ms for g in generations) / decode_tokens if decode_tokens else None,
+        }
+    config = model.config
+    spec = GeneratorSpec(family="encoder-decoder", onnx="generator_encoder.onnx", decoder_onnx="generator_decoder.onnx",
+                         tokenizer="generator_tokenizer.json", model_type=config.model_type,
+                         num_layers=config.decoder_layers, hidden_size=config.d_model, vocab_size=config.vocab_size,
+                         parameters=sum(p.numel() for p in model.parameters()), max_context=max_context,
+                         graph="bart-graph", quantization={"method": method, **quantization},
+                         graph_optimization=quantization["decoder"]["graph_optimization"],
+                         decoder_start_token_id=start, forced_bos_token_id=forced)
+    return spec, PromptSpec(template=template, stop_token_ids=stop), parity
+
+
 def export_bundle(query_encoder: str, generator: str, passages_file: str | Path, out: str | Path,
-                  passage_encoder: str | None = None, options: ExportOptions | None = None) -> Path:
+                  passage_encoder: str | None = None, options: ExportOptions | None = None,
+                  passage_format: str | None = None, max_prompt_tokens: int | None = None) -> Path:
+    """passage_format: how a passage is written for the passage encoder (default IndexSpec's);
+    max_prompt_tokens: an encoder-decoder student's context as it was trained (its edgerag.json)."""
     opts = options or ExportOptions()
     from transformers.utils import logging as hf_logging
 
@@ -213,7 +291,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.set_postfix_str("query encoder")
         enc_folder = onnx_export.materialize(query_encoder, work / "query_encoder")
         enc_model, enc_tokenizer, pooling, max_length = load_encoder(str(enc_folder))
-        enc_graph = onnx_export.export_query_encoder(enc_folder, pooling)
+        normalized = normalizes(enc_folder)
+        enc_graph = onnx_export.export_query_encoder(enc_folder, pooling, normalized)
         onnx_export.save(enc_graph, work / "query_encoder.fp32.onnx")
         enc_graph, enc_quant = quantize(enc_graph, opts.quantize_encoder, opts.block_size, opts.accuracy_level,
                                         is_generator=False)
@@ -227,8 +306,10 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
             p_model, p_tokenizer, p_pooling, p_max = load_encoder(passage_encoder)
         else:
             p_model, p_tokenizer, p_pooling, p_max = enc_model, enc_tokenizer, pooling, max_length
+        passage_format = passage_format or PASSAGE_FORMAT
         vectors = embed_passages(p_model, p_tokenizer, p_pooling, p_max,
-                                 [PASSAGE_FORMAT.format(title=p.title, text=p.text) for p in passages], opts.batch_size)
+                                 [passage_format.format(title=p.title, text=p.text) for p in passages], opts.batch_size,
+                                 normalized)
         stages.update()
 
         stages.set_postfix_str("index + passage store")
@@ -239,7 +320,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.set_postfix_str("embedding parity")
         prompts = sample_prompts(questions, passages, opts.parity_questions)
         sample_questions = [q for q, _ in prompts] or ["What is this about?"]
-        reference = embed_passages(enc_model, enc_tokenizer, pooling, max_length, sample_questions, opts.batch_size)
+        reference = embed_passages(enc_model, enc_tokenizer, pooling, max_length, sample_questions, opts.batch_size,
+                                   normalized)
         embedding_parity = {}
         for name, path in {"fp32": work / "query_encoder.fp32.onnx", "shipped": bundle / "query_encoder.onnx"}.items():
             onnx_encoder = QueryEncoder(make_session(path, None), Tokenizer.from_file(str(bundle / "query_tokenizer.json")),
@@ -251,53 +333,30 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
 
         stages.set_postfix_str("generator")
         gen_folder = onnx_export.materialize(generator, work / "generator", causal_lm=True)
-        gen_model, gen_tokenizer = load_generator(str(gen_folder))
-        vocab = gen_tokenizer.get_vocab()
-        template = PromptTemplate.for_vocab(vocab.get)
-        stop = stop_token_ids(gen_tokenizer, template)
-        gen_graph, gen_builder = onnx_export.export_generator(gen_folder, gen_model, opts.graph)
-        onnx_export.save(gen_graph, work / "generator.fp32.onnx")
-        method = resolve_quantization(opts.quantize, gen_builder)
-        smoothing = {}
-        if method == "int8sq":
-            gen_graph, smoothing = smoothed_generator_graph(gen_model, gen_builder, encode_with(gen_tokenizer),
-                                                            template, questions, passages, opts)
-        gen_graph, gen_quant = quantize(gen_graph, method, opts.block_size, opts.accuracy_level)
-        gen_quant.update(smoothing)
-        onnx_export.save(gen_graph, work / "generator.onnx")
-        del gen_graph
-        gen_optimization = optimize_offline(work / "generator.onnx", bundle / "generator.onnx")
-        shutil.copy(gen_folder / "tokenizer.json", bundle / "generator_tokenizer.json")
-        stages.update()
-
-        stages.set_postfix_str("generator parity")
-        variants = {"fp32": work / "generator.fp32.onnx"}
-        if method != "none":
-            variants[method] = bundle / "generator.onnx"
-        generator_parity = measure_generator_parity(gen_model, gen_tokenizer, template, stop, prompts, variants, opts)
-        stages.update()
+        if AutoConfig.from_pretrained(gen_folder).is_encoder_decoder:
+            gen_spec, prompt_spec, generator_parity = export_encoder_decoder_generator(
+                gen_folder, bundle, work, prompts, opts, max_prompt_tokens)
+            stages.update(2)
+        else:
+            gen_spec, prompt_spec, generator_parity = export_decoder_only_generator(
+                gen_folder, bundle, work, questions, passages, prompts, opts, stages)
 
         stages.set_postfix_str("manifest")
-        config = gen_model.config
         manifest = Manifest(
             created_unix=int(time.time()),
             versions=_versions(),
             sources={"query_encoder": str(query_encoder), "generator": str(generator),
                      "passage_encoder": str(passage_encoder or query_encoder), "passages": str(passages_file)},
             query_encoder=QueryEncoderSpec(onnx="query_encoder.onnx", tokenizer="query_tokenizer.json", pooling=pooling,
-                                           max_length=max_length, dim=int(vectors.shape[1]), quantization=enc_quant,
-                                           parameters=encoder_parameters, graph_optimization=enc_optimization),
-            generator=GeneratorSpec(family="decoder-only", onnx="generator.onnx", tokenizer="generator_tokenizer.json",
-                                    model_type=config.model_type, num_layers=config.num_hidden_layers,
-                                    hidden_size=config.hidden_size, vocab_size=config.vocab_size,
-                                    parameters=sum(p.numel() for p in gen_model.parameters()),
-                                    max_context=min(opts.max_context, getattr(config, "max_position_embeddings", opts.max_context)),
-                                    graph=gen_builder, quantization=gen_quant, graph_optimization=gen_optimization),
-            prompt=PromptSpec(template=template, stop_token_ids=stop),
+                                           max_length=max_length, dim=int(vectors.shape[1]), normalized=normalized,
+                                           quantization=enc_quant, parameters=encoder_parameters,
+                                           graph_optimization=enc_optimization),
+            generator=gen_spec,
+            prompt=prompt_spec,
             generation=GenerationSpec(k=opts.k, max_new_tokens=opts.max_new_tokens,
                                       repetition_window=opts.repetition_window),
             index=IndexSpec(file="index.hnsw", dim=int(vectors.shape[1]), count=len(passages), M=opts.hnsw_m,
-                            ef_construction=opts.ef_construction, ef=opts.ef),
+                            ef_construction=opts.ef_construction, ef=opts.ef, passage_format=passage_format),
             passages=PassagesSpec(file="passages.sqlite", count=len(passages)),
             parity={"max_abs_embedding_delta": embedding_parity, "generator": generator_parity},
             export_seconds=round(time.time() - started, 1),
@@ -308,6 +367,46 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.close()
         _replace_dir(bundle, out)
     return out
+
+
+def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, questions, passages, prompts,
+                                  opts: ExportOptions, stages) -> tuple[GeneratorSpec, PromptSpec, dict]:
+    """A causal LM -> generator.onnx (fused Llama graph or Optimum's trace, quantized, optimized) and its
+    tokenizer in `bundle`; (spec, prompt, parity against PyTorch)."""
+    gen_model, gen_tokenizer = load_generator(str(gen_folder))
+    vocab = gen_tokenizer.get_vocab()
+    template = PromptTemplate.for_vocab(vocab.get)
+    stop = stop_token_ids(gen_tokenizer, template)
+    gen_graph, gen_builder = onnx_export.export_generator(gen_folder, gen_model, opts.graph)
+    onnx_export.save(gen_graph, work / "generator.fp32.onnx")
+    method = resolve_quantization(opts.quantize, gen_builder)
+    smoothing = {}
+    if method == "int8sq":
+        gen_graph, smoothing = smoothed_generator_graph(gen_model, gen_builder, encode_with(gen_tokenizer),
+                                                        template, questions, passages, opts)
+    gen_graph, gen_quant = quantize(gen_graph, method, opts.block_size, opts.accuracy_level)
+    gen_quant.update(smoothing)
+    onnx_export.save(gen_graph, work / "generator.onnx")
+    del gen_graph
+    gen_optimization = optimize_offline(work / "generator.onnx", bundle / "generator.onnx")
+    shutil.copy(gen_folder / "tokenizer.json", bundle / "generator_tokenizer.json")
+    stages.update()
+
+    stages.set_postfix_str("generator parity")
+    variants = {"fp32": work / "generator.fp32.onnx"}
+    if method != "none":
+        variants[method] = bundle / "generator.onnx"
+    generator_parity = measure_generator_parity(gen_model, gen_tokenizer, template, stop, prompts, variants, opts)
+    stages.update()
+
+    config = gen_model.config
+    spec = GeneratorSpec(family="decoder-only", onnx="generator.onnx", tokenizer="generator_tokenizer.json",
+                         model_type=config.model_type, num_layers=config.num_hidden_layers,
+                         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+                         parameters=sum(p.numel() for p in gen_model.parameters()),
+                         max_context=min(opts.max_context, getattr(config, "max_position_embeddings", opts.max_context)),
+                         graph=gen_builder, quantization=gen_quant, graph_optimization=gen_optimization)
+    return spec, PromptSpec(template=template, stop_token_ids=stop), generator_parity
 
 
 def _remove_abandoned_work(out: Path) -> None:

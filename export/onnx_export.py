@@ -36,11 +36,9 @@ def materialize(name: str, workdir: Path, causal_lm: bool = False) -> Path:
         return folder
     workdir.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.from_pretrained(source.path, **source.kwargs())
-    if config.is_encoder_decoder:
-        raise NotImplementedError("encoder-decoder generators are not exported yet (manifest family 'encoder-decoder')")
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
     # a GGUF config names no architecture, so the caller says which head the model needs
-    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM if causal_lm else AutoModel
     model = auto.from_pretrained(source.path, **source.kwargs())
     model.save_pretrained(workdir)
     AutoTokenizer.from_pretrained(source.path, **source.kwargs()).save_pretrained(workdir)
@@ -69,13 +67,14 @@ def _optimum_export(folder: Path, task: str) -> onnx.ModelProto:
         return onnx.load(str(Path(out) / "model.onnx"))
 
 
-def export_query_encoder(folder: Path, pooling: str) -> onnx.ModelProto:
+def export_query_encoder(folder: Path, pooling: str, normalize: bool = True) -> onnx.ModelProto:
     model = _optimum_export(folder, "feature-extraction")
-    return add_pooling(model, pooling)
+    return add_pooling(model, pooling, normalize)
 
 
-def add_pooling(model: onnx.ModelProto, pooling: str) -> onnx.ModelProto:
-    """Replace the `last_hidden_state` output by the pooled, L2-normalized `embedding` [batch, dim]."""
+def add_pooling(model: onnx.ModelProto, pooling: str, normalize: bool = True) -> onnx.ModelProto:
+    """Replace the `last_hidden_state` output by the pooled `embedding` [batch, dim], L2-normalized
+    unless told otherwise (DPR scores raw vectors)."""
     graph = model.graph
     hidden = "last_hidden_state"
     if hidden not in [o.name for o in graph.output]:
@@ -102,11 +101,14 @@ def add_pooling(model: onnx.ModelProto, pooling: str) -> onnx.ModelProto:
         nodes.append(helper.make_node("Gather", [hidden, "cls_index"], ["pooled"], axis=1))
     else:
         raise ValueError(f"unknown pooling {pooling!r}: expected 'mean' or 'cls'")
-    nodes += [
-        helper.make_node("ReduceL2", ["pooled", "pool_axis_last"], ["pool_norm"], keepdims=1),
-        helper.make_node("Max", ["pool_norm", "norm_eps"], ["pool_norm_safe"]),
-        helper.make_node("Div", ["pooled", "pool_norm_safe"], [ENCODER_OUTPUT]),
-    ]
+    if normalize:
+        nodes += [
+            helper.make_node("ReduceL2", ["pooled", "pool_axis_last"], ["pool_norm"], keepdims=1),
+            helper.make_node("Max", ["pool_norm", "norm_eps"], ["pool_norm_safe"]),
+            helper.make_node("Div", ["pooled", "pool_norm_safe"], [ENCODER_OUTPUT]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["pooled"], [ENCODER_OUTPUT]))
     graph.node.extend(nodes)
     graph.initializer.extend(consts)
     dim = None

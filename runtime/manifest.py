@@ -8,6 +8,9 @@ other code indexes its JSON. The runtime verifies every file before it loads any
 Format version 1 (every bundle edgerag has written so far):
   query_encoder   ONNX graph whose output is the pooled, L2-normalized embedding; its tokenizer.
   generator       family "decoder-only": one ONNX graph with a KV cache for prefill and decode.
+                  family "encoder-decoder" (BART students of RAG checkpoints): `onnx` is the encoder
+                  graph (it emits the cross-attention K/V), `decoder_onnx` the decoder graph that
+                  serves the first and the cached steps; max_context counts encoder tokens.
                   A new family adds its own generation loop in runtime.pipeline.GENERATORS.
   prompt          the template pieces (see runtime.prompt) and stop token ids.
   generation      defaults: passages per question (k), new tokens, and the repetition_window
@@ -34,7 +37,7 @@ from edgerag.runtime.prompt import PromptTemplate
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-SUPPORTED_FAMILIES = ("decoder-only",)
+SUPPORTED_FAMILIES = ("decoder-only", "encoder-decoder")
 
 
 class BundleError(Exception):
@@ -83,6 +86,9 @@ class GeneratorSpec(_Quantized):
     graph: str = ""
     quantization: dict = field(default_factory=dict)
     graph_optimization: str = "none"
+    decoder_onnx: str = ""                  # encoder-decoder: the decoder graph
+    decoder_start_token_id: int = -1        # encoder-decoder: the decoder's first input
+    forced_bos_token_id: int | None = None  # encoder-decoder: fed after it, where the model forces one
 
 
 @dataclass
@@ -157,6 +163,10 @@ class Manifest:
         if manifest.generator.family not in SUPPORTED_FAMILIES:
             raise BundleError(f"generator family {manifest.generator.family!r} in {where} is not supported by this "
                               f"runtime (supported: {', '.join(SUPPORTED_FAMILIES)})")
+        if manifest.generator.family == "encoder-decoder" and (not manifest.generator.decoder_onnx
+                                                               or manifest.generator.decoder_start_token_id < 0):
+            raise BundleError(f"{where}: an encoder-decoder generator needs generator.decoder_onnx and "
+                              "generator.decoder_start_token_id")
         for name in manifest.files:
             # a listed file must sit in the bundle folder itself: no paths, no way out of it
             if not _plain_name(name):
@@ -183,9 +193,12 @@ class Manifest:
 
     def named_files(self) -> dict[str, str]:
         """{manifest key: file name} of every file the runtime opens."""
-        return {"query_encoder.onnx": self.query_encoder.onnx, "query_encoder.tokenizer": self.query_encoder.tokenizer,
-                "generator.onnx": self.generator.onnx, "generator.tokenizer": self.generator.tokenizer,
-                "index.file": self.index.file, "passages.file": self.passages.file}
+        named = {"query_encoder.onnx": self.query_encoder.onnx, "query_encoder.tokenizer": self.query_encoder.tokenizer,
+                 "generator.onnx": self.generator.onnx, "generator.tokenizer": self.generator.tokenizer,
+                 "index.file": self.index.file, "passages.file": self.passages.file}
+        if self.generator.family == "encoder-decoder":
+            named["generator.decoder_onnx"] = self.generator.decoder_onnx
+        return named
 
     def to_bytes(self) -> bytes:
         return dump_manifest(self.to_dict())

@@ -21,6 +21,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
 from edgerag.runtime.manifest import BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
@@ -249,7 +250,21 @@ class DecoderOnlyGenerator:
         return (common, kv) if common >= self.MIN_REUSED_TOKENS else (0, None)
 
 
-GENERATORS = {"decoder-only": DecoderOnlyGenerator}
+def _decoder_only(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids) -> DecoderOnlyGenerator:
+    return DecoderOnlyGenerator(make_session(bundle / manifest.generator.onnx, threads),
+                                manifest.prompt.stop_token_ids, reuse_prefix, prefix_ids)
+
+
+def _encoder_decoder(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids) -> EncoderDecoderGenerator:
+    # reuse_prefix has nothing to reuse here: the encoder reads the whole prompt at once, and the
+    # decoder's cache starts empty for every answer
+    gen = manifest.generator
+    return EncoderDecoderGenerator(make_session(bundle / gen.onnx, threads), make_session(bundle / gen.decoder_onnx, threads),
+                                   manifest.prompt.stop_token_ids, gen.decoder_start_token_id, gen.forced_bos_token_id)
+
+
+# family -> (bundle, manifest, threads, reuse_prefix, prefix ids) -> its generator
+GENERATORS = {"decoder-only": _decoder_only, "encoder-decoder": _encoder_decoder}
 
 
 def _periodic_run(tokens: list[int], period: int) -> int:
@@ -339,7 +354,7 @@ class Pipeline:
     encoder: QueryEncoder
     index: hnswlib.Index
     store: PassageStore
-    generator: DecoderOnlyGenerator | None
+    generator: DecoderOnlyGenerator | EncoderDecoderGenerator | None
     tokenizer: Tokenizer
     template: PromptTemplate
     size: int = field(default=0)
@@ -389,10 +404,9 @@ class Pipeline:
             tokenizer = Tokenizer.from_file(str(bundle / gen.tokenizer))
         generator = None
         if not retrieval_only:
-            with _reading(bundle, gen.onnx):
+            with _reading(bundle, gen.onnx, *([gen.decoder_onnx] if gen.decoder_onnx else [])):
                 # read_manifest has refused families without a generation loop here
-                generator = GENERATORS[gen.family](make_session(bundle / gen.onnx, threads),
-                                                   manifest.prompt.stop_token_ids, reuse_prefix,
+                generator = GENERATORS[gen.family](bundle, manifest, threads, reuse_prefix,
                                                    tokenizer.encode(template.prefix, add_special_tokens=False).ids)
         return cls(bundle, manifest, encoder, index, store, generator, tokenizer, template, idx.count)
 
@@ -454,8 +468,13 @@ class Pipeline:
         if check_count("max_new_tokens", max_new_tokens) is None:
             max_new_tokens = self.manifest.generation.max_new_tokens
         encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-        return build_prompt_ids(encode, self.template, question, passages,
-                                self.manifest.generator.max_context - max_new_tokens)
+        return build_prompt_ids(encode, self.template, question, passages, self.prompt_budget(max_new_tokens))
+
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        """Prompt tokens that fit: a decoder-only context holds the prompt and the answer; an encoder's
+        holds the prompt alone (the answer is the decoder's)."""
+        gen = self.manifest.generator
+        return gen.max_context if gen.family == "encoder-decoder" else gen.max_context - max_new_tokens
 
     def _answer(self, question: str, passages: list[dict], max_new_tokens: int | None, timings: dict,
                 started: float, deadline: float | None = None, cancel: threading.Event | None = None) -> Iterator[str]:

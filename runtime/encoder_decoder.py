@@ -1,0 +1,115 @@
+"""Greedy decoding over an encoder-decoder pair (export/bart_graph.py): onnxruntime and numpy only.
+
+The encoder runs once per prompt and emits every decoder layer's cross-attention K/V; the decoder
+graph serves the first step (empty past) and the cached ones. Both caches stay in onnxruntime's
+buffers: each step binds the previous step's `present` OrtValues as its `past`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import onnxruntime as ort
+
+if TYPE_CHECKING:
+    from edgerag.runtime.pipeline import Generation
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class EncoderDecoderGenerator:
+    """Greedy decoding, as Hugging Face's generate(do_sample=False, num_beams=1) does it.
+
+    The decoder starts from [decoder_start_token_id] and, where the model has one (bart-large
+    checkpoints do), forced_bos_token_id: HF's generate forces that as the first generated token,
+    so it is fed here with the start token and is neither yielded nor counted in max_new_tokens.
+    Generation keeps no state on the object, so threads may share a generator.
+    """
+
+    def __init__(self, encoder_session: ort.InferenceSession, decoder_session: ort.InferenceSession,
+                 stop_token_ids: list[int], decoder_start_token_id: int, forced_bos_token_id: int | None = None):
+        self.encoder = encoder_session
+        self.decoder = decoder_session
+        self.stop = set(stop_token_ids)
+        self.start_ids = [decoder_start_token_id] + ([forced_bos_token_id] if forced_bos_token_id is not None else [])
+        self.cross_outputs = [o.name for o in encoder_session.get_outputs()]
+        self.past_inputs = [i for i in decoder_session.get_inputs() if i.name.startswith("past.")]
+        self.present_outputs = [i.name.replace("past.", "present.") for i in self.past_inputs]
+        decoder_cross = {i.name for i in decoder_session.get_inputs() if i.name.startswith("cross.")}
+        if decoder_cross != set(self.cross_outputs):
+            raise ValueError(f"the encoder's outputs {sorted(self.cross_outputs)} are not the decoder's cross "
+                             f"inputs {sorted(decoder_cross)}")
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        """Greedy decoding from `prompt_ids`, token by token as the result is iterated; the stop token is not yielded."""
+        from edgerag.runtime.pipeline import Generation  # noqa: F811 (pipeline imports this module)
+
+        return Generation(lambda result: self._steps(result, prompt_ids, max_new_tokens))
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        """The whole generation at once."""
+        generation = self.generate(prompt_ids, max_new_tokens)
+        for _ in generation:
+            pass
+        return generation
+
+    def last_logits(self, prompt_ids: list[int]) -> np.ndarray:
+        """The first decoder step's next-token logits [vocab] (for parity checks)."""
+        cross = dict(zip(self.cross_outputs, self.encoder.run(self.cross_outputs, self._encoder_feed(prompt_ids))))
+        feed = {"input_ids": np.array([self.start_ids], dtype=np.int64),
+                "encoder_attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64), **self.empty_cache(), **cross}
+        return self.decoder.run(["logits"], feed)[0][0]
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        # [batch, heads, past_length, head_dim]; heads and head_dim are fixed in the graph
+        return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=ORT_DTYPES[i.type]) for i in self.past_inputs}
+
+    @staticmethod
+    def _encoder_feed(prompt_ids: list[int]) -> dict[str, np.ndarray]:
+        return {"input_ids": np.array([prompt_ids], dtype=np.int64),
+                "attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64)}
+
+    def _steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
+        if max_new_tokens <= 0:
+            result.stop_reason = "length"
+            return
+        start = time.perf_counter()
+        encoder = self.encoder.io_binding()
+        for name, value in self._encoder_feed(prompt_ids).items():
+            encoder.bind_cpu_input(name, value)
+        for name in self.cross_outputs:
+            encoder.bind_output(name)
+        self.encoder.run_with_iobinding(encoder)
+        cross = dict(zip(self.cross_outputs, encoder.get_outputs()))
+        encoder_mask = np.ones((1, len(prompt_ids)), dtype=np.int64)
+        cache = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self.empty_cache().items()}
+        ids = np.array([self.start_ids], dtype=np.int64)
+        binding = self.decoder.io_binding()
+        for step in range(max_new_tokens):
+            binding.bind_cpu_input("input_ids", ids)
+            binding.bind_cpu_input("encoder_attention_mask", encoder_mask)
+            for name, value in (*cache.items(), *cross.items()):
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output("logits")
+            for name in self.present_outputs:
+                binding.bind_output(name)
+            self.decoder.run_with_iobinding(binding)
+            logits, *presents = binding.get_outputs()
+            token = int(logits.numpy()[0].argmax())
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            elapsed = (time.perf_counter() - start) * 1000
+            if step == 0:
+                result.prefill_ms = elapsed  # the encoder and the first decoder step
+            else:
+                result.decode_ms += elapsed
+            if token in self.stop:
+                result.stop_reason = "stop"
+                return
+            yield token
+            start = time.perf_counter()
+            cache = {i.name: p for i, p in zip(self.past_inputs, presents)}
+            ids = np.array([[token]], dtype=np.int64)
+        result.stop_reason = "length"
