@@ -33,7 +33,7 @@ def token_space_map(model, P):
     """[width, m]: a model's input-embedding gradient -> the projected one-hot-token gradient."""
     table = model.get_input_embeddings()
     weight = table.weight * getattr(table, "embed_scale", 1.0)  # BART scales its embeddings inside the table
-    return weight.T.float() @ P.to(weight.device)
+    return weight.T.to(P.dtype) @ P.to(weight.device)
 
 
 def input_gradient(model, forward, ids, create_graph: bool):
@@ -55,7 +55,7 @@ def input_gradient(model, forward, ids, create_graph: bool):
 
 def project(grad, mask, token_map):
     """[..., length, width] -> [..., length, m], zero at padding."""
-    return (grad.float() @ token_map) * mask[..., None].to(grad.device, grad.dtype)
+    return (grad.to(token_map.dtype) @ token_map) * mask[..., None].to(grad.device, token_map.dtype)
 
 
 def matching_loss(student: list, teacher: list):
@@ -64,6 +64,6 @@ def matching_loss(student: list, teacher: list):
 
     total = 0.0
     for s, t in zip(student, teacher):
-        s, t = s.reshape(-1).float(), t.reshape(-1).float().to(s.device)
+        s, t = s.reshape(-1), t.reshape(-1).to(s.device, s.dtype)
         total = total + ((s / s.norm().clamp(min=1e-12) - t / t.norm().clamp(min=1e-12)) ** 2).sum()
     return total / max(len(student), 1) if student else torch.zeros(())

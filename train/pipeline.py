@@ -168,12 +168,12 @@ def train_config(cfg, recipe: Recipe) -> loop.TrainConfig:
                             checkpoint_every=recipe.run.checkpoint_every, seed=recipe.seed)
 
 
-def save_encoder(model, tokenizer, pooling: str, max_length: int, folder: Path) -> None:
+def save_encoder(model, tokenizer, pooling: str, max_length: int, folder: Path, normalize: bool = True) -> None:
     from edgerag.models import write_sentence_transformers_config
 
     if is_main():
         loop.save_pretrained_atomic(model, tokenizer, folder)
-        write_sentence_transformers_config(folder, pooling, max_length, model.config.hidden_size)
+        write_sentence_transformers_config(folder, pooling, max_length, model.config.hidden_size, normalize)
 
 
 def save_generator(model, tokenizer, folder: Path) -> None:
@@ -407,7 +407,7 @@ def stage_distill_encoder(run: Run) -> dict:
     log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_encoder"), desc="distill encoder")
     student.cpu()
     after = _embedding_distance(student, s_tok, s_pooling, s_max_length, examples)
-    save_encoder(student, s_tok, s_pooling, s_max_length, run.student_encoder)
+    save_encoder(student, s_tok, s_pooling, s_max_length, run.student_encoder, normalize)
     print(f"[distill encoder] mean cosine to the teacher: {1 - before:.3f} -> {1 - after:.3f}")
     return {"examples": len(examples), "steps": len(log), "cosine_distance_before": before, "cosine_distance_after": after}
 
