@@ -60,26 +60,55 @@ def encoder_loss_fn(tokenizer, pooling: str, max_length: int, passage_embeddings
 # ---------------------------------------------------------------- generator
 
 def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: float, top_k: int, hidden: bool = False,
-                  batch_size: int = 4, progress: str | None = None) -> list[dict]:
+                  batch_size: int = 4, progress: str | None = None, gradient_projection=None) -> list[dict]:
     """Per example: top-k teacher log-probs at temperature T and their token ids, at each position that
-    predicts a target token (and the final hidden state there, for hidden-state alignment)."""
+    predicts a target token (and the final hidden state there, for hidden-state alignment; and with
+    `gradient_projection`, the teacher's projected input gradient, train/gradient.py)."""
     import torch
     from tqdm.auto import tqdm
 
+    from .gradient import token_space_map
+
     out = []
     teacher.eval()
-    with torch.no_grad():
-        for start in tqdm(range(0, len(examples), batch_size), desc=progress, disable=progress is None):
-            chunk = examples[start:start + batch_size]
+    token_map = token_space_map(teacher, gradient_projection).detach() if gradient_projection is not None else None
+    for start in tqdm(range(0, len(examples), batch_size), desc=progress, disable=progress is None):
+        chunk = examples[start:start + batch_size]
+        with torch.no_grad():
             logits, _, h = target_logits(teacher, chunk, pad_id, hidden)
-            for row, e in enumerate(chunk):
-                sel = logits[row, logits.shape[1] - len(e.target):].float()
-                values, indices = torch.log_softmax(sel / temperature, dim=-1).topk(top_k, dim=-1)
-                item = {"logp": values.cpu(), "ids": indices.to(torch.int32).cpu()}
-                if hidden:
-                    item["hidden"] = h[row, h.shape[1] - len(e.target):].float().cpu()
-                out.append(item)
+        gradients = answer_gradients(teacher, chunk, pad_id, token_map, create_graph=False) if token_map is not None else None
+        for row, e in enumerate(chunk):
+            sel = logits[row, logits.shape[1] - len(e.target):].float()
+            values, indices = torch.log_softmax(sel / temperature, dim=-1).topk(top_k, dim=-1)
+            item = {"logp": values.cpu(), "ids": indices.to(torch.int32).cpu()}
+            if hidden:
+                item["hidden"] = h[row, h.shape[1] - len(e.target):].float().cpu()
+            if gradients is not None:
+                item["gradient"] = gradients[row].detach().cpu()
+            out.append(item)
     return out
+
+
+def answer_gradients(model, examples: list[Example], pad_id: int, token_map, create_graph: bool) -> list:
+    """Each example's projected input gradient of its answer's log-likelihood, [prompt + target, m]
+    (train/gradient.py): the prompt and answer embeddings, as the model reads them."""
+    import torch
+
+    from .gradient import input_gradient, project
+    from .teacher import collate
+
+    ids, mask, positions, labels = collate(examples, pad_id, next(model.parameters()).device)
+    n = max(len(e.target) for e in examples)
+
+    def forward(embeds):
+        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=n + 1).logits[:, :-1]
+        target = labels[:, -n:]
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        return logprobs.masked_fill(target < 0, 0.0).sum(-1)
+
+    _, grad = input_gradient(model, forward, ids, create_graph)
+    projected = project(grad, mask, token_map)
+    return [projected[row, ids.shape[1] - len(e.prompt) - len(e.target):] for row, e in enumerate(examples)]
 
 
 @dataclass
@@ -112,8 +141,10 @@ def remap_kd_examples(examples: list[KDExample], mapping: dict[int, int]) -> lis
     return out
 
 
-def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weight: float = 0.0):
-    """alpha * CE(target) + (1 - alpha) * T^2 * KL(teacher || student) (+ hidden-state MSE).
+def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weight: float = 0.0,
+                      gradient_weight: float = 0.0, gradient_projection=None):
+    """alpha * CE(target) + (1 - alpha) * T^2 * KL(teacher || student) (+ hidden-state MSE) (+ gradient
+    matching against the cached teacher input gradients, train/gradient.py).
 
     The KL is taken over k + 1 outcomes: the teacher's top-k tokens and "everything else", with the
     student's probabilities of the same k tokens and of the rest. That is exact for the coarsened
@@ -141,6 +172,15 @@ def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weig
             hid = hid_sum / n
             loss = loss + hidden_weight * hid
             parts["hidden"] = hid.detach()
+        if gradient_weight > 0:
+            from .gradient import matching_loss, token_space_map
+
+            inner = getattr(model, "module", model)
+            grads = answer_gradients(inner, [b.example for b in batch], pad_id,
+                                     token_space_map(inner, gradient_projection), create_graph=True)
+            matching = matching_loss(grads, [b.cache["gradient"] for b in batch])
+            loss = loss + gradient_weight * matching
+            parts["gradient"] = matching.detach()
         return loss, parts
 
     return loss_fn

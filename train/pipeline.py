@@ -493,8 +493,13 @@ def stage_teacher_logits(run: Run) -> dict:
         extra = [(q, c, a) for q, c, a in zip(questions, contexts, answers) if a and a not in q.answers]
         examples += make_examples(prompter, [x[0] for x in extra], [x[1] for x in extra], [x[2] for x in extra])
         n_seq = len(extra)
+    projection = None
+    if cfg.gradient_weight > 0:
+        from .gradient import projection as random_projection
+
+        projection = random_projection(teacher.config.vocab_size, cfg.gradient_projections, run.recipe.seed)
     cache = teacher_cache(teacher, examples, tok.pad_token_id, cfg.temperature, cfg.top_k, hidden=cfg.hidden_weight > 0,
-                          progress="teacher logits")
+                          progress="teacher logits", gradient_projection=projection)
     if is_main():
         loop.atomic_torch_save({"examples": [dataclasses.asdict(e) for e in examples], "cache": cache}, run.kd_cache)
     return {"examples": len(examples), "seq_kd_examples": n_seq, "top_k": cfg.top_k, "temperature": cfg.temperature}
@@ -526,9 +531,19 @@ def distill_on_cache(run: Run, stage: str, cfg, alpha: float, cache_file: Path, 
     if cfg.hidden_weight > 0 and examples and examples[0].cache["hidden"].shape[-1] != student.config.hidden_size:
         raise RunError(f"{stage}.hidden_weight: the student's hidden size ({student.config.hidden_size}) "
                        f"differs from the teacher's ({examples[0].cache['hidden'].shape[-1]}); set it to 0")
+    gradient_weight = getattr(cfg, "gradient_weight", 0.0)
+    projection = None
+    if gradient_weight > 0:
+        from .gradient import projection as random_projection
+
+        if mapping is not None:
+            raise RunError(f"{stage}.gradient_weight: gradient matching needs the teacher's vocabulary (student.vocabulary = \"full\")")
+        # the projection the teacher's gradients were cached with; SDPA's CPU kernel has no double backward
+        projection = random_projection(student.config.vocab_size, cfg.gradient_projections, run.recipe.seed)
+        student.config._attn_implementation = "eager"
     train_top_layers(student, cfg.train_layers)
     student.to(loop.device())
-    loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, alpha, cfg.hidden_weight)
+    loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, alpha, cfg.hidden_weight, gradient_weight, projection)
     log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir(stage), desc=desc)
     save_generator(student.cpu(), tok, out)
     return {"examples": len(examples), "skipped_examples": dropped,
@@ -620,7 +635,8 @@ def _kd_settings(r: Recipe) -> dict:
     g = r.distill_generator
     return {"seed": r.seed, "max_answer_tokens": r.prompt.max_answer_tokens, "hidden": g.hidden_weight > 0,
             **{k: getattr(g, k) for k in ("examples", "k", "gold_probability", "max_prompt_tokens", "seq_kd",
-                                           "temperature", "top_k")}}
+                                           "temperature", "top_k")},
+            **({"gradient_projections": g.gradient_projections} if g.gradient_weight > 0 else {})}
 
 
 def _general_enabled(r: Recipe) -> bool:
