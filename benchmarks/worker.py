@@ -113,7 +113,9 @@ class BundleSystem:
         self.p = Pipeline.load(spec["bundle"], threads=spec["threads"], check=False)
         self.retriever = BundleRetriever(self.p)
         self.size_mb = self.p.manifest.megabytes
-        self.generator_onnx = Path(spec["bundle"]) / self.p.manifest.generator.onnx
+        gen = self.p.manifest.generator
+        # a decoding step reads the decoder's weights (an encoder-decoder's encoder runs once per question)
+        self.generator_onnx = Path(spec["bundle"]) / (gen.decoder_onnx or gen.onnx)
 
     def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
         a = self.p.answer_with_passages(question, passages, max_new_tokens)
@@ -195,6 +197,111 @@ class TorchSystem:
             params -= emb.weight.numel()  # a gathered table, not a matmul
         return {"weight_bytes": torch_weight_bytes(self.model), "matmul_params": params,
                 "layers": c.num_hidden_layers, "hidden": c.hidden_size}
+
+
+class RagTorchSystem:
+    """A hf-rag run's teacher (the RAG model's own generation over one context per passage,
+    marginalized) or its encoder-decoder student (its reading) in PyTorch; retrieval by its DPR
+    question encoder over the bundle's passages embedded with the DPR passage encoder."""
+
+    def __init__(self, spec: dict):
+        import torch
+
+        from edgerag.models import load_encoder, read_info
+        from edgerag.runtime import read_manifest
+        from edgerag.runtime.pipeline import PassageStore
+        from edgerag.train import rag
+        from edgerag.train.retrieval import embed
+
+        torch.set_num_threads(spec["threads"])
+        torch.set_flush_denormal(True)
+        self.torch, self.rag, self.embed = torch, rag, embed
+        folder = Path(spec["folder"])
+        info = read_info(folder)
+        self.encoder, self.enc_tok, self.pooling, self.max_length = load_encoder(folder / "query_encoder")
+        if (folder / "rag").is_dir():
+            self.model, tokenizer = rag.load_rag(folder / "rag")
+            self.generator, self.tokenizer, self.reading = self.model.generator, tokenizer.generator, "teacher"
+            sized = [folder / "rag"]
+        else:
+            from transformers import AutoTokenizer, BartForConditionalGeneration
+
+            self.generator = BartForConditionalGeneration.from_pretrained(folder / "generator").eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(folder / "generator")
+            self.reading, sized = info.get("reading", "concatenated"), [folder / "query_encoder", folder / "generator"]
+        self.model_for_floors = self.generator
+        self.budget = info.get("max_prompt_tokens", 512)
+        p_enc = load_encoder(folder / info.get("passage_encoder", "passage_encoder"))
+        bundle = Path(spec["bundle"])
+        manifest = read_manifest(bundle)
+        self.corpus = list(PassageStore(bundle / manifest.passages.file))
+        fmt = info.get("passage_format", rag.DPR_PASSAGE_FORMAT)
+        self.vectors = torch.from_numpy(embed(p_enc[0], p_enc[1], [fmt.format(title=t, text=x) for _, t, x in self.corpus],
+                                              p_enc[2], p_enc[3], normalize=False))
+        self.row_of = {(t, x): i for i, (_, t, x) in enumerate(self.corpus)}
+        self.size_mb = dir_size_mb(sized)
+        self.retriever = self
+
+    def retrieve(self, question: str, k: int) -> tuple[list[str], dict]:
+        t0 = time.perf_counter()
+        vector = self.embed(self.encoder, self.enc_tok, [question], self.pooling, self.max_length, normalize=False)
+        t1 = time.perf_counter()
+        rows = (self.vectors @ self.torch.from_numpy(vector[0])).topk(min(k, len(self.corpus))).indices.tolist()
+        t2 = time.perf_counter()
+        return [self.corpus[r][0] for r in rows], {"encode_ms": (t1 - t0) * 1000, "search_ms": (t2 - t1) * 1000}
+
+    def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
+        from transformers import LogitsProcessorList
+
+        from edgerag.data import Passage, Question
+
+        rag, torch = self.rag, self.torch
+        start = time.perf_counter()
+        rows = [self.row_of[p] for p in passages]
+        corpus = {r: Passage(str(r), *self.corpus[r][1:]) for r in rows}
+        example, = rag.make_rag_examples([Question("q", question, ("",), "", "", "")], [rows], corpus, self.tokenizer,
+                                         self.generator.config, len(rows), self.budget, 1, 0.0, None, {})
+        watch = Stopwatch()
+        pad_id = self.generator.config.pad_token_id
+        with torch.inference_mode():
+            if self.reading == "concatenated":
+                ids = torch.tensor([example.concatenated])
+                out = self.generator.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=1, do_sample=False,
+                                              max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([watch]))
+                tokens = rag._answer_ids(out[0].tolist(), self.generator.config)
+            else:
+                scores = rag.doc_scores_for(self.encoder, self.enc_tok, [example], self.vectors)
+                if self.reading == "teacher":
+                    ids, mask = rag.pad(example.contexts, pad_id)
+                    out = self.model.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=scores,
+                                              n_docs=len(rows), num_beams=1, do_sample=False, max_length=max_new_tokens + 2,
+                                              logits_processor=LogitsProcessorList([watch]))
+                    tokens = rag._answer_ids(out[0].tolist(), self.generator.config)
+                else:
+                    tokens = rag.marginal_generate(self.generator, [example], scores, pad_id, max_new_tokens)[0]
+        end = time.perf_counter()
+        first = watch.times[0] if watch.times else end
+        read = [example.concatenated] if self.reading == "concatenated" else example.contexts
+        return {"answer": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                "prompt_tokens": sum(len(r) for r in read), "new_tokens": len(tokens),
+                "prefill_ms": (first - start) * 1000, "decode_ms": (watch.times[-1] - first) * 1000 if watch.times else 0.0,
+                "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
+
+    def floors(self) -> dict:
+        from edgerag.benchmarks.machine import torch_weight_bytes
+
+        c = self.generator.config
+        return {"weight_bytes": torch_weight_bytes(self.generator), "matmul_params": sum(p.numel() for p in self.generator.parameters()),
+                "layers": c.decoder_layers, "hidden": c.d_model}
+
+
+def torch_system(spec: dict):
+    """A run folder in PyTorch: a hf-rag teacher or encoder-decoder student, or the default family's."""
+    from edgerag.models import read_info
+
+    if read_info(spec["folder"]).get("family") == "encoder-decoder":
+        return RagTorchSystem(spec)
+    return TorchSystem(spec)
 
 
 class OptimumSystem:
@@ -292,7 +399,7 @@ def _threaded_copy(folder: Path, threads: int, scratch: Path) -> Path:
     return out
 
 
-KINDS = {"bundle": BundleSystem, "torch": TorchSystem, "optimum": OptimumSystem, "ortgenai": OrtGenAISystem}
+KINDS = {"bundle": BundleSystem, "torch": torch_system, "optimum": OptimumSystem, "ortgenai": OrtGenAISystem}
 
 
 def run(spec: dict) -> dict:

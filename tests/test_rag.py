@@ -286,3 +286,18 @@ def test_hf_rag_recipe_needs_its_checkpoints(tmp_path):
     recipe.write_text('[teacher]\nkind = "rag"\n')
     with pytest.raises(RecipeError, match="teacher.kind"):
         load_recipe(recipe)
+
+
+def test_bench_has_rows_for_the_encoder_decoder_family(rag_run, tmp_path):
+    run = rag_run["run"]
+    result = edgerag("bench", "--bundle", rag_run["bundle"], "--teacher", run / "teacher", "--student", run / "student",
+                     "--systems", "teacher-torch,student-torch,bundle", "--questions",
+                     ROOT.parent / "shared" / "data" / "xquad-en.json.gz", "--n", "4", "--threads", "1",
+                     "--index-sizes", "", "--index-corpus", "", "--quick-machine", "--out", tmp_path / "bench")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    rows = {r["name"]: r for r in results["systems"]}
+    assert {"teacher-torch", "student-torch", "bundle-int8wo"} <= set(rows), list(rows)
+    # the teacher reads one context per passage, the student one context holding them all
+    prompts = {name: rows[name]["mean_prompt_tokens"] for name in rows}
+    assert prompts["student-torch"] == prompts["bundle-int8wo"] < prompts["teacher-torch"], prompts
