@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export EDGERAG_DATA := $(DATA)
 
-.PHONY: demo test test-all install install-base clean medium full full-curve curve curve-variants reliability
+.PHONY: demo test test-all install install-base clean medium full full-curve curve curve-variants reliability rag-tiny
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ test-all: $(VENV)/.installed $(BASE_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m edgerag.demo --data $(DATA) --run $(RUN)
+
+# The Hugging Face RAG path on a tiny random RAG-token checkpoint (built on first use): distill,
+# export, ask. About a minute on 2 cores; its answers are noise (random weights).
+rag-tiny: $(VENV)/.installed
+	rm -rf runs/rag-tiny
+	$(VENV)/bin/edgerag distill recipes/rag-token-tiny.toml --out runs/rag-tiny
+	$(VENV)/bin/edgerag export runs/rag-tiny/student --passages $(DATA)/xquad-en.json.gz --out runs/rag-tiny/bundle
+	$(VENV)/bin/edgerag ask runs/rag-tiny/bundle "Which NFL team represented the AFC at Super Bowl 50?"
 
 # The reliability suite at full size on the demo bundle (about an hour on 2 cores): 1,000 fuzzed inputs
 # per API, 1/2/4/8 clients x 50 questions against `edgerag serve`, a 2,000-question soak, export killed
