@@ -103,6 +103,9 @@ def cmd_export(args) -> int:
         passage_format = max_prompt_tokens = None
     options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)
                                if f.metadata.get("cli", True)})
+    if args.model_folder and read_info(args.model_folder).get("reading") == "marginalized" and options.k != 1:
+        raise ValueError(f"{args.model_folder} reads one passage at a time, marginalized (student.reading); the device "
+                         "concatenates its passages, which for one passage is exactly that student's input: pass --k 1")
     out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options,
                         passage_format, max_prompt_tokens)
     manifest = read_manifest(out)

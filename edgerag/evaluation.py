@@ -99,12 +99,19 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
         passages = read_passages(corpus_path) if corpus_path else None
         metrics = evaluate_bundle(model_path, questions, passages, k, answers_out)
     else:
-        if not (model_path / "generator").is_dir() or not (model_path / "query_encoder").is_dir():
+        if not ((model_path / "generator").is_dir() or (model_path / "rag").is_dir()) or not (model_path / "query_encoder").is_dir():
             raise FileNotFoundError(f"{model_path}: neither a bundle (manifest.json) nor a model folder (query_encoder/ and generator/)")
-        from edgerag.train.evaluate import evaluate_folder
+        from edgerag.models import read_info
 
         passages = read_passages(corpus_path or questions_path)
-        metrics = evaluate_folder(model_path, questions, passages, k, batch_size=batch_size, answers_out=answers_out)
+        if read_info(model_path).get("family") == "encoder-decoder":  # a hf-rag run's teacher or student
+            from edgerag.train.rag import evaluate_rag_folder
+
+            metrics = evaluate_rag_folder(model_path, questions, passages, k, batch_size=batch_size, answers_out=answers_out)
+        else:
+            from edgerag.train.evaluate import evaluate_folder
+
+            metrics = evaluate_folder(model_path, questions, passages, k, batch_size=batch_size, answers_out=answers_out)
     return {"dataset": str(data_path(str(questions_path))), "n_questions": len(questions), "k": k,
             "model": str(model_path), **metrics}
 
@@ -112,7 +119,8 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
 def format_table(columns: dict[str, dict]) -> str:
     """A plain-text table: one row per metric, one column per model."""
     names = list(columns)
-    keys = list(METRICS) + ["generator_params", "encoder_params", "seconds_per_question"]
+    keys = list(METRICS) + [k for k in ("prompt_tokens", "answer_in_context") if any(k in c for c in columns.values())]
+    keys += ["generator_params", "encoder_params", "seconds_per_question"]
     lines = [f"{'':22}" + "".join(f"{n:>14}" for n in names)]
     for key in keys:
         cells = []

@@ -301,3 +301,21 @@ def test_bench_has_rows_for_the_encoder_decoder_family(rag_run, tmp_path):
     # the teacher reads one context per passage, the student one context holding them all
     prompts = {name: rows[name]["mean_prompt_tokens"] for name in rows}
     assert prompts["student-torch"] == prompts["bundle-int8wo"] < prompts["teacher-torch"], prompts
+
+
+def test_marginalized_student_reads_like_the_teacher(rag_run, tmp_path):
+    """The other reading: one passage at a time, marginalized with the student's own doc scores.
+    Seeded from the concatenated run, whose teacher, index and student encoder it shares."""
+    recipe = tmp_path / "marginalized.toml"
+    recipe.write_text((ROOT / "recipes" / "rag-token-tiny.toml").read_text()
+                      .replace('reading = "concatenated"', 'reading = "marginalized"'))
+    run = tmp_path / "run"
+    result = edgerag("distill", recipe, "--out", run, "--seed-from", rag_run["run"], env=rag_run["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[teacher_finetune] seeded" in result.stdout and "[distill_encoder] seeded" in result.stdout
+    report = json.loads((run / "eval.json").read_text())
+    assert report["student"]["reading"] == "marginalized"
+    assert report["student"]["prompt_tokens"] == report["teacher"]["prompt_tokens"]  # the same k contexts
+    passages = ROOT.parent / "shared" / "data" / "xquad-en.json.gz"
+    refused = edgerag("export", run / "student", "--passages", passages, "--out", tmp_path / "b", env=rag_run["env"])
+    assert refused.returncode == 1 and "--k 1" in refused.stderr and not (tmp_path / "b").exists()

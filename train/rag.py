@@ -184,13 +184,15 @@ def doc_scores_for(question_bert, tokenizer, examples: list[RagExample], passage
 
 
 def answer_logits(generator, rows: list[list[int]], decoders: list[list[int]], pad_id: int, inputs_embeds=None):
-    """Generator logits at the positions that predict each answer token, [len(rows), target, vocab]
-    (decoder inputs right-padded; every row of a group has the same decoder input)."""
+    """Generator logits at the positions that predict each target token (answer + </s>), [len(rows),
+    target, vocab]; decoder inputs right-padded. A forced BOS after the start token is read, not
+    predicted: its position is dropped."""
     ids, mask = pad(rows, pad_id)
     dec, _ = pad(decoders, pad_id)
     device = next(generator.parameters()).device
     kwargs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": ids.to(device)}
-    return generator(attention_mask=mask.to(device), decoder_input_ids=dec.to(device), **kwargs).logits
+    logits = generator(attention_mask=mask.to(device), decoder_input_ids=dec.to(device), **kwargs).logits
+    return logits[:, len(decoder_prefix(generator.config)) - 1:]
 
 
 def marginal_logprobs(generator, question_bert, q_tokenizer, examples: list[RagExample], passage_vectors, pad_id: int):
@@ -260,13 +262,8 @@ def marginal_generate(generator, examples: list[RagExample], doc_scores, pad_id:
             logits = generator(encoder_outputs=encoder_out, attention_mask=mask, decoder_input_ids=dec).logits[:, -1:]
             tokens = rag_marginal(logits, doc_scores, n)[:, -1].argmax(-1).tolist()
             for i, t in enumerate(tokens):
-                if not done[i]:
-                    if t == eos:
-                        done[i] = True
-                    else:
-                        answers[i].append(t)
-                else:
-                    answers[i].append(eos)  # keeps the rows the same length; cut below
+                done[i] = done[i] or t == eos
+                answers[i].append(eos if done[i] else t)  # a finished row keeps step with the rest; cut below
             if all(done):
                 break
     return [a[:a.index(eos)] if eos in a else a for a in answers]
@@ -579,7 +576,7 @@ def stage_distill_generator(run) -> dict:
             if reading == "concatenated":
                 logprobs = torch.log_softmax(logits.float(), -1)[0]
             else:
-                logprobs = rag_marginal(logits, doc_scores[e.question_id], len(rows))[0]
+                logprobs = rag_marginal(logits, doc_scores[e.question_id].to(logits.device), len(rows))[0]
             labels = torch.tensor(e.target, device=logprobs.device)
             ce = ce - logprobs[torch.arange(len(labels)), labels].sum()
             kl = kl + kl_to_topk(torch.log_softmax(logprobs / T, -1), cache)
@@ -609,75 +606,104 @@ def stage_distill_generator(run) -> dict:
 # ---------------------------------------------------------------- evaluation
 
 def evaluate_rag(run, side: str, answers_out: Path) -> dict:
-    """Open-domain and gold-passage EM/F1, recall@k, prompt_tokens (encoder tokens read per question:
-    every context, for a reader of one passage at a time) and answer_in_context (share of questions
-    whose contexts, as read, hold a gold answer string). side: "teacher" (the RAG model's own
-    generation) or "student" (its reading)."""
+    """The run's teacher or student on its eval questions and corpus (the teacher's DPR index)."""
+    import numpy as np
+
+    r = run.recipe
+    folder = run.teacher_dir if side == "teacher" else run.student_dir
+    return evaluate_rag_folder(folder, run.questions("eval"), run.corpus(), r.eval.k, np.load(run.index_embeddings),
+                               r.prompt.max_prompt_tokens, r.prompt.max_answer_tokens, r.eval.batch_size, answers_out)
+
+
+def evaluate_rag_folder(folder, questions, corpus, k: int = 3, passage_vectors=None, max_prompt_tokens: int | None = None,
+                        max_answer_tokens: int | None = None, batch_size: int = 8, answers_out: Path | None = None) -> dict:
+    """A hf-rag teacher folder (rag/ + query_encoder/ + passage_encoder/: the RAG model's own generation)
+    or an encoder-decoder student folder (its reading), by edgerag.evaluation's rules: open-domain
+    and gold-passage EM/F1, recall@k; plus prompt_tokens (encoder tokens read per question: every
+    context, for a reader of one passage at a time) and answer_in_context (the share of questions
+    whose contexts, as read, hold a gold answer string). `passage_vectors` (rows aligned with
+    `corpus`) saves embedding the corpus with the folder's passage encoder."""
     import time
 
+    import numpy as np
     import torch
     from transformers import AutoTokenizer, BartForConditionalGeneration
 
     from edgerag.evaluation import RECALL_DEPTH, score, write_answers
     from edgerag.metrics import normalize_answer
+    from edgerag.models import load_encoder, read_info
 
+    from .retrieval import PassageIndex, embed
     from .student import count_params
 
-    r = run.recipe
-    questions, corpus = run.questions("eval"), run.corpus()
-    row_of = {p.id: i for i, p in enumerate(corpus)}
-    vectors = _passage_vectors(run)
-    if side == "teacher":
-        model, rag_tok = load_rag(_rag_paths(run)["rag"])
-        generator, tok, q_tok = model.generator, rag_tok.generator, rag_tok.question_encoder
-        question_bert, reading = dpr_bert(model.question_encoder), "marginalized"
-        encoder_folder = run.teacher_encoder
+    folder, info = Path(folder), read_info(folder)
+    max_prompt_tokens = max_prompt_tokens or info.get("max_prompt_tokens", 512)
+    max_answer_tokens = max_answer_tokens or info.get("max_answer_tokens", 24)
+    question_bert, q_tok, pooling, q_max = load_encoder(folder / "query_encoder")
+    if (folder / "rag").is_dir():
+        model, rag_tok = load_rag(folder / "rag")
+        generator, tok, reading = model.generator, rag_tok.generator, "teacher"
     else:
-        from edgerag.models import load_encoder
-
-        generator = BartForConditionalGeneration.from_pretrained(run.student_generator).eval()
-        tok = AutoTokenizer.from_pretrained(run.student_generator)
-        question_bert, q_tok, _, _ = load_encoder(run.student_encoder)
-        reading, encoder_folder = r.student.reading, run.student_encoder
+        generator = BartForConditionalGeneration.from_pretrained(folder / "generator").eval()
+        tok, reading = AutoTokenizer.from_pretrained(folder / "generator"), info.get("reading", "concatenated")
+    if passage_vectors is None:
+        p_enc, p_tok, p_pool, p_max = load_encoder(folder / info.get("passage_encoder", "passage_encoder"))
+        fmt = info.get("passage_format", DPR_PASSAGE_FORMAT)
+        passage_vectors = embed(p_enc, p_tok, [fmt.format(title=p.title, text=p.text) for p in corpus], p_pool, p_max,
+                                progress="embed corpus (DPR)", normalize=False)
+    vectors = torch.from_numpy(np.asarray(passage_vectors, dtype=np.float32))
     torch.set_flush_denormal(True)
     start = time.perf_counter()
-    ranked = search_rows(encoder_folder, questions, max(r.eval.k, RECALL_DEPTH), run.index_embeddings)
-    k = min(r.eval.k, len(corpus))
+    q_vectors = embed(question_bert, q_tok, [q.question for q in questions], pooling, q_max, normalize=False)
+    ranked = PassageIndex(range(len(corpus)), vectors.numpy()).search(q_vectors, max(k, RECALL_DEPTH))
+    k = min(k, len(corpus))
     open_examples = make_rag_examples(questions, [rows[:k] for rows in ranked], corpus, tok, generator.config, k,
-                                      r.prompt.max_prompt_tokens, r.prompt.max_answer_tokens, 0.0, random.Random(0), row_of)
-    gold_examples = make_rag_examples(questions, [[row_of[q.passage_id]] for q in questions], corpus, tok, generator.config,
-                                      1, r.prompt.max_prompt_tokens, r.prompt.max_answer_tokens, 0.0, random.Random(0), row_of)
+                                      max_prompt_tokens, max_answer_tokens, 0.0, random.Random(0), {})
     pad_id = generator.config.pad_token_id
 
-    def answers(examples):
+    def answers(examples, doc_scores):
         out = []
-        for i in range(0, len(examples), r.eval.batch_size):
-            batch = examples[i:i + r.eval.batch_size]
-            with torch.no_grad():
-                scores = doc_scores_for(question_bert, q_tok, batch, vectors)
-            if side == "teacher":
-                ids = rag_generate(model, batch, scores, pad_id, r.prompt.max_answer_tokens)
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            scores = doc_scores(batch)
+            if reading == "teacher":
+                ids = rag_generate(model, batch, scores, pad_id, max_answer_tokens)
             elif reading == "marginalized":
-                ids = marginal_generate(generator, batch, scores, pad_id, r.prompt.max_answer_tokens)
+                ids = marginal_generate(generator, batch, scores, pad_id, max_answer_tokens)
             else:
-                ids = concatenated_generate(generator, [e.concatenated for e in batch], pad_id, r.prompt.max_answer_tokens)
+                ids = concatenated_generate(generator, [e.concatenated for e in batch], pad_id, max_answer_tokens)
             out += [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
         return out
 
-    open_answers = answers(open_examples)
+    def retrieved_scores(batch):
+        with torch.no_grad():
+            return doc_scores_for(question_bert, q_tok, batch, vectors)
+
+    open_answers = answers(open_examples, retrieved_scores)
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
-    gold_answers = answers(gold_examples)
+    # with the gold passage alone (one passage: its doc score does not matter)
+    gold_corpus = [_passage(q) for q in questions]
+    gold_examples = make_rag_examples(questions, [[i] for i in range(len(questions))], gold_corpus, tok, generator.config,
+                                      1, max_prompt_tokens, max_answer_tokens, 0.0, random.Random(0), {})
+    gold_answers = answers(gold_examples, lambda batch: torch.zeros(len(batch), 1))
     ranked_ids = [[corpus[i].id for i in rows] for rows in ranked]
     result = score(questions, open_answers, ranked_ids, gold_answers)
-    read = [_student_input(e, reading) for e in open_examples]
+    read = [_student_input(e, "marginalized" if reading == "teacher" else reading) for e in open_examples]
     contains = [any(normalize_answer(a) in normalize_answer(tok.decode(sum(rows, []), skip_special_tokens=True))
                     for a in q.answers) for q, rows in zip(questions, read)]
     result.update({"prompt_tokens": round(sum(len(x) for rows in read for x in rows) / max(len(read), 1), 1),
                    "answer_in_context": round(100.0 * sum(contains) / max(len(contains), 1), 2),
                    "reading": reading, "generator_params": count_params(generator),
                    "encoder_params": count_params(question_bert), "seconds_per_question": round(seconds, 4)})
-    write_answers(answers_out, questions, open_answers, gold_answers, ranked_ids)
+    if answers_out is not None:
+        write_answers(answers_out, questions, open_answers, gold_answers, ranked_ids)
     return result
+
+
+def _passage(question):
+    from edgerag.data import Passage
+
+    return Passage(question.passage_id, question.title, question.context)
 
 
 def stage_eval_teacher(run) -> dict:
