@@ -260,23 +260,17 @@ class RagTorchSystem:
         rows = [self.row_of[p] for p in passages]
         corpus = {r: Passage(str(r), *self.corpus[r][1:]) for r in rows}
         example, = rag.make_rag_examples([Question("q", question, ("",), "", "", "")], [rows], corpus, self.tokenizer,
-                                         self.generator.config, len(rows), self.budget, 1, 0.0, None, {})
-        watch = Stopwatch()
+                                         self.generator, len(rows), self.budget, 1, 0.0, None, {})
+        watch = Stopwatch()  # the marginalized student's own loop has no hook: its prefill is the whole time
+        processors = LogitsProcessorList([watch])
         pad_id = self.generator.config.pad_token_id
         with torch.inference_mode():
             if self.reading == "concatenated":
-                ids = torch.tensor([example.concatenated])
-                out = self.generator.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=1, do_sample=False,
-                                              max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([watch]))
-                tokens = rag._answer_ids(out[0].tolist(), self.generator.config)
+                tokens = rag.concatenated_generate(self.generator, [example.concatenated], pad_id, max_new_tokens, processors)[0]
             else:
                 scores = rag.doc_scores_for(self.encoder, self.enc_tok, [example], self.vectors)
                 if self.reading == "teacher":
-                    ids, mask = rag.pad(example.contexts, pad_id)
-                    out = self.model.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=scores,
-                                              n_docs=len(rows), num_beams=1, do_sample=False, max_length=max_new_tokens + 2,
-                                              logits_processor=LogitsProcessorList([watch]))
-                    tokens = rag._answer_ids(out[0].tolist(), self.generator.config)
+                    tokens = rag.rag_generate(self.model, [example], scores, pad_id, max_new_tokens, processors)[0]
                 else:
                     tokens = rag.marginal_generate(self.generator, [example], scores, pad_id, max_new_tokens)[0]
         end = time.perf_counter()

@@ -101,9 +101,12 @@ def cmd_export(args) -> int:
                              "or both --query-encoder and --generator")
         query_encoder, generator = args.query_encoder, args.generator
         passage_format = max_prompt_tokens = None
+        info = {}
     options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)
                                if f.metadata.get("cli", True)})
-    if args.model_folder and read_info(args.model_folder).get("reading") == "marginalized" and options.k != 1:
+    if args.model_folder and "k" in info and options.k == ExportOptions.k:
+        options.k = info["k"]  # the passages per question the student was trained to read, unless --k says otherwise
+    if args.model_folder and info.get("reading") == "marginalized" and options.k != 1:
         raise ValueError(f"{args.model_folder} reads one passage at a time, marginalized (student.reading); the device "
                          "concatenates its passages, which for one passage is exactly that student's input: pass --k 1")
     out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options,

@@ -198,7 +198,7 @@ def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path,
     method = resolve_quantization(opts.quantize, "bart")
     if method == "int8sq":
         raise ValueError("--quantize int8sq needs the fused Llama graph; choose int8wo, int4, int8 or none for BART")
-    paths = {"fp32": {}, method: {}}
+    paths = {"fp32": {}, **({method: {}} if method != "none" else {})}
     quantization = {}
     for part, file in (("encoder", graphs["encoder"]), ("decoder", graphs["decoder"])):
         import onnx
@@ -209,7 +209,8 @@ def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path,
         onnx_export.save(graph, work / f"generator_{part}.onnx")
         quantization[part]["graph_optimization"] = optimize_offline(work / f"generator_{part}.onnx",
                                                                     bundle / f"generator_{part}.onnx")
-        paths[method][part] = bundle / f"generator_{part}.onnx"
+        if method != "none":
+            paths[method][part] = bundle / f"generator_{part}.onnx"
     shutil.copy(gen_folder / "tokenizer.json", bundle / "generator_tokenizer.json")
 
     template = PromptTemplate(**RAG_CONCAT)
@@ -250,6 +251,7 @@ def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path,
                          num_layers=config.decoder_layers, hidden_size=config.d_model, vocab_size=config.vocab_size,
                          parameters=sum(p.numel() for p in model.parameters()), max_context=max_context,
                          graph="bart-graph", quantization={"method": method, **quantization},
+                         decoder_positions=graphs["max_positions"],
                          graph_optimization=quantization["decoder"]["graph_optimization"],
                          decoder_start_token_id=start, forced_bos_token_id=forced)
     return spec, PromptSpec(template=template, stop_token_ids=stop), parity
@@ -304,6 +306,11 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.set_postfix_str("passage embeddings")
         if passage_encoder:
             p_model, p_tokenizer, p_pooling, p_max = load_encoder(passage_encoder)
+            p_folder = resolve(passage_encoder).path
+            if Path(p_folder).is_dir() and normalizes(p_folder) != normalized:
+                raise ValueError(f"the query encoder {'normalizes' if normalized else 'does not normalize'} its vectors and "
+                                 f"the passage encoder {passage_encoder} {'does' if not normalized else 'does not'}: "
+                                 "their inner products would not rank passages")
         else:
             p_model, p_tokenizer, p_pooling, p_max = enc_model, enc_tokenizer, pooling, max_length
         passage_format = passage_format or PASSAGE_FORMAT

@@ -89,6 +89,7 @@ class GeneratorSpec(_Quantized):
     decoder_onnx: str = ""                  # encoder-decoder: the decoder graph
     decoder_start_token_id: int = -1        # encoder-decoder: the decoder's first input
     forced_bos_token_id: int | None = None  # encoder-decoder: fed after it, where the model forces one
+    decoder_positions: int = 0              # encoder-decoder: decoder positions, start tokens and answer (0: unknown)
 
 
 @dataclass

@@ -474,7 +474,12 @@ class Pipeline:
         """Prompt tokens that fit: a decoder-only context holds the prompt and the answer; an encoder's
         holds the prompt alone (the answer is the decoder's)."""
         gen = self.manifest.generator
-        return gen.max_context if gen.family == "encoder-decoder" else gen.max_context - max_new_tokens
+        if gen.family != "encoder-decoder":
+            return gen.max_context - max_new_tokens
+        longest = gen.decoder_positions - 1 - (gen.forced_bos_token_id is not None)
+        if gen.decoder_positions and max_new_tokens > longest:
+            raise PromptError(f"max_new_tokens is {max_new_tokens}; this bundle's decoder writes at most {longest} tokens")
+        return gen.max_context
 
     def _answer(self, question: str, passages: list[dict], max_new_tokens: int | None, timings: dict,
                 started: float, deadline: float | None = None, cancel: threading.Event | None = None) -> Iterator[str]:

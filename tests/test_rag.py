@@ -108,12 +108,12 @@ def test_marginal_greedy_agrees_with_rag_generate(tiny_rag):
         ("Super Bowl 50", "The Denver Broncos defeated the Carolina Panthers."), ("Warsaw", "Warsaw is the capital of Poland."),
         ("Oxygen", "Oxygen has atomic number 8."), ("Tesla", "Tesla worked on alternating current.")])]
     questions = [Question(f"q{i}", q, ("x",), "p0", "", "") for i, q in enumerate(["Who won?", "What is the capital?"])]
-    examples = make_rag_examples(questions, [[0, 1, 2], [1, 3, 0]], corpus, tok.generator, model.config.generator, 3,
+    examples = make_rag_examples(questions, [[0, 1, 2], [1, 3, 0]], corpus, tok.generator, model.generator, 3,
                                  128, 8, 0.0, random.Random(0), {})
     scores = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
     ours = marginal_generate(model.generator, examples, scores, 1, 6)
     theirs = rag_generate(model, examples, scores, 1, 6)
-    assert ours == [t[:len(o)] for o, t in zip(ours, theirs)] and any(ours)
+    assert ours == theirs and any(ours)
 
 
 def _tiny_bart(seed=0, layers=2):
@@ -319,3 +319,33 @@ def test_marginalized_student_reads_like_the_teacher(rag_run, tmp_path):
     passages = ROOT.parent / "shared" / "data" / "xquad-en.json.gz"
     refused = edgerag("export", run / "student", "--passages", passages, "--out", tmp_path / "b", env=rag_run["env"])
     assert refused.returncode == 1 and "--k 1" in refused.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_forced_bos_is_read_not_predicted(tiny_rag, tmp_path):
+    """bart-large forces <s> after the start token: training, PyTorch's generate and the device must
+    all read [start, <s>] and predict the answer from there (save_pretrained moves the setting into
+    generation_config, where generate() reads it)."""
+    import random
+
+    from transformers import BartForConditionalGeneration
+
+    from edgerag.data import Passage, Question
+    from edgerag.train.rag import answer_logits, concatenated_generate, decoder_prefix, load_rag, make_rag_examples
+
+    model, tok = load_rag(tiny_rag["rag"])
+    generator = model.generator
+    generator.config.forced_bos_token_id = 0
+    generator.generation_config.forced_bos_token_id = 0
+    generator.save_pretrained(tmp_path)
+    loaded = BartForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert decoder_prefix(loaded) == [2, 0]
+    question = Question("q", "Who won?", ("Denver Broncos",), "p0", "", "")
+    e, = make_rag_examples([question], [[0]], [Passage("p0", "Super Bowl 50", "The Broncos won.")], tok.generator,
+                           loaded, 1, 64, 8, 0.0, random.Random(0), {})
+    assert e.decoder[:2] == [2, 0] and e.target[-1] == 2 and len(e.decoder) == len(e.target) + 1
+    with torch.no_grad():
+        logits = answer_logits(loaded, [e.concatenated], [e.decoder], 1)
+        full = loaded(input_ids=torch.tensor([e.concatenated]), decoder_input_ids=torch.tensor([e.decoder])).logits
+    assert logits.shape[1] == len(e.target) and torch.equal(logits, full[:, 1:])
+    tokens, = concatenated_generate(loaded, [e.concatenated], 1, 5)
+    assert len(tokens) <= 5 and tokens[:1] != [0]

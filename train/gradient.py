@@ -32,6 +32,9 @@ def projection(vocab_size: int, m: int, seed: int = 0):
 def token_space_map(model, P):
     """[width, m]: a model's input-embedding gradient -> the projected one-hot-token gradient."""
     table = model.get_input_embeddings()
+    if table.weight.shape[0] != P.shape[0]:
+        raise ValueError(f"gradient matching needs one vocabulary: the model has {table.weight.shape[0]} tokens, "
+                         f"the projection {P.shape[0]}")
     weight = table.weight * getattr(table, "embed_scale", 1.0)  # BART scales its embeddings inside the table
     return weight.T.to(P.dtype) @ P.to(weight.device)
 
@@ -45,7 +48,7 @@ def input_gradient(model, forward, ids, create_graph: bool):
     import torch
 
     embeds = model.get_input_embeddings()(ids)
-    if not create_graph:
+    if not create_graph or not embeds.requires_grad:  # a constant target, or a frozen embedding table
         embeds = embeds.detach().requires_grad_(True)
     with torch.enable_grad():
         ll = forward(embeds)

@@ -824,7 +824,10 @@ def distill(recipe_path, out_dir, resume: bool = False, stop_after: str | None =
                 dataclasses.asdict(load_recipe(run.recipe_copy, check_models=False)) != dataclasses.asdict(recipe):
             raise RunError(f"{recipe_path} sets other values than the recipe {run.out} was started with "
                            f"({run.recipe_copy}); start a new run instead of resuming")
-    rank, _ = loop.world()
+    rank, world_size = loop.world()
+    if recipe.teacher.kind == "hf-rag" and world_size > 1:
+        raise RunError("hf-rag recipes run on one process: their training stages reach into the RAG model's "
+                       "submodules, past DDP's wrapper (run `edgerag distill`, not torchrun)")
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls several times slower
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)

@@ -88,10 +88,26 @@ def save_dpr_encoder(bert, tokenizer, folder: Path, max_length: int) -> None:
         write_sentence_transformers_config(folder, "cls", max_length, bert.config.hidden_size, normalize=False)
 
 
-def decoder_prefix(config) -> list[int]:
-    """What the decoder reads before the answer's first token, as generate() starts it."""
-    forced = getattr(config, "forced_bos_token_id", None)
-    return [config.decoder_start_token_id] + ([forced] if forced is not None else [])
+def decoder_prefix(generator) -> list[int]:
+    """What the decoder reads before the answer's first token, as generate() starts it: the start
+    token, then a forced BOS where the model has one (bart-large does). `generator` is a seq2seq
+    model, whose generation_config comes first as generate() reads it (save_pretrained moves
+    forced_bos_token_id there), or a bare config."""
+    config = getattr(generator, "config", generator)
+    generation = getattr(generator, "generation_config", None)
+
+    def value(key):
+        found = getattr(generation, key, None) if generation is not None else None
+        return found if found is not None else getattr(config, key, None)
+
+    forced = value("forced_bos_token_id")
+    return [value("decoder_start_token_id")] + ([forced] if forced is not None else [])
+
+
+# Plain greedy decoding, as the device runs it: a checkpoint's generation config may ask for beams,
+# n-gram blocking, a minimum length or a forced end token, and PyTorch must not decode differently.
+GREEDY = {"num_beams": 1, "do_sample": False, "no_repeat_ngram_size": 0, "min_length": 0,
+          "forced_eos_token_id": None, "repetition_penalty": 1.0}
 
 
 # ---------------------------------------------------------------- contexts and the marginal
@@ -152,13 +168,13 @@ class RagExample:
     target: list[int]
 
 
-def make_rag_examples(questions, ranked_rows, corpus, tokenizer, generator_config, n_docs: int,
+def make_rag_examples(questions, ranked_rows, corpus, tokenizer, generator, n_docs: int,
                       max_tokens: int, max_answer_tokens: int, gold_probability: float, rng: random.Random,
                       row_of: dict[str, int]) -> list[RagExample]:
-    """Where retrieval missed the gold passage, it takes the last retrieved slot with probability
+    """Where retrieval missed the gold passage, it takes a retrieved slot at random with probability
     `gold_probability` (its doc score then comes from its own vector), as the default family does."""
     encode = encode_with(tokenizer)
-    prefix = decoder_prefix(generator_config)
+    prefix = decoder_prefix(generator)
     examples = []
     for q, rows in zip(questions, ranked_rows):
         rows = list(rows[:n_docs])
@@ -170,7 +186,7 @@ def make_rag_examples(questions, ranked_rows, corpus, tokenizer, generator_confi
         examples.append(RagExample(
             q.id, q.question, rows, [context_ids(encode, q.question, [p], max_tokens) for p in passages],
             context_ids(encode, q.question, passages, max_tokens), prefix + answer,
-            answer + [generator_config.eos_token_id]))
+            answer + [generator.config.eos_token_id]))
     return examples
 
 
@@ -192,7 +208,7 @@ def answer_logits(generator, rows: list[list[int]], decoders: list[list[int]], p
     device = next(generator.parameters()).device
     kwargs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": ids.to(device)}
     logits = generator(attention_mask=mask.to(device), decoder_input_ids=dec.to(device), **kwargs).logits
-    return logits[:, len(decoder_prefix(generator.config)) - 1:]
+    return logits[:, len(decoder_prefix(generator)) - 1:]
 
 
 def marginal_logprobs(generator, question_bert, q_tokenizer, examples: list[RagExample], passage_vectors, pad_id: int):
@@ -202,13 +218,6 @@ def marginal_logprobs(generator, question_bert, q_tokenizer, examples: list[RagE
     decoders = [e.decoder for e in examples for _ in range(n)]
     seq_logits = answer_logits(generator, rows, decoders, pad_id)
     return rag_marginal(seq_logits, doc_scores_for(question_bert, q_tokenizer, examples, passage_vectors), n)
-
-
-def concatenated_logprobs(generator, examples: list[RagExample], pad_id: int, temperature: float = 1.0):
-    import torch
-
-    logits = answer_logits(generator, [e.concatenated for e in examples], [e.decoder for e in examples], pad_id)
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
 def target_labels(examples: list[RagExample]):
@@ -230,17 +239,19 @@ def nll(logprobs, labels):
 
 # ---------------------------------------------------------------- greedy answers
 
-def rag_generate(model, examples: list[RagExample], doc_scores, pad_id: int, max_new_tokens: int) -> list[list[int]]:
+def rag_generate(model, examples: list[RagExample], doc_scores, pad_id: int, max_new_tokens: int,
+                 logits_processor=None) -> list[list[int]]:
     """The RAG model's own generation (RagTokenForGeneration.generate) from our contexts and doc
     scores, greedy; the answer's token ids, without the decoder prefix and the end token."""
     import torch
 
     n = len(examples[0].rows)
     ids, mask = pad([c for e in examples for c in e.contexts], pad_id)
+    prefix = decoder_prefix(model.generator)
     with torch.inference_mode():
         out = model.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores, n_docs=n,
-                             num_beams=1, do_sample=False, max_length=max_new_tokens + len(examples[0].decoder) - len(examples[0].target) + 2)
-    return [_answer_ids(row.tolist(), model.config.generator) for row in out]
+                             max_length=len(prefix) + max_new_tokens, logits_processor=logits_processor, **GREEDY)
+    return [_answer_ids(row.tolist(), model.generator) for row in out]
 
 
 def marginal_generate(generator, examples: list[RagExample], doc_scores, pad_id: int, max_new_tokens: int) -> list[list[int]]:
@@ -269,18 +280,22 @@ def marginal_generate(generator, examples: list[RagExample], doc_scores, pad_id:
     return [a[:a.index(eos)] if eos in a else a for a in answers]
 
 
-def concatenated_generate(generator, contexts: list[list[int]], pad_id: int, max_new_tokens: int) -> list[list[int]]:
+def concatenated_generate(generator, contexts: list[list[int]], pad_id: int, max_new_tokens: int,
+                          logits_processor=None) -> list[list[int]]:
     import torch
 
     ids, mask = pad(contexts, pad_id)
     with torch.inference_mode():
-        out = generator.generate(input_ids=ids, attention_mask=mask, num_beams=1, do_sample=False,
-                                 max_new_tokens=max_new_tokens)
-    return [_answer_ids(row.tolist(), generator.config) for row in out]
+        # HF counts a forced BOS as a new token; the device does not
+        out = generator.generate(input_ids=ids, attention_mask=mask, **GREEDY, logits_processor=logits_processor,
+                                 max_new_tokens=max_new_tokens + len(decoder_prefix(generator)) - 1)
+    return [_answer_ids(row.tolist(), generator) for row in out]
 
 
-def _answer_ids(row: list[int], config) -> list[int]:
-    prefix = decoder_prefix(config)
+def _answer_ids(row: list[int], generator) -> list[int]:
+    """A generated row without its decoder prefix and from the end token on."""
+    config = generator.config
+    prefix = decoder_prefix(generator)
     if row[:len(prefix)] == prefix:
         row = row[len(prefix):]
     elif row[:1] == prefix[:1]:
@@ -343,10 +358,10 @@ def _rag_paths(run):
     return {"rag": t / "rag", "base": base, "passage_encoder": t / "passage_encoder"}
 
 
-def _examples(run, model_config, tokenizer, questions, k, max_tokens, gold_probability, seed_offset, encoder_folder):
+def _examples(run, generator, tokenizer, questions, k, max_tokens, gold_probability, seed_offset, encoder_folder):
     rows = search_rows(encoder_folder, questions, k, run.index_embeddings)
     corpus = run.corpus()
-    return make_rag_examples(questions, rows, corpus, tokenizer, model_config, k, max_tokens,
+    return make_rag_examples(questions, rows, corpus, tokenizer, generator, k, max_tokens,
                              run.recipe.prompt.max_answer_tokens, gold_probability,
                              random.Random(run.recipe.seed + seed_offset), {p.id: i for i, p in enumerate(corpus)})
 
@@ -417,7 +432,7 @@ def stage_teacher_finetune(run) -> dict:
     with_encoder = paths["base"].parent / "question_encoder"
     save_dpr_encoder(dpr_bert(model.question_encoder), tok.question_encoder, with_encoder, QUESTION_MAX_LENGTH)
     questions = run.questions("train")[:cfg.examples]
-    examples = _examples(run, model.config.generator, tok.generator, questions, cfg.k, cfg.max_prompt_tokens,
+    examples = _examples(run, model.generator, tok.generator, questions, cfg.k, cfg.max_prompt_tokens,
                          cfg.gold_probability, 1, with_encoder)
     vectors, pad_id = _passage_vectors(run), model.config.generator.pad_token_id
 
@@ -464,7 +479,8 @@ def stage_student_folder(run) -> dict:
     loop.copy_tree_atomic(_rag_paths(run)["passage_encoder"], run.student_passage_encoder)
     made = {k: v for k, v in json.loads(run.student_init_info.read_text()).items() if k not in ("seconds", "fingerprint")}
     atomic_write_text(run.student_info, json.dumps(_folder_info(run, reading=run.recipe.student.reading, student=made,
-                                                                teacher=run.recipe.teacher.rag), indent=2))
+                                                                teacher=run.recipe.teacher.rag,
+                                                                k=run.recipe.distill_generator.k), indent=2))
     return {"reading": run.recipe.student.reading}
 
 
@@ -478,13 +494,13 @@ def stage_teacher_logits(run) -> dict:
     student will read (the generator reading the student's context: both gradients at one point)."""
     import torch
 
-    from .gradient import input_gradient, project, projection, token_space_map
+    from .gradient import project, projection, token_space_map
 
     cfg, reading = run.recipe.distill_generator, run.recipe.student.reading
     model, tok = load_rag(_rag_paths(run)["rag"])
     model.to(loop.device())
     questions = run.questions("train")[:cfg.examples]
-    examples = _examples(run, model.config.generator, tok.generator, questions, cfg.k, cfg.max_prompt_tokens,
+    examples = _examples(run, model.generator, tok.generator, questions, cfg.k, cfg.max_prompt_tokens,
                          cfg.gold_probability, 2, run.teacher_encoder)
     vectors, pad_id = _passage_vectors(run), model.config.generator.pad_token_id
     question = dpr_bert(model.question_encoder)
@@ -657,7 +673,7 @@ def evaluate_rag_folder(folder, questions, corpus, k: int = 3, passage_vectors=N
     q_vectors = embed(question_bert, q_tok, [q.question for q in questions], pooling, q_max, normalize=False)
     ranked = PassageIndex(range(len(corpus)), vectors.numpy()).search(q_vectors, max(k, RECALL_DEPTH))
     k = min(k, len(corpus))
-    open_examples = make_rag_examples(questions, [rows[:k] for rows in ranked], corpus, tok, generator.config, k,
+    open_examples = make_rag_examples(questions, [rows[:k] for rows in ranked], corpus, tok, generator, k,
                                       max_prompt_tokens, max_answer_tokens, 0.0, random.Random(0), {})
     pad_id = generator.config.pad_token_id
 
@@ -683,7 +699,7 @@ def evaluate_rag_folder(folder, questions, corpus, k: int = 3, passage_vectors=N
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
     # with the gold passage alone (one passage: its doc score does not matter)
     gold_corpus = [_passage(q) for q in questions]
-    gold_examples = make_rag_examples(questions, [[i] for i in range(len(questions))], gold_corpus, tok, generator.config,
+    gold_examples = make_rag_examples(questions, [[i] for i in range(len(questions))], gold_corpus, tok, generator,
                                       1, max_prompt_tokens, max_answer_tokens, 0.0, random.Random(0), {})
     gold_answers = answers(gold_examples, lambda batch: torch.zeros(len(batch), 1))
     ranked_ids = [[corpus[i].id for i in rows] for rows in ranked]

@@ -268,6 +268,10 @@ def validate(r: Recipe, check_models: bool = True) -> None:
                 raise RecipeError(f"student.{key}: a hf-rag student is cut from the teacher's layers; leave it empty")
         if r.distill_general.passages:
             raise RecipeError("distill_general.passages: the general pass is not available for hf-rag teachers yet")
+        if r.distill_generator.max_prompt_tokens != r.prompt.max_prompt_tokens:
+            # the bundle's context is prompt.max_prompt_tokens: the student must be trained on the same
+            raise RecipeError(f"distill_generator.max_prompt_tokens ({r.distill_generator.max_prompt_tokens}) must equal "
+                              f"prompt.max_prompt_tokens ({r.prompt.max_prompt_tokens}) for a hf-rag student")
     if r.distill_generator.gradient_weight < 0 or r.distill_generator.gradient_projections < 1:
         raise RecipeError("distill_generator.gradient_weight must be >= 0 and gradient_projections >= 1")
     if r.data.corpus_scope not in ("files", "sampled"):
