@@ -43,7 +43,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python -m edgerag.demo --data $(DATA) --run $(RUN)
 
 # The Hugging Face RAG path on a tiny random RAG-token checkpoint (built on first use): distill,
-# export, ask. About a minute on 2 cores; its answers are noise (random weights).
+# export, ask. About 20 seconds on 2 cores; its answers are noise (random weights).
 rag-tiny: $(VENV)/.installed
 	rm -rf runs/rag-tiny
 	$(VENV)/bin/edgerag distill recipes/rag-token-tiny.toml --out runs/rag-tiny
