@@ -118,3 +118,20 @@ def test_unavailable_baseline_is_recorded_as_skipped(tiny_bundle, monkeypatch, t
     assert [p["name"] for p in plan] == ["bundle-fp32"]
     reasons = {s["name"]: s["reason"] for s in skipped}
     assert "no network" in reasons["ortgenai-int4"] and "teacher" in reasons["teacher-torch"]
+
+
+def test_decode_profile_breaks_a_step_down(tiny_bundle, tiny_models, tmp_path, capsys):
+    """The decode profiler runs onnxruntime's profiler on a real bundle and accounts for a step: its
+    operators' times add up to the kernel time, which lies inside the run, which lies inside the loop."""
+    from edgerag.benchmarks import profile_decode
+
+    _, _, _, squad = tiny_models
+    out = tmp_path / "profile.json"
+    assert profile_decode.main([str(tiny_bundle), "--questions", str(squad), "--threads", "1", "--new-tokens", "6",
+                                "--rounds", "2", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["steps"] == 5 and figures["ops_ms_per_step"]
+    assert abs(sum(figures["ops_ms_per_step"].values()) - figures["kernel_ms_per_step"]) < 1e-6
+    assert 0 < figures["kernel_ms_per_step"] <= figures["run_ms_per_step"]
+    assert figures["loop_ms_per_token"] >= figures["ort_run_ms_per_token"] > 0
+    assert "ms/token" in capsys.readouterr().out
