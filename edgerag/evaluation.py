@@ -46,6 +46,17 @@ def score(questions, open_answers, ranked_ids, gold_answers) -> dict:
     return {m: round(100.0 * sum(r[m] for r in rows) / n, 2) for m in METRICS}
 
 
+def context_figures(questions, prompts_text: list[str], prompt_lengths: list[int]) -> dict:
+    """prompt_tokens: the mean prompt length in tokens; answer_in_context: the share (0-100) of
+    questions whose prompt, as the model reads it (after truncation), holds a gold answer string."""
+    from edgerag.metrics import normalize_answer
+
+    contains = [any(normalize_answer(a) in normalize_answer(text) for a in q.answers)
+                for q, text in zip(questions, prompts_text)]
+    n = max(len(prompt_lengths), 1)
+    return {"prompt_tokens": round(sum(prompt_lengths) / n, 1), "answer_in_context": round(100.0 * sum(contains) / n, 2)}
+
+
 def write_answers(path, questions, open_answers, gold_answers, ranked_ids) -> None:
     """Every question's answers and retrieved passage ids, as JSONL (written whole, then renamed)."""
     path = Path(path)
@@ -66,15 +77,20 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     p = Pipeline.load(bundle)
     if passages:
         p.add_passages([(x.id, x.title, x.text) for x in passages])
-    open_answers, ranked_ids, gold_answers = [], [], []
+    open_answers, ranked_ids, gold_answers, read = [], [], [], []
     start = time.perf_counter()
     for q in questions:
-        open_answers.append(p.ask(q.question, k=k).answer)
+        answer = p.ask(q.question, k=k)
+        open_answers.append(answer.answer)
+        read.append([(d["title"], d["text"]) for d in answer.passages])
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
+    prompts = [p.prompt_ids(q.question, passages) for q, passages in zip(questions, read)]
     for q in questions:
         ranked_ids.append([d["id"] for d in p.retrieve(q.question, RECALL_DEPTH)])
         gold_answers.append(p.answer_with_passages(q.question, [(q.title, q.context)]).answer)
     result = score(questions, open_answers, ranked_ids, gold_answers)
+    result.update(context_figures(questions, [p.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts],
+                                  [len(ids) for ids in prompts]))
     result.update({"generator_params": p.manifest.generator.parameters,
                    "encoder_params": p.manifest.query_encoder.parameters,
                    "seconds_per_question": round(seconds, 4)})

@@ -22,8 +22,9 @@ def test_bundle_and_folder_evaluation_agree(tiny_models, tiny_bundle, tmp_path):
     bundle_result = evaluate_model(tiny_bundle, squad, n=None, k=2, answers_out=tmp_path / "bundle.jsonl")
     folder_result = evaluate_model(folder, squad, n=None, k=2, batch_size=1, answers_out=tmp_path / "folder.jsonl")
     assert bundle_result["n_questions"] == folder_result["n_questions"] == 4
-    for key in ("em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20"):
+    for key in ("em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20", "prompt_tokens", "answer_in_context"):
         assert bundle_result[key] == pytest.approx(folder_result[key]), key
+    assert 0 < bundle_result["prompt_tokens"] <= manifest["generator"]["max_context"]
     assert bundle_result["seconds_per_question"] > 0
     bundle_rows = [json.loads(l) for l in (tmp_path / "bundle.jsonl").read_text().splitlines()]
     folder_rows = [json.loads(l) for l in (tmp_path / "folder.jsonl").read_text().splitlines()]

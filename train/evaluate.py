@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from edgerag.data import Passage, Question
-from edgerag.evaluation import RECALL_DEPTH, score, write_answers
+from edgerag.evaluation import RECALL_DEPTH, context_figures, score, write_answers
 from edgerag.models import load_encoder, load_generator, passage_encoder_folder, read_info
 
 
@@ -52,6 +52,8 @@ def evaluate_folder(folder: Path, questions: list[Question], passages: list[Pass
         gold_answers = generate(generator, prompter, gold_prompts, batch_size=batch_size, progress=f"eval {folder.name} gold")
     ranked_ids = [[passages[r].id for r in rows] for rows in ranked_rows]
     result = score(questions, open_answers, ranked_ids, gold_answers)
+    result.update(context_figures(questions, [gen_tok.decode(ids, skip_special_tokens=True) for ids in prompts],
+                                  [len(ids) for ids in prompts]))
     result.update({"generator_params": count_params(generator), "encoder_params": count_params(encoder),
                    "seconds_per_question": round(seconds, 4)})
     if answers_out is not None:

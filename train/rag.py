@@ -645,8 +645,7 @@ def evaluate_rag_folder(folder, questions, corpus, k: int = 3, passage_vectors=N
     import torch
     from transformers import AutoTokenizer, BartForConditionalGeneration
 
-    from edgerag.evaluation import RECALL_DEPTH, score, write_answers
-    from edgerag.metrics import normalize_answer
+    from edgerag.evaluation import RECALL_DEPTH, context_figures, score, write_answers
     from edgerag.models import load_encoder, read_info
 
     from .retrieval import PassageIndex, embed
@@ -705,11 +704,9 @@ def evaluate_rag_folder(folder, questions, corpus, k: int = 3, passage_vectors=N
     ranked_ids = [[corpus[i].id for i in rows] for rows in ranked]
     result = score(questions, open_answers, ranked_ids, gold_answers)
     read = [_student_input(e, "marginalized" if reading == "teacher" else reading) for e in open_examples]
-    contains = [any(normalize_answer(a) in normalize_answer(tok.decode(sum(rows, []), skip_special_tokens=True))
-                    for a in q.answers) for q, rows in zip(questions, read)]
-    result.update({"prompt_tokens": round(sum(len(x) for rows in read for x in rows) / max(len(read), 1), 1),
-                   "answer_in_context": round(100.0 * sum(contains) / max(len(contains), 1), 2),
-                   "reading": reading, "generator_params": count_params(generator),
+    result.update(context_figures(questions, [tok.decode(sum(rows, []), skip_special_tokens=True) for rows in read],
+                                  [sum(len(x) for x in rows) for rows in read]))
+    result.update({"reading": reading, "generator_params": count_params(generator),
                    "encoder_params": count_params(question_bert), "seconds_per_question": round(seconds, 4)})
     if answers_out is not None:
         write_answers(answers_out, questions, open_answers, gold_answers, ranked_ids)
