@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgerag.models import INFO_FILE, write_sentence_transformers_config
+from edgerag.models import write_sentence_transformers_config
 from edgerag.runtime.prompt import RAG_CONCAT, PromptTemplate, build_prompt_ids
 
 from . import loop
