@@ -8,18 +8,15 @@ buffers: each step binds the previous step's `present` OrtValues as its `past`.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import onnxruntime as ort
 
-if TYPE_CHECKING:
-    from edgerag.runtime.pipeline import Generation
-
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+from edgerag.runtime.generation import Generation, GreedyDecoder
 
 
-class EncoderDecoderGenerator:
+class EncoderDecoderGenerator(GreedyDecoder):
     """Greedy decoding, as Hugging Face's generate(do_sample=False, num_beams=1) does it.
 
     The decoder starts from [decoder_start_token_id] and, where the model has one (bart-large
@@ -42,29 +39,12 @@ class EncoderDecoderGenerator:
             raise ValueError(f"the encoder's outputs {sorted(self.cross_outputs)} are not the decoder's cross "
                              f"inputs {sorted(decoder_cross)}")
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
-        """Greedy decoding from `prompt_ids`, token by token as the result is iterated; the stop token is not yielded."""
-        from edgerag.runtime.pipeline import Generation  # noqa: F811 (pipeline imports this module)
-
-        return Generation(lambda result: self._steps(result, prompt_ids, max_new_tokens))
-
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
-        """The whole generation at once."""
-        generation = self.generate(prompt_ids, max_new_tokens)
-        for _ in generation:
-            pass
-        return generation
-
     def last_logits(self, prompt_ids: list[int]) -> np.ndarray:
         """The first decoder step's next-token logits [vocab] (for parity checks)."""
         cross = dict(zip(self.cross_outputs, self.encoder.run(self.cross_outputs, self._encoder_feed(prompt_ids))))
         feed = {"input_ids": np.array([self.start_ids], dtype=np.int64),
                 "encoder_attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64), **self.empty_cache(), **cross}
         return self.decoder.run(["logits"], feed)[0][0]
-
-    def empty_cache(self) -> dict[str, np.ndarray]:
-        # [batch, heads, past_length, head_dim]; heads and head_dim are fixed in the graph
-        return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=ORT_DTYPES[i.type]) for i in self.past_inputs}
 
     @staticmethod
     def _encoder_feed(prompt_ids: list[int]) -> dict[str, np.ndarray]:

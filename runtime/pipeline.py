@@ -22,10 +22,9 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
+from edgerag.runtime.generation import Generation, GreedyDecoder
 from edgerag.runtime.manifest import BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
-
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def make_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
@@ -101,27 +100,10 @@ class PassageStore:
         return [found[r] for r in rows]
 
 
-class Generation:
-    """One greedy generation: iterate it for the new token ids; its figures fill in as it runs."""
-
-    def __init__(self, decode):
-        self.tokens: list[int] = []
-        self.prefill_ms = 0.0
-        self.decode_ms = 0.0
-        self.reused_prompt_tokens = 0
-        self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end
-        self._steps = decode(self)  # the decoding loop, which records its figures on this object
-
-    def __iter__(self) -> Iterator[int]:
-        for token in self._steps:
-            self.tokens.append(token)
-            yield token
-
-
 REUSE_MODES = ("template", "previous", "none")
 
 
-class DecoderOnlyGenerator:
+class DecoderOnlyGenerator(GreedyDecoder):
     """Greedy decoding over one ONNX graph that serves prefill and decode with a KV cache.
 
     Inputs input_ids, attention_mask, past_key_values.N.key/value (and position_ids where the graph
@@ -156,21 +138,6 @@ class DecoderOnlyGenerator:
         self._cached: tuple[list[int], list] | None = None
         if mode == "template" and len(prefix_ids) >= self.MIN_REUSED_TOKENS:
             self._cached = (list(prefix_ids), self._prefill(list(prefix_ids)))
-
-    def empty_cache(self) -> dict[str, np.ndarray]:
-        # inputs are [batch, kv_heads, past_length, head_dim]; kv_heads and head_dim are fixed in the graph
-        return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=ORT_DTYPES[i.type]) for i in self.past_inputs}
-
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
-        """Greedy decoding from `prompt_ids`, token by token as the result is iterated; the stop token is not yielded."""
-        return Generation(lambda result: self._steps(result, prompt_ids, max_new_tokens))
-
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
-        """The whole generation at once."""
-        generation = self.generate(prompt_ids, max_new_tokens)
-        for _ in generation:
-            pass
-        return generation
 
     def last_logits(self, prompt_ids: list[int]) -> np.ndarray:
         """The next-token logits after `prompt_ids`, from an empty cache (for parity checks)."""

@@ -1,0 +1,50 @@
+"""What both generation loops share (runtime.pipeline's decoder-only one and
+runtime.encoder_decoder's): the Generation a call returns, and the greedy calls around a loop."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class Generation:
+    """One greedy generation: iterate it for the new token ids; its figures fill in as it runs."""
+
+    def __init__(self, decode):
+        self.tokens: list[int] = []
+        self.prefill_ms = 0.0
+        self.decode_ms = 0.0
+        self.reused_prompt_tokens = 0
+        self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end
+        self._steps = decode(self)  # the decoding loop, which records its figures on this object
+
+    def __iter__(self) -> Iterator[int]:
+        for token in self._steps:
+            self.tokens.append(token)
+            yield token
+
+
+class GreedyDecoder:
+    """generate() and greedy() around a family's loop, `_steps(result, prompt_ids, max_new_tokens)`,
+    which yields token ids and records its figures on `result`; `past_inputs` are the graph's
+    KV-cache inputs, [batch, heads, past_length, head_dim]."""
+
+    past_inputs: list
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        """Greedy decoding from `prompt_ids`, token by token as the result is iterated; the stop token is not yielded."""
+        return Generation(lambda result: self._steps(result, prompt_ids, max_new_tokens))
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        """The whole generation at once."""
+        generation = self.generate(prompt_ids, max_new_tokens)
+        for _ in generation:
+            pass
+        return generation
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        # heads and head_dim are fixed in the graph; the past is empty
+        return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=ORT_DTYPES[i.type]) for i in self.past_inputs}
