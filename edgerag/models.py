@@ -107,6 +107,21 @@ def _tiny_model(name: str) -> Path:
     return folder
 
 
+# Plain greedy decoding with transformers' generate(), as the device decodes: a checkpoint's
+# generation config may ask for beams, n-gram blocking, a minimum length or a forced end token.
+PLAIN_GREEDY = {"num_beams": 1, "do_sample": False, "no_repeat_ngram_size": 0, "min_length": 0,
+                "forced_eos_token_id": None, "repetition_penalty": 1.0}
+
+
+def generation_setting(model, key: str):
+    """A generation setting (decoder_start_token_id, forced_bos_token_id, ...) as generate() reads it:
+    the model's generation_config first (save_pretrained moves such settings there), then its
+    config. `model` may also be a bare config."""
+    generation = getattr(model, "generation_config", None)
+    found = getattr(generation, key, None) if generation is not None else None
+    return found if found is not None else getattr(getattr(model, "config", model), key, None)
+
+
 def load_generator(name: str | Path, dtype=None):
     """(model, tokenizer) for a causal LM, in fp32 unless told otherwise."""
     import torch

@@ -65,16 +65,25 @@ def _padding_bias(mask: torch.Tensor) -> torch.Tensor:
 class _Embed(nn.Module):
     """Token embedding * embed_scale + learned position (offset 2) -> layernorm_embedding."""
 
-    def __init__(self, stack, scale: float):
+    def __init__(self, stack, config):
         super().__init__()
         self.tokens, self.positions, self.norm = stack.embed_tokens.weight, stack.embed_positions, stack.layernorm_embedding
         self.offset = getattr(stack.embed_positions, "offset", 2)
-        self.scale = scale
+        self.scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
 
     def forward(self, input_ids, start=0):
         positions = torch.arange(input_ids.shape[1], dtype=torch.int64) + start + self.offset
         x = F.embedding(input_ids, self.tokens) * self.scale + F.embedding(positions, self.positions.weight)[None]
         return self.norm(x)
+
+
+def _self_attention(layer, x, heads: int, bias, past_key=None, past_value=None):
+    """A post-LayerNorm self-attention block -> (x, keys, values), the past (if any) before the new."""
+    attn = layer.self_attn
+    q, k, v = (_split(proj(x), heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if past_key is not None:
+        k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    return layer.self_attn_layer_norm(x + attn.out_proj(_attend(q * attn.scaling, k, v, bias))), k, v
 
 
 def _mlp(layer, x):
@@ -85,7 +94,7 @@ class EncoderGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         config, encoder = model.config, model.model.encoder
-        self.embed = _Embed(encoder, math.sqrt(config.d_model) if config.scale_embedding else 1.0)
+        self.embed = _Embed(encoder, config)
         self.layers = encoder.layers
         self.cross = nn.ModuleList(layer.encoder_attn for layer in model.model.decoder.layers)
         self.heads, self.cross_heads = config.encoder_attention_heads, config.decoder_attention_heads
@@ -94,9 +103,7 @@ class EncoderGraph(nn.Module):
         x = self.embed(input_ids)
         bias = _padding_bias(attention_mask)
         for layer in self.layers:
-            attn = layer.self_attn
-            q, k, v = (_split(proj(x), self.heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            x = layer.self_attn_layer_norm(x + attn.out_proj(_attend(q * attn.scaling, k, v, bias)))
+            x, _, _ = _self_attention(layer, x, self.heads, bias)
             x = _mlp(layer, x)
         out = []
         for attn in self.cross:
@@ -108,7 +115,7 @@ class DecoderGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         config, decoder = model.config, model.model.decoder
-        self.embed = _Embed(decoder, math.sqrt(config.d_model) if config.scale_embedding else 1.0)
+        self.embed = _Embed(decoder, config)
         self.layers = decoder.layers
         self.heads = config.decoder_attention_heads
         self.head_weight, self.head_bias = model.lm_head.weight, model.final_logits_bias
@@ -125,11 +132,8 @@ class DecoderGraph(nn.Module):
         cross_bias = _padding_bias(encoder_attention_mask)
         presents = []
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = (_split(proj(x), self.heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            k, v = torch.cat([past[2 * i], k], dim=2), torch.cat([past[2 * i + 1], v], dim=2)
+            x, k, v = _self_attention(layer, x, self.heads, self_bias, past[2 * i], past[2 * i + 1])
             presents += [k, v]
-            x = layer.self_attn_layer_norm(x + attn.out_proj(_attend(q * attn.scaling, k, v, self_bias)))
             attn = layer.encoder_attn
             q = _split(attn.q_proj(x), self.heads) * attn.scaling
             x = layer.encoder_attn_layer_norm(x + attn.out_proj(_attend(q, cross[2 * i], cross[2 * i + 1], cross_bias)))
@@ -141,11 +145,10 @@ class DecoderGraph(nn.Module):
 
 
 def describe(model) -> dict:
-    config, generation = model.config, getattr(model, "generation_config", None)
+    from edgerag.models import generation_setting
 
-    def setting(name):
-        value = getattr(generation, name, None) if generation is not None else None
-        return value if value is not None else getattr(config, name, None)
+    config = model.config
+    setting = lambda name: generation_setting(model, name)  # noqa: E731
 
     return {
         "architecture": "bart", "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "opset": OPSET,

@@ -26,7 +26,7 @@ from transformers import AutoConfig
 from edgerag.data import Passage, data_path, is_squad, read_passages, read_squad
 from edgerag.export import QUANTIZATIONS, ExportOptions, onnx_export, resolve_quantization
 from edgerag.export.quantize import quantize
-from edgerag.models import load_encoder, load_generator, normalizes, resolve
+from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, normalizes, resolve
 from edgerag.runtime.manifest import (GenerationSpec, GeneratorSpec, IndexSpec, Manifest, PassagesSpec, PromptSpec,
                                       QueryEncoderSpec, file_record)
 from edgerag.runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
@@ -229,9 +229,8 @@ def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path,
         for p in prompt_ids:
             ids = torch.tensor([p])
             reference_logits.append(model(input_ids=ids, decoder_input_ids=torch.tensor([prefix])).logits[0, -1].numpy())
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=1, do_sample=False,
-                                 max_new_tokens=opts.max_new_tokens + len(prefix) - 1, forced_eos_token_id=None,
-                                 no_repeat_ngram_size=0, min_length=0, eos_token_id=stop)[0].tolist()[len(prefix):]
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **PLAIN_GREEDY,
+                                 max_new_tokens=opts.max_new_tokens + len(prefix) - 1, eos_token_id=stop)[0].tolist()[len(prefix):]
             reference.append(out[:out.index(stop[0])] if stop[0] in out else out)
     for name, files in paths.items():
         generator = EncoderDecoderGenerator(make_session(files["encoder"], None), make_session(files["decoder"], None),

@@ -74,9 +74,13 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
     token_map = token_space_map(teacher, gradient_projection).detach() if gradient_projection is not None else None
     for start in tqdm(range(0, len(examples), batch_size), desc=progress, disable=progress is None):
         chunk = examples[start:start + batch_size]
-        with torch.no_grad():
-            logits, _, h = target_logits(teacher, chunk, pad_id, hidden)
-        gradients = answer_gradients(teacher, chunk, pad_id, token_map, create_graph=False) if token_map is not None else None
+        gradients = None
+        if token_map is not None:
+            logits, _, h, gradients = logits_and_gradients(teacher, chunk, pad_id, hidden, token_map, create_graph=False)
+            logits = logits.detach()
+        else:
+            with torch.no_grad():
+                logits, _, h = target_logits(teacher, chunk, pad_id, hidden)
         for row, e in enumerate(chunk):
             sel = logits[row, logits.shape[1] - len(e.target):].float()
             values, indices = torch.log_softmax(sel / temperature, dim=-1).topk(top_k, dim=-1)
@@ -89,26 +93,24 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
     return out
 
 
-def answer_gradients(model, examples: list[Example], pad_id: int, token_map, create_graph: bool) -> list:
-    """Each example's projected input gradient of its answer's log-likelihood, [prompt + target, m]
-    (train/gradient.py): the prompt and answer embeddings, as the model reads them."""
+def logits_and_gradients(model, examples: list[Example], pad_id: int, hidden: bool, token_map, create_graph: bool):
+    """target_logits (logits, labels, hidden states), and from the same forward pass each example's
+    projected input gradient of its answer's log-likelihood, [prompt + target, m] (train/gradient.py)."""
     import torch
 
-    from .gradient import input_gradient, project
+    from .gradient import input_embeddings, project
     from .teacher import collate
 
-    ids, mask, positions, labels = collate(examples, pad_id, next(model.parameters()).device)
-    n = max(len(e.target) for e in examples)
-
-    def forward(embeds):
-        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=n + 1).logits[:, :-1]
-        target = labels[:, -n:]
-        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-        return logprobs.masked_fill(target < 0, 0.0).sum(-1)
-
-    _, grad = input_gradient(model, forward, ids, create_graph)
+    inner = getattr(model, "module", model)  # DDP's wrapper has no embedding table of its own
+    ids, mask, _, _ = collate(examples, pad_id, next(inner.parameters()).device)
+    embeds = input_embeddings(inner, ids, create_graph)
+    with torch.enable_grad():
+        logits, labels, h = target_logits(model, examples, pad_id, hidden, inputs_embeds=embeds)
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        answer_loglik = logprobs.masked_fill(labels < 0, 0.0).sum()  # rows do not interact: one backward for all
+        grad, = torch.autograd.grad(answer_loglik, embeds, create_graph=create_graph)
     projected = project(grad, mask, token_map)
-    return [projected[row, ids.shape[1] - len(e.prompt) - len(e.target):] for row, e in enumerate(examples)]
+    return logits, labels, h, [projected[row, ids.shape[1] - len(e.prompt) - len(e.target):] for row, e in enumerate(examples)]
 
 
 @dataclass
@@ -155,7 +157,15 @@ def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weig
     import torch.nn.functional as F
 
     def loss_fn(model, batch: list[KDExample]):
-        logits, labels, h = target_logits(model, [b.example for b in batch], pad_id, hidden_weight > 0)
+        examples = [b.example for b in batch]
+        if gradient_weight > 0:
+            from .gradient import token_space_map
+
+            token_map = token_space_map(getattr(model, "module", model), gradient_projection)
+            logits, labels, h, grads = logits_and_gradients(model, examples, pad_id, hidden_weight > 0, token_map,
+                                                            create_graph=True)
+        else:
+            logits, labels, h = target_logits(model, examples, pad_id, hidden_weight > 0)
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
         kl_sum, hid_sum, n = 0.0, 0.0, 0
         for row, b in enumerate(batch):
@@ -173,11 +183,8 @@ def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weig
             loss = loss + hidden_weight * hid
             parts["hidden"] = hid.detach()
         if gradient_weight > 0:
-            from .gradient import matching_loss, token_space_map
+            from .gradient import matching_loss
 
-            inner = getattr(model, "module", model)
-            grads = answer_gradients(inner, [b.example for b in batch], pad_id,
-                                     token_space_map(inner, gradient_projection), create_graph=True)
             matching = matching_loss(grads, [b.cache["gradient"] for b in batch])
             loss = loss + gradient_weight * matching
             parts["gradient"] = matching.detach()

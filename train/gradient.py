@@ -39,6 +39,16 @@ def token_space_map(model, P):
     return weight.T.to(P.dtype) @ P.to(weight.device)
 
 
+def input_embeddings(model, ids, create_graph: bool):
+    """The embeddings of `ids`, as a tensor the answer's log-likelihood can be differentiated by:
+    a graph node of the student's table (create_graph), else a leaf (a constant teacher target, or
+    a frozen table)."""
+    embeds = model.get_input_embeddings()(ids)
+    if not create_graph or not embeds.requires_grad:
+        embeds = embeds.detach().requires_grad_(True)
+    return embeds
+
+
 def input_gradient(model, forward, ids, create_graph: bool):
     """(log-likelihood per row, d log-likelihood / d input embeddings [rows, length, width]).
 
@@ -47,9 +57,7 @@ def input_gradient(model, forward, ids, create_graph: bool):
     gradient is itself differentiable (the student's side); otherwise it is a constant target."""
     import torch
 
-    embeds = model.get_input_embeddings()(ids)
-    if not create_graph or not embeds.requires_grad:  # a constant target, or a frozen embedding table
-        embeds = embeds.detach().requires_grad_(True)
+    embeds = input_embeddings(model, ids, create_graph)
     with torch.enable_grad():
         ll = forward(embeds)
         grad, = torch.autograd.grad(ll.sum(), embeds, create_graph=create_graph)

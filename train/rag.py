@@ -30,11 +30,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgerag.models import write_sentence_transformers_config
+from edgerag.models import PLAIN_GREEDY, generation_setting, write_sentence_transformers_config
 from edgerag.runtime.prompt import RAG_CONCAT, PromptTemplate, build_prompt_ids
 
 from . import loop
 from .loop import atomic_write_text, is_main
+from .teacher import right_pad
 
 TEMPLATE = PromptTemplate(**RAG_CONCAT)
 # DPR embeds a passage as the pair (title, text): [CLS] title [SEP] text [SEP]. The runtime's
@@ -91,23 +92,9 @@ def save_dpr_encoder(bert, tokenizer, folder: Path, max_length: int) -> None:
 def decoder_prefix(generator) -> list[int]:
     """What the decoder reads before the answer's first token, as generate() starts it: the start
     token, then a forced BOS where the model has one (bart-large does). `generator` is a seq2seq
-    model, whose generation_config comes first as generate() reads it (save_pretrained moves
-    forced_bos_token_id there), or a bare config."""
-    config = getattr(generator, "config", generator)
-    generation = getattr(generator, "generation_config", None)
-
-    def value(key):
-        found = getattr(generation, key, None) if generation is not None else None
-        return found if found is not None else getattr(config, key, None)
-
-    forced = value("forced_bos_token_id")
-    return [value("decoder_start_token_id")] + ([forced] if forced is not None else [])
-
-
-# Plain greedy decoding, as the device runs it: a checkpoint's generation config may ask for beams,
-# n-gram blocking, a minimum length or a forced end token, and PyTorch must not decode differently.
-GREEDY = {"num_beams": 1, "do_sample": False, "no_repeat_ngram_size": 0, "min_length": 0,
-          "forced_eos_token_id": None, "repetition_penalty": 1.0}
+    model or a bare config."""
+    forced = generation_setting(generator, "forced_bos_token_id")
+    return [generation_setting(generator, "decoder_start_token_id")] + ([forced] if forced is not None else [])
 
 
 # ---------------------------------------------------------------- contexts and the marginal
@@ -120,19 +107,6 @@ def context_ids(encode, question: str, passages, max_tokens: int) -> list[int]:
     """One encoder input: the passages (title, text) in rank order, then the question, in RAG's
     format; passages are cut first where it is too long (runtime.prompt's rule)."""
     return build_prompt_ids(encode, TEMPLATE, question, passages, max_tokens)
-
-
-def pad(rows: list[list[int]], pad_id: int):
-    """Right-padded ids and attention mask (BART's positions count from the left)."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids, mask
 
 
 def rag_marginal(seq_logits, doc_scores, n_docs: int):
@@ -203,8 +177,8 @@ def answer_logits(generator, rows: list[list[int]], decoders: list[list[int]], p
     """Generator logits at the positions that predict each target token (answer + </s>), [len(rows),
     target, vocab]; decoder inputs right-padded. A forced BOS after the start token is read, not
     predicted: its position is dropped."""
-    ids, mask = pad(rows, pad_id)
-    dec, _ = pad(decoders, pad_id)
+    ids, mask = right_pad(rows, pad_id)
+    dec, _ = right_pad(decoders, pad_id)
     device = next(generator.parameters()).device
     kwargs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": ids.to(device)}
     logits = generator(attention_mask=mask.to(device), decoder_input_ids=dec.to(device), **kwargs).logits
@@ -246,11 +220,11 @@ def rag_generate(model, examples: list[RagExample], doc_scores, pad_id: int, max
     import torch
 
     n = len(examples[0].rows)
-    ids, mask = pad([c for e in examples for c in e.contexts], pad_id)
+    ids, mask = right_pad([c for e in examples for c in e.contexts], pad_id)
     prefix = decoder_prefix(model.generator)
     with torch.inference_mode():
         out = model.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores, n_docs=n,
-                             max_length=len(prefix) + max_new_tokens, logits_processor=logits_processor, **GREEDY)
+                             max_length=len(prefix) + max_new_tokens, logits_processor=logits_processor, **PLAIN_GREEDY)
     return [_answer_ids(row.tolist(), model.generator) for row in out]
 
 
@@ -262,7 +236,7 @@ def marginal_generate(generator, examples: list[RagExample], doc_scores, pad_id:
     n = len(examples[0].rows)
     prefix = examples[0].decoder[:len(examples[0].decoder) - len(examples[0].target) + 1]
     rows = [c for e in examples for c in e.contexts]
-    ids, mask = pad(rows, pad_id)
+    ids, mask = right_pad(rows, pad_id)
     eos = generator.config.eos_token_id
     answers = [[] for _ in examples]
     done = [False] * len(examples)
@@ -284,10 +258,10 @@ def concatenated_generate(generator, contexts: list[list[int]], pad_id: int, max
                           logits_processor=None) -> list[list[int]]:
     import torch
 
-    ids, mask = pad(contexts, pad_id)
+    ids, mask = right_pad(contexts, pad_id)
     with torch.inference_mode():
         # HF counts a forced BOS as a new token; the device does not
-        out = generator.generate(input_ids=ids, attention_mask=mask, **GREEDY, logits_processor=logits_processor,
+        out = generator.generate(input_ids=ids, attention_mask=mask, **PLAIN_GREEDY, logits_processor=logits_processor,
                                  max_new_tokens=max_new_tokens + len(decoder_prefix(generator)) - 1)
     return [_answer_ids(row.tolist(), generator) for row in out]
 
@@ -520,7 +494,7 @@ def stage_teacher_logits(run) -> dict:
         item = {"logp": values.cpu(), "ids": ids.to(torch.int32).cpu()}
         if token_map is not None:
             rows = _student_input(e, reading)
-            grad, mask = _answer_gradient(model.generator, rows, e, doc_scores, pad_id, create_graph=False)
+            grad, mask = _answer_gradient(model.generator, rows, e, doc_scores, pad_id)
             item["gradient"] = project(grad, mask, token_map).detach().cpu()
         cache.append(item)
     if is_main():
@@ -529,14 +503,14 @@ def stage_teacher_logits(run) -> dict:
             "gradient_projections": cfg.gradient_projections if token_map is not None else 0}
 
 
-def _answer_gradient(generator, rows: list[list[int]], e: RagExample, doc_scores, pad_id: int, create_graph: bool):
+def _answer_gradient(generator, rows: list[list[int]], e: RagExample, doc_scores, pad_id: int):
     """(d log p(answer) / d input embeddings [rows, length, width], mask): one context, or the
-    marginal over several."""
+    marginal over several (the teacher's side; the student's comes from its loss's own forward pass)."""
     import torch
 
     from .gradient import input_gradient
 
-    ids, mask = pad(rows, pad_id)
+    ids, mask = right_pad(rows, pad_id)
     device = next(generator.parameters()).device
     labels = torch.tensor(e.target, device=device)
 
@@ -549,7 +523,7 @@ def _answer_gradient(generator, rows: list[list[int]], e: RagExample, doc_scores
         ll = logprobs[0, torch.arange(len(labels), device=device), labels].sum()
         return ll.expand(len(rows)) / len(rows)  # input_gradient sums the rows: one likelihood in all
 
-    _, grad = input_gradient(generator, forward, ids.to(device), create_graph)
+    _, grad = input_gradient(generator, forward, ids.to(device), create_graph=False)
     return grad, mask
 
 
@@ -562,7 +536,7 @@ def stage_distill_generator(run) -> dict:
     from edgerag.models import load_encoder
 
     from .distill import disable_dropout, kl_to_topk
-    from .gradient import matching_loss, project, projection, token_space_map
+    from .gradient import input_embeddings, matching_loss, project, projection, token_space_map
     from .pipeline import save_generator, train_config
 
     cfg, reading = run.recipe.distill_generator, run.recipe.student.reading
@@ -588,17 +562,22 @@ def stage_distill_generator(run) -> dict:
         token_map = token_space_map(m, P) if P is not None else None
         for e, cache in batch:
             rows = _student_input(e, reading)
-            logits = answer_logits(m, rows, [e.decoder] * len(rows), pad_id)
+            embeds = None
+            if token_map is not None:  # one forward pass serves the loss and the input gradient
+                ids, mask = right_pad(rows, pad_id)
+                embeds = input_embeddings(m, ids.to(next(m.parameters()).device), create_graph=True)
+            logits = answer_logits(m, rows, [e.decoder] * len(rows), pad_id, inputs_embeds=embeds)
             if reading == "concatenated":
                 logprobs = torch.log_softmax(logits.float(), -1)[0]
             else:
                 logprobs = rag_marginal(logits, doc_scores[e.question_id].to(logits.device), len(rows))[0]
             labels = torch.tensor(e.target, device=logprobs.device)
-            ce = ce - logprobs[torch.arange(len(labels)), labels].sum()
+            answer_loglik = logprobs[torch.arange(len(labels)), labels].sum()
+            ce = ce - answer_loglik
             kl = kl + kl_to_topk(torch.log_softmax(logprobs / T, -1), cache)
             n += len(labels)
             if token_map is not None:
-                grad, mask = _answer_gradient(m, rows, e, doc_scores.get(e.question_id), pad_id, create_graph=True)
+                grad, = torch.autograd.grad(answer_loglik, embeds, create_graph=True)
                 grads.append(project(grad, mask, token_map))
                 targets.append(cache["gradient"])
         ce, kl = ce / n, kl / n * T ** 2

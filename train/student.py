@@ -43,19 +43,9 @@ def _calibrate(model, batches, hooks):
 def calibration_batches(sequences: list[list[int]], pad_id: int, batch_size: int = 1):
     """Batches of (ids, mask). One sequence a batch by default: the importance hooks then see no padding,
     whose activations would otherwise skew the statistics (and a few calibration passages are cheap)."""
-    import torch
+    from .teacher import right_pad
 
-    out = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, s in enumerate(chunk):
-            ids[row, :len(s)] = torch.tensor(s)
-            mask[row, :len(s)] = 1
-        out.append((ids, mask))
-    return out
+    return [right_pad(sequences[start:start + batch_size], pad_id) for start in range(0, len(sequences), batch_size)]
 
 
 def block_distances(model, batches, n: int) -> list[float]:

@@ -93,15 +93,31 @@ def collate(examples: list[Example], pad_id: int, device=None):
     return ids, mask, positions, labels
 
 
-def target_logits(model, examples: list[Example], pad_id: int, hidden: bool = False):
+def right_pad(rows: list[list[int]], pad_id: int):
+    """Right-padded ids [rows, longest] and their attention mask (BART's positions count from the
+    left; a causal LM's prompts are left-padded by `collate` instead)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def target_logits(model, examples: list[Example], pad_id: int, hidden: bool = False, inputs_embeds=None):
     """Logits that predict each target token, [batch, max_target, vocab], right-aligned per row, and the
     labels they predict (-100 where a shorter target has none); optionally the final hidden states there.
+    `inputs_embeds`: the collated ids' embeddings, given instead of the ids (gradient matching).
 
     Only the last positions go through the LM head: with a 49k vocabulary the head costs as much as
     the rest of a small model, and the prompt positions carry no loss."""
     ids, mask, positions, labels = collate(examples, pad_id, _device(model))
     n = max(len(e.target) for e in examples)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=n + 1,
+    inputs = {"input_ids": ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    out = model(**inputs, attention_mask=mask, position_ids=positions, logits_to_keep=n + 1,
                 output_hidden_states=hidden)
     logits = out.logits[:, :-1]
     h = out.hidden_states[-1][:, -n - 1:-1] if hidden else None
