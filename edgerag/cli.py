@@ -95,12 +95,13 @@ def cmd_export(args) -> int:
         # an encoder-decoder student says how its passages were embedded and how long a context it read
         passage_format = info.get("passage_format")
         max_prompt_tokens = info.get("max_prompt_tokens") if info.get("family") == "encoder-decoder" else None
+        compression = info.get("compression")  # a student that reads a compressed context
     else:
         if not (args.query_encoder and args.generator):
             raise ValueError("export needs a model folder (with query_encoder/ and generator/) "
                              "or both --query-encoder and --generator")
         query_encoder, generator = args.query_encoder, args.generator
-        passage_format = max_prompt_tokens = None
+        passage_format = max_prompt_tokens = compression = None
         info = {}
     options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)
                                if f.metadata.get("cli", True)})
@@ -110,7 +111,7 @@ def cmd_export(args) -> int:
         raise ValueError(f"{args.model_folder} reads one passage at a time, marginalized (student.reading); the device "
                          "concatenates its passages, which for one passage is exactly that student's input: pass --k 1")
     out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options,
-                        passage_format, max_prompt_tokens)
+                        passage_format, max_prompt_tokens, compression)
     manifest = read_manifest(out)
     print(f"bundle written to {out} ({manifest.megabytes:.1f} MB, {manifest.passages.count} passages)")
     print(json.dumps(manifest.parity, indent=2))
@@ -212,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--questions", required=True, help="SQuAD-format questions (e.g. xquad-en.json.gz)")
     e.add_argument("--corpus", default=None, help="retrieval corpus (SQuAD or JSONL); default: the questions' passages")
     e.add_argument("--n", type=int, default=None, help="evaluate a seeded sample of N questions")
-    e.add_argument("--k", type=int, default=3, help="passages in the prompt")
+    e.add_argument("--k", type=int, default=None,
+                   help="passages retrieved per question (default: the model's own; 3 for a model that does not say)")
     e.add_argument("--out", required=True, help="where to write the metrics JSON")
     e.set_defaults(func=cmd_eval)
 

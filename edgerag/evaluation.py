@@ -82,7 +82,7 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     for q in questions:
         answer = p.ask(q.question, k=k)
         open_answers.append(answer.answer)
-        read.append([(d["title"], d["text"]) for d in answer.passages])
+        read.append([(d["title"], d["text"]) for d in answer.context])  # after compression, where the bundle does it
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
     prompts = [p.prompt_ids(q.question, passages) for q, passages in zip(questions, read)]
     for q in questions:
@@ -99,11 +99,13 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     return result
 
 
-def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int = 3, seed: int = 0,
+def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int | None = None, seed: int = 0,
                    batch_size: int = 8, answers_out=None) -> dict:
     """Evaluate a teacher/student folder or a bundle on a SQuAD-format file.
 
     The corpus is `corpus_path` (SQuAD or JSONL) if given, else the passages of the questions file.
+    k: passages per question; None: the model's own (a bundle's default, a compressed student's
+    setting, else 3).
     Returns {"dataset", "n_questions", "k", "model", "em", "f1", ..., "seconds_per_question"};
     `answers_out` (a path) also gets every question's answers and retrieved passage ids as JSONL.
     """
@@ -112,6 +114,10 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
     from edgerag.runtime.manifest import MANIFEST
 
     if (model_path / MANIFEST).exists():
+        if k is None:
+            from edgerag.runtime.manifest import read_manifest
+
+            k = read_manifest(model_path).generation.k
         passages = read_passages(corpus_path) if corpus_path else None
         metrics = evaluate_bundle(model_path, questions, passages, k, answers_out)
     else:
@@ -120,6 +126,8 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
         from edgerag.models import read_info
 
         passages = read_passages(corpus_path or questions_path)
+        if k is None:  # the passages the model was trained to read: a compressed student looks at more
+            k = (read_info(model_path).get("compression") or {}).get("passages", 3)
         if read_info(model_path).get("family") == "encoder-decoder":  # a hf-rag run's teacher or student
             from edgerag.train.rag import evaluate_rag_folder
 

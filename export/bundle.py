@@ -27,8 +27,9 @@ from edgerag.data import Passage, data_path, is_squad, read_passages, read_squad
 from edgerag.export import QUANTIZATIONS, ExportOptions, onnx_export, resolve_quantization
 from edgerag.export.quantize import quantize
 from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, normalizes, resolve
-from edgerag.runtime.manifest import (GenerationSpec, GeneratorSpec, IndexSpec, Manifest, PassagesSpec, PromptSpec,
-                                      QueryEncoderSpec, file_record)
+from edgerag.runtime.compress import Compression, PieceVectors, split_pieces
+from edgerag.runtime.manifest import (CompressionSpec, GenerationSpec, GeneratorSpec, IndexSpec, Manifest, PassagesSpec,
+                                      PromptSpec, QueryEncoderSpec, file_record)
 from edgerag.runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
 from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
 
@@ -258,9 +259,12 @@ def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path,
 
 def export_bundle(query_encoder: str, generator: str, passages_file: str | Path, out: str | Path,
                   passage_encoder: str | None = None, options: ExportOptions | None = None,
-                  passage_format: str | None = None, max_prompt_tokens: int | None = None) -> Path:
+                  passage_format: str | None = None, max_prompt_tokens: int | None = None,
+                  compression: dict | None = None) -> Path:
     """passage_format: how a passage is written for the passage encoder (default IndexSpec's);
-    max_prompt_tokens: an encoder-decoder student's context as it was trained (its edgerag.json)."""
+    max_prompt_tokens: an encoder-decoder student's context as it was trained (its edgerag.json);
+    compression: a compressed-context student's settings (its edgerag.json): the bundle then carries
+    every passage's piece vectors and the compact prompt template."""
     opts = options or ExportOptions()
     from transformers.utils import logging as hf_logging
 
@@ -321,6 +325,18 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.set_postfix_str("index + passage store")
         build_index(vectors, bundle / "index.hnsw", opts.hnsw_m, opts.ef_construction)
         write_passage_store(bundle / "passages.sqlite", passages)
+        compression_spec = None
+        if compression is not None:
+            settings = Compression.from_dict(compression)
+            pieces = [split_pieces(p.text, settings.max_piece_words) for p in passages]
+            flat = embed_passages(p_model, p_tokenizer, p_pooling, p_max,
+                                  [passage_format.format(title=p.title, text=piece) for p, ps in zip(passages, pieces) for piece in ps],
+                                  opts.batch_size, normalized)
+            bounds = np.cumsum([0] + [len(ps) for ps in pieces])
+            PieceVectors.pack([flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]).save(bundle / "pieces.npz")
+            compression_spec = CompressionSpec(file="pieces.npz", passages=settings.passages, budget=settings.budget,
+                                               selector=settings.selector.to_dict(), pieces=int(bounds[-1]),
+                                               max_piece_words=settings.max_piece_words)
         stages.update()
 
         stages.set_postfix_str("embedding parity")
@@ -345,7 +361,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
             stages.update(2)
         else:
             gen_spec, prompt_spec, generator_parity = export_decoder_only_generator(
-                gen_folder, bundle, work, questions, passages, prompts, opts, stages)
+                gen_folder, bundle, work, questions, passages, prompts, opts, stages, compact=compression is not None)
 
         stages.set_postfix_str("manifest")
         manifest = Manifest(
@@ -364,6 +380,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
             index=IndexSpec(file="index.hnsw", dim=int(vectors.shape[1]), count=len(passages), M=opts.hnsw_m,
                             ef_construction=opts.ef_construction, ef=opts.ef, passage_format=passage_format),
             passages=PassagesSpec(file="passages.sqlite", count=len(passages)),
+            compression=compression_spec,
             parity={"max_abs_embedding_delta": embedding_parity, "generator": generator_parity},
             export_seconds=round(time.time() - started, 1),
         )
@@ -376,12 +393,12 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
 
 
 def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, questions, passages, prompts,
-                                  opts: ExportOptions, stages) -> tuple[GeneratorSpec, PromptSpec, dict]:
+                                  opts: ExportOptions, stages, compact: bool = False) -> tuple[GeneratorSpec, PromptSpec, dict]:
     """A causal LM -> generator.onnx (fused Llama graph or Optimum's trace, quantized, optimized) and its
-    tokenizer in `bundle`; (spec, prompt, parity against PyTorch)."""
+    tokenizer in `bundle`; (spec, prompt, parity against PyTorch). compact: the compressed-context template."""
     gen_model, gen_tokenizer = load_generator(str(gen_folder))
     vocab = gen_tokenizer.get_vocab()
-    template = PromptTemplate.for_vocab(vocab.get)
+    template = PromptTemplate.for_vocab(vocab.get, compact)
     stop = stop_token_ids(gen_tokenizer, template)
     gen_graph, gen_builder = onnx_export.export_generator(gen_folder, gen_model, opts.graph)
     onnx_export.save(gen_graph, work / "generator.fp32.onnx")

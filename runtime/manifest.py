@@ -16,6 +16,11 @@ Format version 1 (every bundle edgerag has written so far):
   generation      defaults: passages per question (k), new tokens, and the repetition_window
                   over which a looping answer is cut (added within version 1; older bundles get 16).
   index/passages  hnswlib index (inner product) and the sqlite passage store.
+  compression     optional (added within version 1): a student that reads a compressed context
+                  (runtime.compress). `file` is an .npz with every passage's piece vectors (int8
+                  "vectors" with per-row float32 "scales", "offsets" [passages + 1] into them, in index
+                  row order); the budget, the passages whose pieces compete, and the selector's weights.
+                  A bundle without it answers from the full top-k passages.
   files           {name: {"sha256", "bytes"}} for every other file in the bundle.
   sources, parity, versions, created_unix, export_seconds: how it was made, for people.
 Keys a reader does not know are ignored, so a newer exporter may add some within a version; a
@@ -128,6 +133,22 @@ class PassagesSpec:
 
 
 @dataclass
+class CompressionSpec:
+    file: str
+    passages: int
+    budget: int
+    selector: dict
+    pieces: int
+    max_piece_words: int = 48
+
+    def settings(self):
+        from edgerag.runtime.compress import Compression
+
+        return Compression.from_dict({"passages": self.passages, "budget": self.budget, "selector": self.selector,
+                                      "max_piece_words": self.max_piece_words})
+
+
+@dataclass
 class Manifest:
     query_encoder: QueryEncoderSpec
     generator: GeneratorSpec
@@ -135,6 +156,7 @@ class Manifest:
     generation: GenerationSpec
     index: IndexSpec
     passages: PassagesSpec
+    compression: CompressionSpec | None = None
     files: dict[str, FileRecord] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
@@ -187,6 +209,15 @@ class Manifest:
         for key, (value, low) in at_least.items():
             if value < low:
                 raise BundleError(f"{where}: {key} is {value}; it must be at least {low}")
+        c = manifest.compression
+        if c is not None:
+            for key, value in (("passages", c.passages), ("budget", c.budget), ("max_piece_words", c.max_piece_words)):
+                if value < 1:
+                    raise BundleError(f"{where}: compression.{key} is {value}; it must be at least 1")
+            try:
+                c.settings()
+            except (KeyError, TypeError, ValueError) as e:
+                raise BundleError(f"{where}: compression.selector must hold numbers dense and lexical ({e})") from None
         if manifest.index.dim != manifest.query_encoder.dim:
             raise BundleError(f"{where}: index.dim ({manifest.index.dim}) differs from query_encoder.dim "
                               f"({manifest.query_encoder.dim})")
@@ -199,6 +230,8 @@ class Manifest:
                  "index.file": self.index.file, "passages.file": self.passages.file}
         if self.generator.family == "encoder-decoder":
             named["generator.decoder_onnx"] = self.generator.decoder_onnx
+        if self.compression is not None:
+            named["compression.file"] = self.compression.file
         return named
 
     def to_bytes(self) -> bytes:

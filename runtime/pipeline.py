@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +22,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from edgerag.runtime.compress import Compression, PieceVectors, compress_context, split_pieces
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
 from edgerag.runtime.generation import Generation, GreedyDecoder
 from edgerag.runtime.manifest import BundleError, Manifest, check_in_bundle, read_manifest, verify
@@ -300,6 +302,9 @@ class Answer:
     # "stop" (the model ended it), "length" (max_new_tokens), "repetition" (a repeating tail was cut),
     # "deadline" (the caller's deadline passed), "cancelled" (the caller's cancel event was set)
     stop_reason: str = ""
+    # what the generator read: the passages' selected pieces where the bundle compresses its context,
+    # else the passages themselves ({"title", "text"}, in rank order)
+    context: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -325,6 +330,9 @@ class Pipeline:
     tokenizer: Tokenizer
     template: PromptTemplate
     size: int = field(default=0)
+    compression: Compression | None = None
+    pieces: PieceVectors | None = None
+    _added_pieces: dict = field(default_factory=dict, repr=False)  # index row -> piece vectors of added passages
     # hnswlib's ef is set per search and added passages grow the index: retrieval runs one at a time
     _retrieval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -366,6 +374,16 @@ class Pipeline:
         if stored != manifest.passages.count or manifest.passages.count != idx.count:
             raise BundleError(f"{manifest.passages.file} in bundle {bundle} holds {stored} passages for "
                               f"{idx.count} index vectors, the manifest says {manifest.passages.count}")
+        compression = pieces = None
+        if manifest.compression is not None:
+            with _reading(bundle, manifest.compression.file):
+                compression, pieces = manifest.compression.settings(), PieceVectors.load(bundle / manifest.compression.file)
+            if pieces.passages != idx.count or len(pieces.vectors) != manifest.compression.pieces:
+                raise BundleError(f"{manifest.compression.file} in bundle {bundle} holds {len(pieces.vectors)} pieces of "
+                                  f"{pieces.passages} passages, the manifest says {manifest.compression.pieces} of {idx.count}")
+        elif not retrieval_only:
+            warnings.warn(f"bundle {bundle} carries no compressed-context data (exported before it existed, or from a "
+                          "student that reads whole passages): answers read the full top-k passages", stacklevel=2)
         template = manifest.prompt.template
         with _reading(bundle, gen.tokenizer):
             tokenizer = Tokenizer.from_file(str(bundle / gen.tokenizer))
@@ -375,7 +393,7 @@ class Pipeline:
                 # read_manifest has refused families without a generation loop here
                 generator = GENERATORS[gen.family](bundle, manifest, threads, reuse_prefix,
                                                    tokenizer.encode(template.prefix, add_special_tokens=False).ids)
-        return cls(bundle, manifest, encoder, index, store, generator, tokenizer, template, idx.count)
+        return cls(bundle, manifest, encoder, index, store, generator, tokenizer, template, idx.count, compression, pieces)
 
     # retrieval ---------------------------------------------------------------------------
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -424,9 +442,39 @@ class Pipeline:
                 self.index.resize_index(self.size + len(keep))
                 self.index.add_items(vectors[keep], rows)
                 self.store.add(rows, [chunk[i] for i in keep])
+                if self.compression is not None:
+                    self._added_pieces.update(zip(rows.tolist(), self._embed_pieces([chunk[i][1:] for i in keep])))
                 self.size += len(keep)
             added += len(keep)
         return added
+
+    # the compressed context --------------------------------------------------------------
+    def context(self, question: str, query_vector: np.ndarray, passages: list[tuple[str, str]],
+                piece_vectors: list[np.ndarray] | None = None) -> list[tuple[str, str]]:
+        """What the generator reads of (title, text) passages in rank order: their pieces that the
+        bundle's selector picks for the question (runtime.compress), or the passages themselves where
+        the bundle does not compress. piece_vectors: the passages' stored ones (else embedded here)."""
+        if self.compression is None:
+            return list(passages)
+        if piece_vectors is None:
+            piece_vectors = self._embed_pieces(passages)
+        return compress_context(self.compression, question, query_vector, passages, piece_vectors, self._encode)
+
+    def _piece_vectors(self, rows) -> list[np.ndarray]:
+        return [self._added_pieces[int(r)] if int(r) in self._added_pieces else self.pieces.of(int(r)) for r in rows]
+
+    def _embed_pieces(self, passages: list[tuple[str, str]]) -> list[np.ndarray]:
+        """Piece vectors of passages the bundle does not store, embedded with its query encoder (as
+        add_passages embeds whole passages)."""
+        fmt, out = self.manifest.index.passage_format, []
+        for title, text in passages:
+            pieces = split_pieces(text, self.compression.max_piece_words)
+            out.append(self.encoder.encode([fmt.format(title=title, text=p) for p in pieces]) if pieces
+                       else np.zeros((0, self.manifest.query_encoder.dim), np.float32))
+        return out
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     # generation --------------------------------------------------------------------------
     def prompt_ids(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int | None = None) -> list[int]:
@@ -434,8 +482,7 @@ class Pipeline:
         the context with room for `max_new_tokens` (runtime.prompt's truncation rule)."""
         if check_count("max_new_tokens", max_new_tokens) is None:
             max_new_tokens = self.manifest.generation.max_new_tokens
-        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-        return build_prompt_ids(encode, self.template, question, passages, self.prompt_budget(max_new_tokens))
+        return build_prompt_ids(self._encode, self.template, question, passages, self.prompt_budget(max_new_tokens))
 
     def prompt_budget(self, max_new_tokens: int) -> int:
         """Prompt tokens that fit: a decoder-only context holds the prompt and the answer; an encoder's
@@ -448,13 +495,14 @@ class Pipeline:
             raise PromptError(f"max_new_tokens is {max_new_tokens}; this bundle's decoder writes at most {longest} tokens")
         return gen.max_context
 
-    def _answer(self, question: str, passages: list[dict], max_new_tokens: int | None, timings: dict,
-                started: float, deadline: float | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+    def _answer(self, question: str, passages: list[dict], context: list[tuple[str, str]], max_new_tokens: int | None,
+                timings: dict, started: float, deadline: float | None = None,
+                cancel: threading.Event | None = None) -> Iterator[str]:
         if self.generator is None:
             raise ValueError("this pipeline was loaded with retrieval_only=True: it has no generator")
         if check_count("max_new_tokens", max_new_tokens) is None:
             max_new_tokens = self.manifest.generation.max_new_tokens
-        prompt = self.prompt_ids(question, [(p["title"], p["text"]) for p in passages], max_new_tokens)
+        prompt = self.prompt_ids(question, context, max_new_tokens)
         decoder = DecodeStream(skip_special_tokens=True)
         generation = self.generator.generate(prompt, max_new_tokens)
         window = self.manifest.generation.repetition_window
@@ -489,7 +537,8 @@ class Pipeline:
         decode_s = generation.decode_ms / 1000
         n = len(generation.tokens)
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
-                      (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0, stop_reason or generation.stop_reason)
+                      (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0, stop_reason or generation.stop_reason,
+                      [{"title": title, "text": text} for title, text in context])
 
     def stream(self, question: str, k: int | None = None, max_new_tokens: int | None = None,
                deadline: float | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
@@ -509,7 +558,17 @@ class Pipeline:
         rows, scores = self.search(vector, k)
         timings["search_ms"] = (time.perf_counter() - t) * 1000
         passages = self.passages_at(rows[0], scores[0])
-        return (yield from self._answer(question, passages, max_new_tokens, timings, started, deadline, cancel))
+        context = self._context_timed(question, vector[0], passages, rows[0], timings)
+        return (yield from self._answer(question, passages, context, max_new_tokens, timings, started, deadline, cancel))
+
+    def _context_timed(self, question: str, vector, passages: list[dict], rows, timings: dict) -> list[tuple[str, str]]:
+        t = time.perf_counter()
+        pairs = [(p["title"], p["text"]) for p in passages]
+        with self._retrieval_lock:  # added passages' piece vectors change with add_passages
+            vectors = self._piece_vectors(rows) if self.compression is not None else None
+        context = self.context(question, vector, pairs, vectors)
+        timings["compress_ms"] = (time.perf_counter() - t) * 1000
+        return context
 
     def ask(self, question: str, k: int | None = None, max_new_tokens: int | None = None,
             deadline: float | None = None, cancel: threading.Event | None = None) -> Answer:
@@ -524,7 +583,11 @@ class Pipeline:
         check_question(question)
         given = [{"id": None, "title": t, "score": None, "text": x} for t, x in passages]
         timings = {"encode_ms": 0.0, "search_ms": 0.0}
-        return _drain(self._answer(question, given, max_new_tokens, timings, time.perf_counter()))
+        started = time.perf_counter()
+        context = list(passages)
+        if self.compression is not None:
+            context = self.context(question, self.encoder.encode([question])[0], context)
+        return _drain(self._answer(question, given, context, max_new_tokens, timings, started))
 
     def ask_batch(self, questions: list[str], k: int | None = None, max_new_tokens: int | None = None) -> list[Answer]:
         """Many questions: encoded and searched together, then answered one by one."""
@@ -544,9 +607,12 @@ class Pipeline:
         rows, scores = self.search(vectors, k)
         search_ms = (time.perf_counter() - t) * 1000 / max(len(questions), 1)
         answers = []
-        for q, r, s in zip(questions, rows, scores):
+        for q, vector, r, s in zip(questions, vectors, rows, scores):
             timings = {"encode_ms": encode_ms, "search_ms": search_ms}
-            answers.append(_drain(self._answer(q, self.passages_at(r, s), max_new_tokens, timings, time.perf_counter())))
+            started = time.perf_counter()
+            passages = self.passages_at(r, s)
+            context = self._context_timed(q, vector, passages, r, timings)
+            answers.append(_drain(self._answer(q, passages, context, max_new_tokens, timings, started)))
         return answers
 
 

@@ -34,6 +34,25 @@ PLAIN = {
     "answer_end": "\n",
 }
 
+# Students that read a compressed context (runtime/compress.py) drop the system message and the rank
+# numbers: their 25-odd tokens would be a quarter of a compressed prompt. Both sides read the template
+# from the student's settings, so the student is trained on the prompt the device builds.
+CHATML_COMPACT = {
+    "prefix": "<|im_start|>user\n",
+    "passage": "{title}: ",
+    "passage_end": "\n",
+    "question": "Question: {question}<|im_end|>\n<|im_start|>assistant\n",
+    "answer_end": "<|im_end|>",
+}
+
+PLAIN_COMPACT = {
+    "prefix": "",
+    "passage": "{title}: ",
+    "passage_end": "\n",
+    "question": "Question: {question}\nAnswer:",
+    "answer_end": "\n",
+}
+
 # Encoder-decoder (BART) students read RAG's own context format, "title / text // question",
 # with every retrieved passage before the question; BART's tokenizer wraps a text in <s> ... </s>.
 RAG_CONCAT = {
@@ -61,9 +80,12 @@ class PromptTemplate:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
     @classmethod
-    def for_vocab(cls, token_to_id) -> "PromptTemplate":
-        """ChatML where the tokenizer knows <|im_start|>, a plain template otherwise."""
-        return cls(**(CHATML if token_to_id("<|im_start|>") is not None else PLAIN))
+    def for_vocab(cls, token_to_id, compact: bool = False) -> "PromptTemplate":
+        """ChatML where the tokenizer knows <|im_start|>, a plain template otherwise (their compact
+        forms for a compressed context)."""
+        chat = token_to_id("<|im_start|>") is not None
+        return cls(**{(True, False): CHATML, (False, False): PLAIN,
+                      (True, True): CHATML_COMPACT, (False, True): PLAIN_COMPACT}[chat, compact])
 
 
 class PromptError(ValueError):

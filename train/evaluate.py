@@ -9,6 +9,7 @@ from pathlib import Path
 from edgerag.data import Passage, Question
 from edgerag.evaluation import RECALL_DEPTH, context_figures, score, write_answers
 from edgerag.models import load_encoder, load_generator, passage_encoder_folder, read_info
+from edgerag.runtime.compress import Compression, compress_context
 
 
 def evaluate_folder(folder: Path, questions: list[Question], passages: list[Passage], k: int = 3,
@@ -34,20 +35,35 @@ def evaluate_folder(folder: Path, questions: list[Question], passages: list[Pass
         passage_embeddings = embed(p_enc, p_tok, [passage_text(p.title, p.text) for p in passages], p_pool, p_len,
                                    progress="embed corpus")
     index = PassageIndex(passages, passage_embeddings)
+    compression = Compression.from_dict(info["compression"]) if info.get("compression") else None
     prompter = Prompter(gen_tok, max_prompt_tokens or info.get("max_prompt_tokens", 512),
-                        max_answer_tokens or info.get("max_answer_tokens", 24))
+                        max_answer_tokens or info.get("max_answer_tokens", 24), compact=info.get("template") == "compact")
+    if compression is not None:
+        from .compress import PieceEmbedder
 
-    # Open-domain: the timed part (encode the query, search, build the prompt, generate).
+        pieces = PieceEmbedder(passage_encoder_folder(folder) or folder / "query_encoder", compression.max_piece_words)
+
+    def context(question: str, vector, found: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """What the generator reads: the passages, or their selected pieces (a compressed student)."""
+        if compression is None:
+            return found
+        return compress_context(compression, question, vector, found, pieces(found), prompter.encode)
+
+    # Open-domain: the timed part (encode the query, search, compress, build the prompt, generate).
     start = time.perf_counter()
     q_emb = embed(encoder, enc_tok, [q.question for q in questions], pooling, max_length)
     ranked_rows = index.search(q_emb, max(k, RECALL_DEPTH))
-    prompts = [prompter.prompt(q.question, [(passages[r].title, passages[r].text) for r in rows[:k]])
-               for q, rows in zip(questions, ranked_rows)]
+    if compression is not None:  # piece vectors come with a bundle, computed at export: not timed here
+        paused = time.perf_counter()
+        pieces([(passages[r].title, passages[r].text) for rows in ranked_rows for r in rows[:k]])
+        start += time.perf_counter() - paused
+    prompts = [prompter.prompt(q.question, context(q.question, v, [(passages[r].title, passages[r].text) for r in rows[:k]]))
+               for q, v, rows in zip(questions, q_emb, ranked_rows)]
     with torch.inference_mode():
         open_answers = generate(generator, prompter, prompts, batch_size=batch_size, progress=f"eval {folder.name} open")
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
 
-    gold_prompts = [prompter.prompt(q.question, [(q.title, q.context)]) for q in questions]
+    gold_prompts = [prompter.prompt(q.question, context(q.question, v, [(q.title, q.context)])) for q, v in zip(questions, q_emb)]
     with torch.inference_mode():
         gold_answers = generate(generator, prompter, gold_prompts, batch_size=batch_size, progress=f"eval {folder.name} gold")
     ranked_ids = [[passages[r].id for r in rows] for rows in ranked_rows]

@@ -432,9 +432,61 @@ def stage_student_folder(run: Run) -> dict:
     if run.teacher_passages:
         loop.copy_tree_atomic(run.teacher_encoder, run.student_passage_encoder)
     passage_encoder = run.student_passage_encoder.name if run.teacher_passages else "query_encoder"
-    atomic_write_text(run.student_info, json.dumps(folder_info(run, passage_encoder=passage_encoder, student=made,
-                                                               teacher=r.teacher.generator), indent=2))
-    return {"passage_encoder": passage_encoder}
+    info = folder_info(run, passage_encoder=passage_encoder, student=made, teacher=r.teacher.generator)
+    result = {"passage_encoder": passage_encoder}
+    if r.compress.enabled:
+        compression, shares = fitted_compression(run)
+        # the template and the passages to retrieve travel with the student (edgerag export reads them)
+        info.update(compression=compression.to_dict(), template="compact", k=compression.passages)
+        result.update(selector=compression.selector.to_dict(), answer_in_context_by_lexical_weight=shares)
+    atomic_write_text(run.student_info, json.dumps(info, indent=2))
+    return result
+
+
+def student_piece_embedder(run: Run):
+    """Piece vectors by the encoder that embeds the student's passages (as `edgerag export` will)."""
+    from edgerag.runtime.compress import MAX_PIECE_WORDS
+
+    from .compress import PieceEmbedder
+
+    return PieceEmbedder(run.student_passage_encoder if run.teacher_passages else run.student_encoder, MAX_PIECE_WORDS)
+
+
+def student_query_vectors(run: Run, questions: list[Question]):
+    from edgerag.models import load_encoder, normalizes
+
+    from .retrieval import embed
+
+    encoder, tok, pooling, max_length = load_encoder(run.student_encoder)
+    return embed(encoder, tok, [q.question for q in questions], pooling, max_length,
+                 normalize=normalizes(run.student_encoder))
+
+
+def generator_encode(run: Run):
+    from edgerag.models import load_tokenizer
+
+    tok = load_tokenizer(run.teacher_generator)
+    return lambda text: tok(text, add_special_tokens=False)["input_ids"]
+
+
+def fitted_compression(run: Run):
+    """The recipe's compression, with the selector's lexical weight fitted on train questions (their
+    top passages as retrieved, no gold inserted: what the device sees). Returns it and the share of
+    questions whose selected pieces hold the answer, for each weight tried."""
+    from edgerag.runtime.compress import Compression, Selector
+
+    from .compress import fit_selector
+
+    c = run.recipe.compress
+    compression = Compression(c.passages, c.budget, Selector())
+    if not c.fit_selector:
+        return compression, {}
+    questions = run.questions("train")[:c.fit_questions]
+    contexts = [[(p.title, p.text) for p in ranked] for ranked in retrieve_for(run, questions, c.passages)]
+    selector, shares = fit_selector(compression, questions, student_query_vectors(run, questions), contexts,
+                                    student_piece_embedder(run), generator_encode(run))
+    print(f"[student_folder] selector: lexical weight {selector.lexical} (answer in context, %, by weight: {shares})")
+    return Compression(c.passages, c.budget, selector), shares
 
 
 def general_examples(run: Run, tokenizer, passages: int, chunk_tokens: int) -> list:
@@ -500,9 +552,44 @@ def stage_teacher_logits(run: Run) -> dict:
         projection = random_projection(teacher.config.vocab_size, cfg.gradient_projections, run.recipe.seed)
     cache = teacher_cache(teacher, examples, tok.pad_token_id, cfg.temperature, cfg.top_k, hidden=cfg.hidden_weight > 0,
                           progress="teacher logits", gradient_projection=projection)
+    info = {"examples": len(examples), "seq_kd_examples": n_seq, "top_k": cfg.top_k, "temperature": cfg.temperature,
+            "teacher_prompt_tokens": round(sum(len(e.prompt) for e in examples) / max(len(examples), 1), 1)}
+    if run.recipe.compress.enabled:
+        # distillation across contexts: the cache holds the teacher's answer distributions over its full
+        # passages; the student learns them reading its compressed context
+        examples, share = compressed_student_examples(run, questions, examples)
+        info.update(student_prompt_tokens=round(sum(len(e.prompt) for e in examples) / max(len(examples), 1), 1),
+                    student_answer_in_context=share)
     if is_main():
         loop.atomic_torch_save({"examples": [dataclasses.asdict(e) for e in examples], "cache": cache}, run.kd_cache)
-    return {"examples": len(examples), "seq_kd_examples": n_seq, "top_k": cfg.top_k, "temperature": cfg.temperature}
+    return info
+
+
+def compressed_student_examples(run: Run, questions: list[Question], examples: list):
+    """The distillation examples with the student's prompt in place of the teacher's: the compressed
+    context of its top `compress.passages` passages (the gold one inserted as the teacher's examples
+    insert it), in the compact template. Targets stay as they are, so the teacher's cached
+    distributions line up with the student's answer positions."""
+    from edgerag.models import read_info
+    from edgerag.runtime.compress import Compression
+
+    from .compress import answer_share, compressed_contexts
+    from .teacher import Example, Prompter, rag_context
+
+    r, cfg = run.recipe, run.recipe.distill_generator
+    compression = Compression.from_dict(read_info(run.student_dir)["compression"])
+    from edgerag.models import load_tokenizer
+
+    prompter = Prompter(load_tokenizer(run.teacher_generator), r.prompt.max_prompt_tokens, r.prompt.max_answer_tokens,
+                        compact=True)
+    ranked = retrieve_for(run, questions, compression.passages)
+    rng = random.Random(r.seed + 3)
+    wide = [rag_context(q, found, compression.passages, cfg.gold_probability, rng) for q, found in zip(questions, ranked)]
+    contexts = compressed_contexts(compression, [q.question for q in questions], student_query_vectors(run, questions),
+                                   wide, student_piece_embedder(run), prompter.encode)
+    prompts = {q.id: prompter.prompt(q.question, ctx) for q, ctx in zip(questions, contexts)}
+    return [Example(e.question_id, prompts[e.question_id], e.target) for e in examples], \
+        round(answer_share(questions, contexts), 2)
 
 
 def distill_on_cache(run: Run, stage: str, cfg, alpha: float, cache_file: Path, start: Path, out: Path, desc: str) -> dict:
@@ -636,7 +723,16 @@ def _kd_settings(r: Recipe) -> dict:
     return {"seed": r.seed, "max_answer_tokens": r.prompt.max_answer_tokens, "hidden": g.hidden_weight > 0,
             **{k: getattr(g, k) for k in ("examples", "k", "gold_probability", "max_prompt_tokens", "seq_kd",
                                            "temperature", "top_k")},
-            **({"gradient_projections": g.gradient_projections} if g.gradient_weight > 0 else {})}
+            **({"gradient_projections": g.gradient_projections} if g.gradient_weight > 0 else {}),
+            **({"compress": _values(r.compress), "prompt": _values(r.prompt)} if r.compress.enabled else {})}
+
+
+def _compress_inputs(run: Run) -> list[Path]:
+    """What a compressed student's contexts depend on: its encoders and the retrieval they select from."""
+    if not run.recipe.compress.enabled:
+        return []
+    return [run.student_encoder, *([run.teacher_encoder] if run.teacher_passages else []), run.teacher_generator,
+            run.index_embeddings, run.train_file, run.corpus_file]
 
 
 def _general_enabled(r: Recipe) -> bool:
@@ -677,10 +773,12 @@ STAGES = [
           settings=lambda r: {"seed": r.seed, "distill_encoder": _values(r.distill_encoder)},
           parallel=True),
     Stage("student_folder", stage_student_folder,
-          inputs=lambda run: [run.student_init_info, *([run.teacher_encoder] if run.teacher_passages else [])],
+          inputs=lambda run: [run.student_init_info, *([run.teacher_encoder] if run.teacher_passages else []),
+                              *_compress_inputs(run)],
           outputs=lambda run: [run.student_info, *([run.student_passage_encoder] if run.teacher_passages else [])],
           settings=lambda r: {"passage_encoder": r.student.passage_encoder, "prompt": _values(r.prompt),
-                              "teacher": r.teacher.generator}),
+                              "teacher": r.teacher.generator,
+                              **({"compress": _values(r.compress)} if r.compress.enabled else {})}),
     Stage("general_cache", stage_general_cache,
           inputs=lambda run: [run.teacher_generator, run.corpus_file],
           outputs=lambda run: [],
@@ -694,7 +792,7 @@ STAGES = [
           parallel=True, enabled=_general_enabled),
     Stage("teacher_logits", stage_teacher_logits,
           inputs=lambda run: [run.teacher_generator, run.teacher_encoder, run.index_embeddings, run.corpus_file,
-                              run.train_file],
+                              run.train_file, *([run.student_info, *_compress_inputs(run)] if run.recipe.compress.enabled else [])],
           outputs=lambda run: [],
           settings=_kd_settings),
     Stage("distill_generator", stage_distill_generator,

@@ -130,6 +130,18 @@ class GeneralDistillConfig:
 
 
 @dataclass
+class CompressConfig:
+    """The student reads a compressed context (runtime/compress.py): the pieces of its top `passages`
+    retrieved passages that the selector ranks highest, up to `budget` tokens, in a compact prompt.
+    The teacher keeps reading its full top-k passages; the KL is taken across the two contexts."""
+    enabled: bool = False
+    passages: int = 5                # retrieved passages whose pieces compete (the student may look wider than the teacher)
+    budget: int = 48                 # generator tokens of selected piece text per prompt
+    fit_selector: bool = True        # weigh the selector's features on train questions (else dense 1, lexical 1)
+    fit_questions: int = 200         # train questions the selector is fitted on
+
+
+@dataclass
 class EvalConfig:
     questions: int = 0               # 0: data.eval_questions
     k: int = 3
@@ -153,6 +165,7 @@ class Recipe:
     distill_encoder: EncoderDistillConfig = field(default_factory=EncoderDistillConfig)
     distill_general: GeneralDistillConfig = field(default_factory=GeneralDistillConfig)
     distill_generator: GeneratorDistillConfig = field(default_factory=GeneratorDistillConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -272,6 +285,12 @@ def validate(r: Recipe, check_models: bool = True) -> None:
             # the bundle's context is prompt.max_prompt_tokens: the student must be trained on the same
             raise RecipeError(f"distill_generator.max_prompt_tokens ({r.distill_generator.max_prompt_tokens}) must equal "
                               f"prompt.max_prompt_tokens ({r.prompt.max_prompt_tokens}) for a hf-rag student")
+    if r.compress.enabled:
+        if r.teacher.kind == "hf-rag":
+            raise RecipeError("compress.enabled: a compressed context is available for decoder-only students only")
+        for key in ("passages", "budget", "fit_questions"):
+            if getattr(r.compress, key) < 1:
+                raise RecipeError(f"compress.{key}: must be at least 1, got {getattr(r.compress, key)}")
     if r.distill_generator.gradient_weight < 0 or r.distill_generator.gradient_projections < 1:
         raise RecipeError("distill_generator.gradient_weight must be >= 0 and gradient_projections >= 1")
     if r.data.corpus_scope not in ("files", "sampled"):
