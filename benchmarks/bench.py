@@ -6,9 +6,11 @@
                   [--index-corpus squad-v1.1-train.json.gz --index-queries squad-v1.1-dev.json.gz] --out RESULTS
 
 Every (system, threads) runs in a fresh process (edgerag.benchmarks.worker) so its peak RSS and cold start
-are its own. All systems answer the same questions from the same passages (the first bundle's top-k),
-so their generation times and EM/F1 compare like for like; each also runs its own retriever for the
-encode/search times and recall@5. Writes RESULTS/results.json, RESULTS/report.md and PNG plots.
+are its own. By default every system runs its own full path on the same questions: its own retriever,
+and then a bundle reads what it reads by itself (its compressed context, where it has one) and the
+others read their top-k passages (--k) whole; every row reports its mean prompt tokens and its own
+EM/F1. --shared-passages instead gives every system the first bundle's top-k passages (a compressed
+student still selects its pieces of them), which isolates generation speed. Writes RESULTS/results.json, RESULTS/report.md and PNG plots.
 
 This module imports no torch: heavy libraries are imported inside the functions that need them.
 """
@@ -53,6 +55,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--index-queries", default="squad-v1.1-dev.json.gz",
                    help="SQuAD file whose questions query the real corpus (200 of them, seeded)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the first bundle's")
+    p.add_argument("--k", type=int, default=3, help="passages read whole by systems without a path of their own "
+                   "(the teacher, PyTorch students, other runtimes)")
+    p.add_argument("--shared-passages", action="store_true",
+                   help="every system answers from the first bundle's top-k passages (generation speed like for like)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "edgerag" / "bench"),
                    help="baseline models and the onnxruntime-genai venv are built here once")
     p.add_argument("--quick-machine", action="store_true", help="small machine probes (for tests)")
@@ -227,10 +233,15 @@ def run_bench(args) -> dict:
     _, questions, _ = read_squad(args.questions)
     questions = sample_questions(questions, args.n, seed=args.seed)
     first = manifests[0]
-    k = first.generation.k
+    shared = getattr(args, "shared_passages", False)
+    k = first.generation.k if shared else getattr(args, "k", 3)
     max_new_tokens = args.max_new_tokens or first.generation.max_new_tokens
-    log(f"{len(questions)} questions; shared passages: top-{k} of {bundles[0].name}")
-    passages = shared_passages(bundles[0], questions, k)
+    if shared:
+        log(f"{len(questions)} questions; shared passages: top-{k} of {bundles[0].name}")
+        passages = shared_passages(bundles[0], questions, k)
+    else:
+        log(f"{len(questions)} questions; every system on its own path (whole passages: top-{k})")
+        passages = None
 
     log("machine limits")
     limits = machine.measure(threads, quick=args.quick_machine)
@@ -261,6 +272,6 @@ def run_bench(args) -> dict:
             "machine_detail": {"ort_matmul_gflops": limits["ort_matmul_gflops"]},
             "systems": rows, "index": index_rows, "skipped": skipped,
             "setup": {"questions": str(args.questions), "n": len(questions), "threads": threads, "k": k,
-                      "max_new_tokens": max_new_tokens, "shared_passages_from": str(bundles[0]),
+                      "max_new_tokens": max_new_tokens, "shared_passages_from": str(bundles[0]) if shared else None,
                       "bundles": [str(b) for b in bundles], "teacher": args.teacher, "student": args.student,
                       "seconds": round(time.time() - started, 1), "argv": sys.argv[1:]}}

@@ -31,7 +31,7 @@ def _ratio(v, ref) -> str:
 
 COLUMNS = (  # (header, key, format, compare to the reference: "x" ratio, "d" difference in points, "" none)
     ("p50 ms", "p50_ms", "{:.0f}", "x"), ("p95 ms", "p95_ms", "{:.0f}", "x"), ("TTFT ms", "ttft_ms", "{:.0f}", "x"),
-    ("prefill ms", "prefill_ms", "{:.0f}", "x"), ("prefill / floor", "prefill_x_floor", "{:.1f}", ""),
+    ("prompt tok", "mean_prompt_tokens", "{:.0f}", "x"), ("prefill ms", "prefill_ms", "{:.0f}", "x"), ("prefill / floor", "prefill_x_floor", "{:.1f}", ""),
     ("decode ms/tok", "decode_ms_per_token", "{:.1f}", "x"), ("decode / floor", "decode_x_floor", "{:.1f}", ""),
     ("tok/s", "tokens_per_second", "{:.1f}", "x"), ("peak RSS MB", "peak_rss_mb", "{:.0f}", "x"),
     ("cold start s", "cold_start_s", "{:.1f}", "x"), ("size MB", "size_mb", "{:.0f}", "x"),
@@ -80,16 +80,19 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores; copy bandwidth {m['bandwidth_gb_s']:.1f} GB/s; numpy fp32 GEMM "
         f"{m['matmul_gflops']:.1f} GFLOP/s; onnxruntime GEMM GFLOP/s by threads: "
         + ", ".join(f"{t}: fp32 {v['fp32']:.0f} / int8 {v['int8']:.0f}" for t, v in ort.items()) + ".",
-        f"{s['n']} questions from `{s['questions']}`, k={s['k']} passages (the same for every system: the top-{s['k']} "
-        f"of `{Path(s['shared_passages_from']).name}`), up to {s['max_new_tokens']} new tokens, greedy. "
-        f"Bench time {s['seconds']:.0f} s.",
+        f"{s['n']} questions from `{s['questions']}`, "
+        + (f"k={s['k']} passages (the same for every system: the top-{s['k']} of "
+           f"`{Path(s['shared_passages_from']).name}`)" if s.get("shared_passages_from") else
+           f"every system on its own path: its own retriever; a bundle reads what it reads by itself (its compressed "
+           f"context, where it has one; `prompt tok` says how much), the others their top-{s['k']} passages whole")
+        + f", up to {s['max_new_tokens']} new tokens, greedy. Bench time {s['seconds']:.0f} s.",
         "",
         "## Systems",
         f"In parentheses after a value: its ratio to {'the teacher' if has_teacher else 'the first system'} at the "
         "same thread count; after EM/F1/recall: the difference in points. Latency is per question, end to end "
         "(encode + search + prompt + prefill + decode), median and 95th percentile; TTFT and prefill are medians. "
         "× floor: prefill against FLOPs / GEMM throughput (int8 GEMMs for int4/int8 ONNX, fp32 otherwise), "
-        "decode against bytes of weights read per token / copy bandwidth. EM/F1 come from the shared passages; "
+        "decode against bytes of weights read per token / copy bandwidth. EM/F1 come from what each system read; "
         "recall@5 from each system's own retriever. Peak RSS is the worker process's maximum.",
         "",
         table(results["systems"]),

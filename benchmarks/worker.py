@@ -124,6 +124,16 @@ class BundleSystem:
                 "prefill_ms": t.get("prefill_ms", 0.0), "decode_ms": t.get("decode_ms", 0.0),
                 "ttft_ms": t.get("ttft_ms", t.get("total_ms", 0.0)), "generate_ms": t["total_ms"]}
 
+    def own(self, question: str, max_new_tokens: int) -> dict:
+        """The device's whole path: its own k, its compressed context where it has one."""
+        a = self.p.ask(question, max_new_tokens=max_new_tokens)
+        t = a.timings
+        searched = t["encode_ms"] + t["search_ms"]
+        return {"answer": a.answer, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+                "prefill_ms": t.get("prefill_ms", 0.0), "decode_ms": t.get("decode_ms", 0.0),
+                "ttft_ms": t.get("ttft_ms", t["total_ms"]) - searched, "generate_ms": t["total_ms"] - searched,
+                "encode_ms": t["encode_ms"], "search_ms": t["search_ms"], "compress_ms": t.get("compress_ms", 0.0)}
+
     def floors(self) -> dict:
         from edgerag.benchmarks.machine import onnx_weight_bytes
 
@@ -137,7 +147,8 @@ class TorchSystem:
         from edgerag.export.bundle import stop_token_ids
         from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
         from edgerag.train.retrieval import embed, passage_text
-        from edgerag.models import load_encoder, load_generator, passage_encoder_folder
+        from edgerag.models import load_encoder, load_generator, passage_encoder_folder, read_info
+        from edgerag.runtime.compress import Compression
 
         torch.set_num_threads(spec["threads"])
         torch.set_flush_denormal(True)  # denormals make CPU matmuls several times slower
@@ -146,7 +157,9 @@ class TorchSystem:
         self.encoder, self.enc_tok, self.pooling, self.max_length = load_encoder(folder / "query_encoder")
         self.model, self.tokenizer = load_generator(folder / "generator")
         self.model.eval()
-        self.template = PromptTemplate.for_vocab(self.tokenizer.get_vocab().get)
+        info = read_info(folder)
+        self.compression = Compression.from_dict(info["compression"]) if info.get("compression") else None
+        self.template = PromptTemplate.for_vocab(self.tokenizer.get_vocab().get, info.get("template") == "compact")
         self.stop = stop_token_ids(self.tokenizer, self.template)
         self.budget = spec["max_context"] - spec["max_new_tokens"]
 
@@ -170,19 +183,46 @@ class TorchSystem:
         self.index.set_num_threads(1)
         self.size_mb = dir_size_mb([folder / "query_encoder", folder / "generator"])
         self.retriever = self
+        if self.compression is not None:
+            # a compressed student's piece vectors, computed before it answers (a bundle ships them)
+            from edgerag.train.compress import PieceEmbedder
+
+            self.pieces = PieceEmbedder(p_folder or folder / "query_encoder", self.compression.max_piece_words)
+            self.pieces([(t, x) for _, t, x in self.corpus])
 
     def retrieve(self, question: str, k: int) -> tuple[list[str], dict]:
+        ids, times, _ = self._search(question, k)
+        return ids, times
+
+    def _search(self, question: str, k: int):
         t0 = time.perf_counter()
         vector = self.embed(self.encoder, self.enc_tok, [question], self.pooling, self.max_length)
         t1 = time.perf_counter()
         rows, _ = self.index.knn_query(vector, k=min(k, len(self.corpus)))
         t2 = time.perf_counter()
-        return [self.corpus[r][0] for r in rows[0]], {"encode_ms": (t1 - t0) * 1000, "search_ms": (t2 - t1) * 1000}
+        return [self.corpus[r][0] for r in rows[0]], {"encode_ms": (t1 - t0) * 1000, "search_ms": (t2 - t1) * 1000}, \
+            (vector[0], [self.corpus[r][1:] for r in rows[0]])
 
-    def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
+    def own(self, question: str, max_new_tokens: int) -> dict | None:
+        """A compressed student's whole path: its top passages, their selected pieces (None: the
+        student reads whole passages, like any system)."""
+        if self.compression is None:
+            return None
+        _, times, (vector, found) = self._search(question, self.compression.passages)
+        return {**self.answer(question, found, max_new_tokens, vector), **times}
+
+    def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int, vector=None) -> dict:
+        """Generation from passages; a compressed student first selects their pieces (as a bundle's
+        answer_with_passages does), with `vector` or the question embedded here."""
         torch = self.torch
         start = time.perf_counter()
         encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        if self.compression is not None:
+            from edgerag.runtime.compress import compress_context
+
+            if vector is None:
+                vector = self.embed(self.encoder, self.enc_tok, [question], self.pooling, self.max_length)[0]
+            passages = compress_context(self.compression, question, vector, passages, self.pieces(passages), encode)
         prompt = self.build_prompt_ids(encode, self.template, question, passages, self.budget)
         with torch.inference_mode():
             return hf_generate(self.model, prompt, max_new_tokens, self.stop, self.tokenizer.decode, start)
@@ -397,16 +437,32 @@ KINDS = {"bundle": BundleSystem, "torch": torch_system, "optimum": OptimumSystem
 
 
 def run(spec: dict) -> dict:
+    """One system on the spec's questions. With spec["passages"], every system answers from those
+    (shared) passages; without, each runs its own path: its retriever's top-k (spec["k"]) read whole,
+    or, for a system with its own path (a bundle, a compressed student), what it does by itself."""
     from edgerag.metrics import best_over_references, exact_match, f1, recall_at
+    from edgerag.runtime import read_manifest
+    from edgerag.runtime.pipeline import PassageStore
 
     system = KINDS[spec["kind"]](spec)
     load_s = time.time() - spec["launched"]
-    questions, shared, n_new = spec["questions"], spec["passages"], spec["max_new_tokens"]
+    questions, shared, n_new = spec["questions"], spec.get("passages"), spec["max_new_tokens"]
+    corpus = None
+    if shared is None:
+        bundle = Path(spec["bundle"])
+        corpus = {pid: (title, text) for pid, title, text in PassageStore(bundle / read_manifest(bundle).passages.file)}
 
     def ask(i: int) -> dict:
         q = questions[i]
-        ids, times = system.retriever.retrieve(q["question"], max(spec["k"], RECALL_K))
-        out = system.answer(q["question"], [tuple(p) for p in shared[i]], n_new)
+        own = getattr(system, "own", None)
+        out = own(q["question"], n_new) if shared is None and own is not None else None
+        if out is not None:
+            ids, _ = system.retriever.retrieve(q["question"], RECALL_K)  # for recall@5 only, untimed
+            times = {"encode_ms": out.pop("encode_ms"), "search_ms": out.pop("search_ms")}
+        else:
+            ids, times = system.retriever.retrieve(q["question"], max(spec["k"], RECALL_K))
+            passages = [tuple(p) for p in shared[i]] if shared is not None else [corpus[pid] for pid in ids[:spec["k"]]]
+            out = system.answer(q["question"], passages, n_new)
         out.update(times)
         out["ranked_ids"] = ids
         out["total_ms"] = times["encode_ms"] + times["search_ms"] + out["generate_ms"]

@@ -1,0 +1,267 @@
+"""The compressed context: splitting, selection, the bundle's piece vectors, and a student distilled
+across contexts (tiny random models; the selection code is the one the device runs)."""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgerag.runtime.compress import (Compression, PieceVectors, Selector, compress_context, piece_scores,
+                                      select_pieces, split_pieces)
+from edgerag.runtime.manifest import BundleError, read_manifest
+
+
+# ---------------------------------------------------------------- splitting and selection (no models)
+
+def test_split_keeps_every_word_and_cuts_sentence_less_text_into_windows():
+    text = "The U.S. Army won in 1990. \"It was great,\" he said! Then (1991) came?  Next one"
+    pieces = split_pieces(text)
+    assert pieces == ["The U.S. Army won in 1990.", "\"It was great,\" he said!", "Then (1991) came?", "Next one"]
+    table = " | ".join(f"row {i} cell {i * 7}" for i in range(40))  # a table row: no sentence boundary at all
+    windows = split_pieces(table, max_words=10)
+    assert len(windows) == -(-len(table.split()) // 10)
+    assert all(len(w.split()) <= 10 for w in windows)
+    assert " ".join(windows) == " ".join(table.split())  # nothing dropped
+    assert split_pieces("   ") == []
+
+
+def test_selection_is_deterministic_ordered_within_budget_and_keeps_the_best():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 30))
+        scores = rng.normal(size=n).round(1)  # rounded: ties happen
+        tokens = [int(t) for t in rng.integers(1, 40, size=n)]
+        budget = int(rng.integers(1, 120))
+        chosen = select_pieces(scores, tokens, budget)
+        assert chosen == select_pieces(scores, tokens, budget)
+        assert chosen == sorted(set(chosen))                      # document order, each piece once
+        best = min(range(n), key=lambda i: (-scores[i], i))
+        assert best in chosen                                     # even when it alone is over the budget
+        assert sum(tokens[i] for i in chosen) <= max(budget, tokens[best])
+        used = sum(tokens[i] for i in chosen)
+        assert all(used + tokens[i] > budget for i in set(range(n)) - set(chosen))  # nothing left out would fit
+
+
+def test_scores_weigh_dense_and_lexical_features():
+    pieces = ["Denver won the Super Bowl.", "The weather was fine."]
+    vectors = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+    query = np.array([1.0, 0.0], np.float32)  # the dense feature prefers the second piece
+    dense_only = piece_scores(query, vectors, "Who won the Super Bowl?", pieces, Selector(1.0, 0.0))
+    assert dense_only.argmax() == 1
+    with_words = piece_scores(query, vectors, "Who won the Super Bowl?", pieces, Selector(1.0, 2.0))
+    assert with_words.argmax() == 0  # won, super, bowl: 3 of 3 content words
+
+
+def test_compressed_context_keeps_titles_rank_order_and_document_order():
+    passages = [("First", "Alpha one. Beta two. Gamma three."), ("Second", "Delta four. Epsilon five.")]
+    # piece vectors that make the query pick Gamma and Delta, then Alpha
+    vectors = [np.array([[0.5], [0.0], [1.0]], np.float32), np.array([[0.9], [0.1]], np.float32)]
+    compression = Compression(passages=2, budget=7, selector=Selector(1.0, 0.0))  # 3 pieces of 2 words
+    encode = lambda text: text.split()  # noqa: E731 (a word per token)
+    context = compress_context(compression, "q?", np.array([1.0], np.float32), passages, vectors, encode)
+    assert context == [("First", "Alpha one. Gamma three."), ("Second", "Delta four.")]
+    with pytest.raises(ValueError, match="piece vectors"):
+        compress_context(compression, "q?", np.array([1.0], np.float32), passages, vectors[:1], encode)
+
+
+def test_piece_vectors_roundtrip_through_int8(tmp_path):
+    rng = np.random.default_rng(1)
+    per_passage = [rng.normal(size=(n, 16)).astype(np.float32) for n in (3, 0, 5)]
+    packed = PieceVectors.pack(per_passage)
+    packed.save(tmp_path / "pieces.npz")
+    loaded = PieceVectors.load(tmp_path / "pieces.npz")
+    assert loaded.passages == 3 and loaded.of(1).shape == (0, 16)
+    for original, back in zip(per_passage, loaded.all()):
+        assert original.shape == back.shape
+        if len(original):
+            assert np.abs(original - back).max() <= np.abs(original).max() / 127 + 1e-6
+    with pytest.raises(ValueError):
+        PieceVectors(loaded.vectors, loaded.scales, loaded.offsets[:-1])
+
+
+# ---------------------------------------------------------------- a compressed student, distilled and exported
+
+@pytest.fixture(scope="module")
+def compressed_run(tmp_path_factory):
+    pytest.importorskip("torch")
+    from edgerag.train.pipeline import distill
+    from edgerag.train.tiny import make_tiny_project
+
+    root = tmp_path_factory.mktemp("compressed")
+    tiny = make_tiny_project(root / "tiny")
+    recipe = root / "recipe.toml"
+    recipe.write_text(tiny["recipe"].read_text()
+                      + "\n[compress]\nenabled = true\npassages = 4\nbudget = 40\nfit_questions = 20\n")
+    out = root / "run"
+    report = distill(recipe, out)
+    return tiny, out, report
+
+
+@pytest.fixture(scope="module")
+def compressed_bundle(compressed_run):
+    from edgerag.cli import main
+
+    tiny, out, _ = compressed_run
+    bundle = out.parent / "bundle"
+    assert main(["export", str(out / "student"), "--passages", str(out / "data" / "corpus.jsonl"), "--out", str(bundle),
+                 "--quantize", "none"]) == 0
+    return bundle
+
+
+def test_student_reads_a_quarter_of_the_teachers_tokens(compressed_run):
+    _, out, report = compressed_run
+    info = json.loads((out / "student" / "edgerag.json").read_text())
+    assert info["template"] == "compact" and info["k"] == 4
+    assert Compression.from_dict(info["compression"]).budget == 40
+    kd = json.loads((out / "stages" / "teacher_logits" / "info.json").read_text())
+    assert kd["student_prompt_tokens"] < kd["teacher_prompt_tokens"]
+    assert report["student"]["prompt_tokens"] < report["teacher"]["prompt_tokens"]
+
+
+def test_kl_across_contexts_decreases(compressed_run):
+    """The student reading compressed contexts gets closer to the teacher's distribution over the answer
+    (which the teacher produced reading full passages)."""
+    import torch
+
+    from edgerag.models import load_generator
+    from edgerag.train.distill import KDExample, generator_loss_fn
+    from edgerag.train.pipeline import Run
+    from edgerag.train.recipe import load_recipe
+    from edgerag.train.teacher import Example
+
+    _, out, _ = compressed_run
+    run = Run(out, load_recipe(out / "recipe.toml"))
+    saved = torch.load(run.kd_cache, weights_only=False)
+    examples = [KDExample(Example(**e), c) for e, c in zip(saved["examples"], saved["cache"])]
+    kl_only = generator_loss_fn(pad_id=0, temperature=run.recipe.distill_generator.temperature, alpha=0.0)
+
+    student, _ = load_generator(run.student_generator_start)
+    torch.manual_seed(0)
+
+    def kl() -> float:
+        student.eval()
+        with torch.no_grad():
+            return float(kl_only(student, examples)[1]["kl"])
+
+    before = kl()
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    student.train()
+    for step in range(12):
+        loss, _ = kl_only(student, examples[step % 4 * 4:step % 4 * 4 + 4])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert kl() < 0.8 * before
+
+
+def test_bundle_prompt_equals_the_training_prompt(compressed_run, compressed_bundle):
+    """For the same question and passages, the device's compressed prompt is token for token the one
+    the student was trained on (training: torch encoder + transformers tokenizer; device: the bundle's
+    stored piece vectors + tokenizers)."""
+    from edgerag.data import read_passages, read_questions
+    from edgerag.models import load_tokenizer
+    from edgerag.runtime import Pipeline
+    from edgerag.train.compress import PieceEmbedder, compressed_contexts
+    from edgerag.train.teacher import Prompter
+
+    tiny, out, _ = compressed_run
+    pipeline = Pipeline.load(compressed_bundle)
+    info = json.loads((out / "student" / "edgerag.json").read_text())
+    compression = Compression.from_dict(info["compression"])
+    prompter = Prompter(load_tokenizer(out / "student" / "generator"), info["max_prompt_tokens"], compact=True)
+    embedder = PieceEmbedder(out / "student" / "query_encoder", compression.max_piece_words)
+    corpus = {p.id: (p.title, p.text) for p in read_passages(out / "data" / "corpus.jsonl")}
+    questions = read_questions(tiny["eval"])[:12]
+    checked = 0
+    for q in questions:
+        vector = pipeline.encoder.encode([q.question])[0]
+        rows, _ = pipeline.search(vector[None], compression.passages)
+        found = [(d["title"], d["text"]) for d in pipeline.passages_at(rows[0])]
+        device = pipeline.prompt_ids(q.question, pipeline.context(q.question, vector, found,
+                                                                  pipeline._piece_vectors(rows[0])))
+        trained = prompter.prompt(q.question, compressed_contexts(compression, [q.question], [vector], [found],
+                                                                  embedder, prompter.encode)[0])
+        assert device == trained, q.question
+        assert all((t, x) in corpus.values() for t, x in found)
+        checked += 1
+    assert checked == len(questions)
+
+
+def test_bundle_answers_from_the_compressed_context(compressed_bundle, compressed_run):
+    from edgerag.runtime import Pipeline
+
+    pipeline = Pipeline.load(compressed_bundle)
+    assert pipeline.manifest.compression is not None and pipeline.manifest.generation.k == 4
+    answer = pipeline.ask("What was the purpose of the Third Crusade?")
+    assert answer.context and "compress_ms" in answer.timings
+    full = sum(len(pipeline._encode(p["text"])) for p in answer.passages)
+    kept = sum(len(pipeline._encode(c["text"])) for c in answer.context)
+    assert kept < full
+    for piece in answer.context:  # every kept piece comes from a retrieved passage of that title
+        assert any(p["title"] == piece["title"] for p in answer.passages)
+    # a question over the whole budget still gets an answer: the prompt's truncation cuts the context first
+    long = pipeline.ask("What was the purpose of the Third Crusade? " * 300)
+    assert long.prompt_tokens <= pipeline.prompt_budget(pipeline.manifest.generation.max_new_tokens)
+    # added passages get piece vectors too, and can be selected
+    added = pipeline.add_passages([("new-1", "Zebra facts", "Zebras have black and white stripes. They live in Africa.")])
+    assert added == 1
+    answer = pipeline.ask("Where do zebras live?", k=pipeline.size)
+    assert any(c["title"] == "Zebra facts" for c in answer.context)
+
+
+def test_piece_file_is_checked(compressed_bundle, tmp_path):
+    import shutil
+
+    from edgerag.runtime import Pipeline
+    from edgerag.runtime.manifest import file_record
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(compressed_bundle, copy)
+    pieces = PieceVectors.load(copy / "pieces.npz")
+    PieceVectors(pieces.vectors[:-1], pieces.scales[:-1],
+                 np.minimum(pieces.offsets, len(pieces.vectors) - 1)).save(copy / "pieces.npz")
+    with pytest.raises(BundleError, match="pieces.npz"):
+        Pipeline.load(copy)  # the checksum
+    manifest = read_manifest(copy)
+    manifest.files["pieces.npz"] = file_record(copy / "pieces.npz")
+    manifest.write(copy)
+    with pytest.raises(BundleError, match="pieces.npz .* holds"):
+        Pipeline.load(copy)  # checksum fixed up: the counts still disagree with the manifest
+
+
+def test_a_bundle_without_compression_reads_full_passages_and_says_so_once(tiny_bundle):
+    from edgerag.runtime import Pipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline = Pipeline.load(tiny_bundle)
+    said = [w for w in caught if "compressed-context" in str(w.message)]
+    assert len(said) == 1
+    answer = pipeline.ask("What is the capital of France?")
+    assert [c["text"] for c in answer.context] == [p["text"] for p in answer.passages]
+
+
+def test_bench_runs_each_system_on_its_own_path(compressed_run, compressed_bundle, tmp_path):
+    """By default the teacher reads its top-k passages whole and the bundle its compressed context; each
+    row says how many prompt tokens that was. --shared-passages gives every system the same passages."""
+    from edgerag.cli import main
+
+    tiny, out, _ = compressed_run
+    rows = {}
+    for mode in ("own", "shared"):
+        result = tmp_path / mode
+        argv = ["bench", "--bundle", str(compressed_bundle), "--teacher", str(out / "teacher"), "--student",
+                str(out / "student"), "--questions", str(tiny["eval"]), "--n", "3", "--threads", "1",
+                "--systems", "teacher-torch,student-torch,bundle", "--index-sizes", "", "--index-corpus", "",
+                "--quick-machine", "--max-new-tokens", "4", "--cache", str(tmp_path / "cache"), "--out", str(result)]
+        assert main(argv + (["--shared-passages"] if mode == "shared" else [])) == 0
+        rows[mode] = {r["name"]: r for r in json.loads((result / "results.json").read_text())["systems"]}
+    own = rows["own"]
+    assert set(own) == {"teacher-torch", "student-torch", "bundle-fp32"}
+    assert own["bundle-fp32"]["mean_prompt_tokens"] < own["teacher-torch"]["mean_prompt_tokens"]
+    assert own["student-torch"]["mean_prompt_tokens"] < own["teacher-torch"]["mean_prompt_tokens"]
+    shared = rows["shared"]  # the bundle's top 4 for everyone: the teacher reads one passage more than its own 3
+    assert shared["teacher-torch"]["mean_prompt_tokens"] > own["teacher-torch"]["mean_prompt_tokens"]
+    assert shared["bundle-fp32"]["mean_prompt_tokens"] < shared["teacher-torch"]["mean_prompt_tokens"]
