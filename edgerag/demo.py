@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
     from edgerag.export import ExportOptions
     from edgerag.export.bundle import export_bundle
-    from edgerag.models import folder_models, passage_encoder_folder
+    from edgerag.models import folder_models, passage_encoder_folder, read_info
     from edgerag.runtime.manifest import MANIFEST
 
     bundle = run / "bundle"
@@ -49,8 +49,11 @@ def main(argv=None) -> int:
     if not (bundle / MANIFEST).exists():
         query_encoder, generator = folder_models(run / "student")
         passage_encoder = passage_encoder_folder(run / "student")  # as `edgerag export RUN/student` does
+        info = read_info(run / "student")  # a compressed student's settings: its k, selector and template
         export_bundle(query_encoder, generator, Path(args.data) / "xquad-en.json.gz", bundle,
-                      str(passage_encoder) if passage_encoder else None, options=ExportOptions(parity_questions=4))
+                      str(passage_encoder) if passage_encoder else None,
+                      options=ExportOptions(parity_questions=4, k=info.get("k", ExportOptions.k)),
+                      compression=info.get("compression"))
     timings["export_s"] = time.time() - t
 
     from edgerag.runtime import Pipeline
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
 
     report = json.loads((run / "eval.json").read_text())
     print(f"\n== teacher vs student ({report['dataset']}, {report['n_questions']} questions, k={report['k']}) ==")
-    keys = ["em", "f1", "em_gold", "f1_gold", "recall@5", "generator_params", "encoder_params", "seconds_per_question"]
+    keys = ["em", "f1", "em_gold", "f1_gold", "recall@5", "prompt_tokens", "generator_params", "encoder_params",
+            "seconds_per_question"]
     print(f"{'':10}" + "".join(f"{k:>22}" for k in keys))
     for who in ("teacher", "student"):
         row = report[who]
