@@ -333,8 +333,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
                                   [passage_format.format(title=p.title, text=piece) for p, ps in zip(passages, pieces) for piece in ps],
                                   opts.batch_size, normalized)
             bounds = np.cumsum([0] + [len(ps) for ps in pieces])
-            PieceVectors.pack([flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]).save(bundle / "pieces.npz")
-            compression_spec = CompressionSpec(file="pieces.npz", passages=settings.passages, budget=settings.budget,
+            PieceVectors.pack([flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]).save(bundle / "pieces.bin")
+            compression_spec = CompressionSpec(file="pieces.bin", passages=settings.passages, budget=settings.budget,
                                                selector=settings.selector.to_dict(), pieces=int(bounds[-1]),
                                                max_piece_words=settings.max_piece_words)
         stages.update()

@@ -177,13 +177,23 @@ class PieceVectors:
         return cls(vectors, scales, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
     def save(self, path) -> None:
+        """One raw little-endian file: offsets (int64), scales (float32), vectors (int8, row-major). Its
+        counts live in the manifest, so reading it needs no parser and cannot run code."""
         with open(path, "wb") as f:
-            np.savez(f, vectors=self.vectors, scales=self.scales, offsets=self.offsets)
+            for array, dtype in ((self.offsets, "<i8"), (self.scales, "<f4"), (self.vectors, "i1")):
+                f.write(np.ascontiguousarray(array, dtype=dtype).tobytes())
 
     @classmethod
-    def load(cls, path) -> "PieceVectors":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(z["vectors"], z["scales"], z["offsets"])
+    def load(cls, path, passages: int, pieces: int, dim: int) -> "PieceVectors":
+        raw = np.fromfile(path, dtype=np.uint8)
+        sizes = (8 * (passages + 1), 4 * pieces, pieces * dim)
+        if len(raw) != sum(sizes):
+            raise ValueError(f"{len(raw)} bytes, where {passages} passages with {pieces} pieces of {dim} "
+                             f"dimensions take {sum(sizes)}")
+        offsets = raw[:sizes[0]].view("<i8")
+        scales = raw[sizes[0]:sizes[0] + sizes[1]].view("<f4")
+        vectors = raw[sizes[0] + sizes[1]:].view(np.int8).reshape(pieces, dim)
+        return cls(vectors, scales, offsets.astype(np.int64))
 
     @property
     def passages(self) -> int:

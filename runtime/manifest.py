@@ -17,9 +17,10 @@ Format version 1 (every bundle edgerag has written so far):
                   over which a looping answer is cut (added within version 1; older bundles get 16).
   index/passages  hnswlib index (inner product) and the sqlite passage store.
   compression     optional (added within version 1): a student that reads a compressed context
-                  (runtime.compress). `file` is an .npz with every passage's piece vectors (int8
-                  "vectors" with per-row float32 "scales", "offsets" [passages + 1] into them, in index
-                  row order); the budget, the passages whose pieces compete, and the selector's weights.
+                  (runtime.compress). `file` holds every passage's piece vectors as raw little-endian
+                  arrays: offsets [passages + 1] (int64, index row order), a scale per piece (float32),
+                  the vectors [pieces, index.dim] (int8); with the budget, the passages whose pieces
+                  compete, and the selector's weights.
                   A bundle without it answers from the full top-k passages.
   files           {name: {"sha256", "bytes"}} for every other file in the bundle.
   sources, parity, versions, created_unix, export_seconds: how it was made, for people.

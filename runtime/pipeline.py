@@ -377,10 +377,8 @@ class Pipeline:
         compression = pieces = None
         if manifest.compression is not None:
             with _reading(bundle, manifest.compression.file):
-                compression, pieces = manifest.compression.settings(), PieceVectors.load(bundle / manifest.compression.file)
-            if pieces.passages != idx.count or len(pieces.vectors) != manifest.compression.pieces:
-                raise BundleError(f"{manifest.compression.file} in bundle {bundle} holds {len(pieces.vectors)} pieces of "
-                                  f"{pieces.passages} passages, the manifest says {manifest.compression.pieces} of {idx.count}")
+                compression = manifest.compression.settings()
+                pieces = PieceVectors.load(bundle / manifest.compression.file, idx.count, manifest.compression.pieces, idx.dim)
         elif not retrieval_only:
             warnings.warn(f"bundle {bundle} carries no compressed-context data (exported before it existed, or from a "
                           "student that reads whole passages): answers read the full top-k passages", stacklevel=2)
