@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import onnxruntime as ort
 
-from edgerag.runtime.generation import Generation, GreedyDecoder
+from edgerag.runtime.generation import Generation, GreedyDecoder, run_bound
 
 
 class EncoderDecoderGenerator(GreedyDecoder):
@@ -56,30 +56,16 @@ class EncoderDecoderGenerator(GreedyDecoder):
             result.stop_reason = "length"
             return
         start = time.perf_counter()
-        encoder = self.encoder.io_binding()
-        for name, value in self._encoder_feed(prompt_ids).items():
-            encoder.bind_cpu_input(name, value)
-        for name in self.cross_outputs:
-            encoder.bind_output(name)
-        self.encoder.run_with_iobinding(encoder)
-        cross = dict(zip(self.cross_outputs, encoder.get_outputs()))
+        cross = dict(zip(self.cross_outputs, run_bound(self.encoder, self.encoder.io_binding(),
+                                                        self._encoder_feed(prompt_ids), {}, self.cross_outputs)))
         encoder_mask = np.ones((1, len(prompt_ids)), dtype=np.int64)
         cache = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self.empty_cache().items()}
         ids = np.array([self.start_ids], dtype=np.int64)
         binding = self.decoder.io_binding()
         for step in range(max_new_tokens):
-            binding.bind_cpu_input("input_ids", ids)
-            binding.bind_cpu_input("encoder_attention_mask", encoder_mask)
-            for name, value in (*cache.items(), *cross.items()):
-                binding.bind_ortvalue_input(name, value)
-            binding.bind_output("logits")
-            for name in self.present_outputs:
-                binding.bind_output(name)
-            self.decoder.run_with_iobinding(binding)
-            logits, *presents = binding.get_outputs()
+            logits, *presents = run_bound(self.decoder, binding, {"input_ids": ids, "encoder_attention_mask": encoder_mask},
+                                          {**cache, **cross}, ["logits", *self.present_outputs])
             token = int(logits.numpy()[0].argmax())
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
             elapsed = (time.perf_counter() - start) * 1000
             if step == 0:
                 result.prefill_ms = elapsed  # the encoder and the first decoder step

@@ -1,5 +1,6 @@
 """What both generation loops share (runtime.pipeline's decoder-only one and
-runtime.encoder_decoder's): the Generation a call returns, and the greedy calls around a loop."""
+runtime.encoder_decoder's): the Generation a call returns, the greedy calls around a loop, and one
+step over an IOBinding."""
 
 from __future__ import annotations
 
@@ -8,6 +9,23 @@ from typing import Iterator
 import numpy as np
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def run_bound(session, binding, cpu_inputs: dict, ort_inputs: dict, outputs: list[str]) -> list:
+    """One run of `session` over `binding`: numpy inputs copied in, OrtValue inputs (a KV cache from the
+    previous step) bound as they are, outputs left in onnxruntime's buffers. Returns the outputs as
+    OrtValues, in the order of `outputs`, with the binding cleared for the next step."""
+    for name, value in cpu_inputs.items():
+        binding.bind_cpu_input(name, value)
+    for name, value in ort_inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in outputs:
+        binding.bind_output(name)
+    session.run_with_iobinding(binding)
+    values = binding.get_outputs()
+    binding.clear_binding_inputs()
+    binding.clear_binding_outputs()
+    return values
 
 
 class Generation:

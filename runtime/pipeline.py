@@ -24,7 +24,7 @@ from tokenizers.decoders import DecodeStream
 
 from edgerag.runtime.compress import Compression, PieceVectors, compress_context, split_pieces
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
-from edgerag.runtime.generation import Generation, GreedyDecoder
+from edgerag.runtime.generation import Generation, GreedyDecoder, run_bound
 from edgerag.runtime.manifest import BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
@@ -175,20 +175,11 @@ class DecoderOnlyGenerator(GreedyDecoder):
         result.reused_prompt_tokens = reused
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            binding.bind_cpu_input("input_ids", ids)
-            binding.bind_cpu_input("attention_mask", np.ones((1, length), dtype=np.int64))
+            inputs = {"input_ids": ids, "attention_mask": np.ones((1, length), dtype=np.int64)}
             if "position_ids" in self.input_names:
-                binding.bind_cpu_input("position_ids", positions)
-            for name, value in cache.items():
-                binding.bind_ortvalue_input(name, value)
-            binding.bind_output("logits")
-            for name in self.present_outputs:
-                binding.bind_output(name)
-            self.session.run_with_iobinding(binding)
-            logits, *presents = binding.get_outputs()
+                inputs["position_ids"] = positions
+            logits, *presents = run_bound(self.session, binding, inputs, cache, ["logits", *self.present_outputs])
             token = int(logits.numpy()[0, -1].argmax())
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
             elapsed = (time.perf_counter() - start) * 1000
             if step == 0:
                 result.prefill_ms = elapsed
