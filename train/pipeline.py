@@ -266,10 +266,12 @@ def retrieve_for(run: Run, questions: list[Question], k: int) -> list[list[Passa
     return [[corpus[i] for i in rows] for rows in index.search(q_emb, max(k, 1))]
 
 
-def rag_examples(run: Run, questions, prompter, k: int, gold_probability: float, seed_offset: int, answers=None):
+def rag_examples(run: Run, questions, prompter, k: int, gold_probability: float, seed_offset: int, answers=None,
+                 ranked=None):
+    """Examples of the questions over their top-k passages (`ranked`: retrieved before, at least k deep)."""
     from .teacher import make_examples, rag_context
 
-    ranked = retrieve_for(run, questions, k)
+    ranked = ranked or retrieve_for(run, questions, k)
     rng = random.Random(run.recipe.seed + seed_offset)
     contexts = [rag_context(q, r, k, gold_probability, rng) for q, r in zip(questions, ranked)]
     return make_examples(prompter, questions, contexts, answers), contexts
@@ -462,11 +464,14 @@ def student_query_vectors(run: Run, questions: list[Question]):
                  normalize=normalizes(run.student_encoder))
 
 
-def generator_encode(run: Run):
+def student_prompter(run: Run):
+    """The compressed student's prompts (the compact template), in the teacher's token ids."""
     from edgerag.models import load_tokenizer
 
-    tok = load_tokenizer(run.teacher_generator)
-    return lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    from .teacher import Prompter
+
+    p = run.recipe.prompt
+    return Prompter(load_tokenizer(run.teacher_generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True)
 
 
 def fitted_compression(run: Run):
@@ -484,7 +489,7 @@ def fitted_compression(run: Run):
     questions = run.questions("train")[:c.fit_questions]
     contexts = [[(p.title, p.text) for p in ranked] for ranked in retrieve_for(run, questions, c.passages)]
     selector, shares = fit_selector(compression, questions, student_query_vectors(run, questions), contexts,
-                                    student_piece_embedder(run), generator_encode(run))
+                                    student_piece_embedder(run), student_prompter(run).encode)
     print(f"[student_folder] selector: lexical weight {selector.lexical} (answer in context, %, by weight: {shares})")
     return Compression(c.passages, c.budget, selector), shares
 
@@ -537,7 +542,10 @@ def stage_teacher_logits(run: Run) -> dict:
     teacher.to(loop.device())
     prompter = Prompter(tok, cfg.max_prompt_tokens, run.recipe.prompt.max_answer_tokens)
     questions = run.questions("train")[:cfg.examples]
-    examples, contexts = rag_examples(run, questions, prompter, cfg.k, cfg.gold_probability, seed_offset=2)
+    compress = run.recipe.compress
+    # one retrieval for the teacher's top k and the compressed student's wider look
+    ranked = retrieve_for(run, questions, max(cfg.k, compress.passages if compress.enabled else 0))
+    examples, contexts = rag_examples(run, questions, prompter, cfg.k, cfg.gold_probability, seed_offset=2, ranked=ranked)
     n_seq = 0
     if cfg.seq_kd:
         # Sequence-level KD: the teacher's own answers become extra targets.
@@ -557,7 +565,7 @@ def stage_teacher_logits(run: Run) -> dict:
     if run.recipe.compress.enabled:
         # distillation across contexts: the cache holds the teacher's answer distributions over its full
         # passages; the student learns them reading its compressed context
-        examples, share = compressed_student_examples(run, questions, examples)
+        examples, share = compressed_student_examples(run, questions, examples, ranked)
         info.update(student_prompt_tokens=round(sum(len(e.prompt) for e in examples) / max(len(examples), 1), 1),
                     student_answer_in_context=share)
     if is_main():
@@ -565,7 +573,7 @@ def stage_teacher_logits(run: Run) -> dict:
     return info
 
 
-def compressed_student_examples(run: Run, questions: list[Question], examples: list):
+def compressed_student_examples(run: Run, questions: list[Question], examples: list, ranked: list[list[Passage]]):
     """The distillation examples with the student's prompt in place of the teacher's: the compressed
     context of its top `compress.passages` passages (the gold one inserted as the teacher's examples
     insert it), in the compact template. Targets stay as they are, so the teacher's cached
@@ -574,15 +582,11 @@ def compressed_student_examples(run: Run, questions: list[Question], examples: l
     from edgerag.runtime.compress import Compression
 
     from .compress import answer_share, compressed_contexts
-    from .teacher import Example, Prompter, rag_context
+    from .teacher import Example, rag_context
 
     r, cfg = run.recipe, run.recipe.distill_generator
     compression = Compression.from_dict(read_info(run.student_dir)["compression"])
-    from edgerag.models import load_tokenizer
-
-    prompter = Prompter(load_tokenizer(run.teacher_generator), r.prompt.max_prompt_tokens, r.prompt.max_answer_tokens,
-                        compact=True)
-    ranked = retrieve_for(run, questions, compression.passages)
+    prompter = student_prompter(run)
     rng = random.Random(r.seed + 3)
     wide = [rag_context(q, found, compression.passages, cfg.gold_probability, rng) for q, found in zip(questions, ranked)]
     contexts = compressed_contexts(compression, [q.question for q in questions], student_query_vectors(run, questions),
