@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,10 +54,18 @@ def optimum_folder(bundle: Path, generator_source: str, cache: Path) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     generator_config(generator_source).save_pretrained(out)
-    link = out / "model.onnx"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to((bundle / manifest.generator.onnx).resolve())
+    # hard links (copies across file systems): onnxruntime reads a graph's outside weights only from
+    # the graph's own real folder, so a symlinked graph would not find them
+    for source, name in ((manifest.generator.onnx, "model.onnx"), (manifest.generator.weights, manifest.generator.weights)):
+        if not source:
+            continue
+        target = out / name
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        try:
+            os.link(bundle / source, target)
+        except OSError:
+            shutil.copy(bundle / source, target)
     return out
 
 

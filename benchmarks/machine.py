@@ -114,14 +114,15 @@ def measure(threads: list[int], quick: bool = False) -> dict:
 
 def onnx_weight_bytes(path: str | Path) -> int:
     """Bytes a decode step reads from an ONNX graph's weights: all initializers except tables that are
-    only gathered from (the input embedding: one row per token)."""
+    only gathered from (the input embedding: one row per token), quantized ones (GatherBlockQuantized:
+    the table, its scales and zero points) included."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     gathered, used_otherwise = set(), set()
     for node in model.graph.node:
         for i, name in enumerate(node.input):
-            if node.op_type == "Gather" and i == 0:
+            if (node.op_type == "Gather" and i == 0) or (node.op_type == "GatherBlockQuantized" and i != 1):
                 gathered.add(name)
             else:
                 used_otherwise.add(name)

@@ -71,6 +71,21 @@ def index_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(rows: list[dict]) -> str:
+    stages = list(dict.fromkeys(k for r in rows for k in r["rss_by_stage_mb"]))
+    phases = list(dict.fromkeys(k for r in rows for k in r.get("cold_start_phases_s", {})))
+    lines = ["| system | thr | " + " | ".join(f"RSS {s}" for s in stages) + " | peak RSS | size MB | peak / size | "
+             + " | ".join(f"{p} s" for p in phases) + " | cold start s |",
+             "|---" * (len(stages) + len(phases) + 6) + "|"]
+    for r in rows:
+        cells = [_num(r["rss_by_stage_mb"].get(s), "{:.0f}") for s in stages]
+        cells += [_num(r["peak_rss_mb"], "{:.0f}"), _num(r["size_mb"], "{:.0f}"), _num(r.get("rss_x_size"), "{:.2f}")]
+        cells += [_num(r.get("cold_start_phases_s", {}).get(p), "{:.2f}") for p in phases]
+        cells.append(_num(r["cold_start_s"], "{:.2f}"))
+        lines.append(f"| {r['name']} | {r['threads']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     m, s = results["machine"], results["setup"]
     ort = results.get("machine_detail", {}).get("ort_matmul_gflops", {})
@@ -104,6 +119,12 @@ def markdown(results: dict) -> str:
     if results.get("skipped"):
         parts += ["Not run:", *[f"- {x['name']}{' (t=' + str(x['threads']) + ')' if 'threads' in x else ''}: {x['reason']}"
                                 for x in results["skipped"]], ""]
+    staged = [r for r in results["systems"] if r.get("rss_by_stage_mb")]
+    if staged:
+        parts += ["## Memory and start-up", "",
+                  "Resident memory (MB) after each stage and the cold start by phase (s): process start is the "
+                  "interpreter and the bench's own imports; a bundle's load includes verifying every file's checksum.", "",
+                  memory_table(staged), ""]
     if results.get("index"):
         parts += ["## hnswlib at scale (inner product)", "",
                   "A real corpus embedded with the bundle's own query encoder and queried with held-out real "

@@ -46,5 +46,7 @@ def system_row(r: dict, limits: dict) -> dict:
         "decode_x_floor": decode_ms_per_token / decode_floor if decode_ms_per_token and decode_floor else None,
         "mean_prompt_tokens": prompt_tokens, "mean_new_tokens": float(col("new_tokens").mean()) if rows else 0.0,
         "load_s": r["load_s"], "weight_bytes_per_token": r["weight_bytes"], "n": len(rows),
+        "rss_x_size": r["peak_rss_mb"] / r["size_mb"] if r["size_mb"] else None,
+        "rss_by_stage_mb": r.get("rss_by_stage_mb", {}), "cold_start_phases_s": r.get("cold_start_phases_s", {}),
     }
     return row

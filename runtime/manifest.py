@@ -75,6 +75,7 @@ class QueryEncoderSpec(_Quantized):
     parameters: int | None = None
     quantization: dict = field(default_factory=dict)
     graph_optimization: str = "none"
+    weights: str = ""                       # the graph's weights, outside it (memory-mapped); "": inside
 
 
 @dataclass
@@ -96,6 +97,7 @@ class GeneratorSpec(_Quantized):
     decoder_start_token_id: int = -1        # encoder-decoder: the decoder's first input
     forced_bos_token_id: int | None = None  # encoder-decoder: fed after it, where the model forces one
     decoder_positions: int = 0              # encoder-decoder: decoder positions, start tokens and answer (0: unknown)
+    weights: str = ""                       # the graph's weights, outside it (memory-mapped); "": inside
 
 
 @dataclass
@@ -233,6 +235,10 @@ class Manifest:
             named["generator.decoder_onnx"] = self.generator.decoder_onnx
         if self.compression is not None:
             named["compression.file"] = self.compression.file
+        if self.query_encoder.weights:
+            named["query_encoder.weights"] = self.query_encoder.weights
+        if self.generator.weights:
+            named["generator.weights"] = self.generator.weights
         return named
 
     def to_bytes(self) -> bytes:
@@ -348,13 +354,16 @@ def check_in_bundle(bundle: Path, name: str) -> Path:
     return path
 
 
-def verify(bundle: str | Path, manifest: Manifest | None = None) -> Manifest:
-    """Check every listed file's size and SHA-256; raise BundleError naming the first bad one."""
+def verify(bundle: str | Path, manifest: Manifest | None = None, names: set[str] | None = None) -> Manifest:
+    """Check every listed file's size and SHA-256 (or only those in `names`); raise BundleError naming the
+    first bad one."""
     bundle = Path(bundle)
     manifest = manifest or read_manifest(bundle)
     if not manifest.files:
         raise BundleError(f"{MANIFEST} in {bundle} lists no files")
     for name, record in manifest.files.items():
+        if names is not None and name not in names:
+            continue
         path = check_in_bundle(bundle, name)
         if os.path.getsize(path) != record.bytes:
             raise BundleError(f"file {name} in bundle {bundle} has {os.path.getsize(path)} bytes, "

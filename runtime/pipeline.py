@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import sqlite3
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -40,6 +42,15 @@ def make_session(path: Path, threads: int | None, provider: str = "CPUExecutionP
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=[provider])
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's freed pages back to the system. glibc keeps them otherwise: parsing the
+    generator's tokenizer left 16 MB freed but resident, on top of which the generator then loaded."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator decides
 
 
 class QueryEncoder:
@@ -344,12 +355,31 @@ class Pipeline:
         """
         bundle = Path(bundle)
         manifest = read_manifest(bundle)
-        if check:
-            verify(bundle, manifest)
         for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
             check_in_bundle(bundle, name)
+        if not check:
+            return cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only)
+        # The graphs (most of a bundle's bytes) are hashed in a thread while onnxruntime builds their
+        # sessions: both release the GIL, so the two overlap on two cores. Every other file is checked
+        # before it is parsed (hnswlib trusts its input), and no pipeline is returned before all have passed.
+        graphs = {n for n in (manifest.query_encoder.onnx, manifest.query_encoder.weights, manifest.generator.onnx,
+                              manifest.generator.weights, manifest.generator.decoder_onnx) if n}
+        verify(bundle, manifest, set(manifest.files) - graphs)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            graphs_checked = pool.submit(verify, bundle, manifest, graphs)
+            try:
+                pipeline = cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only)
+            except Exception:
+                graphs_checked.result()  # a damaged graph is reported as damaged, not as the library's error
+                raise
+            graphs_checked.result()
+        return pipeline
+
+    @classmethod
+    def _open(cls, bundle: Path, manifest: Manifest, threads: int | None, reuse_prefix: str | bool,
+              retrieval_only: bool) -> "Pipeline":
         enc, gen, idx = manifest.query_encoder, manifest.generator, manifest.index
-        with _reading(bundle, enc.onnx, enc.tokenizer):
+        with _reading(bundle, enc.onnx, enc.tokenizer, *filter(None, [enc.weights])):
             encoder = QueryEncoder(make_session(bundle / enc.onnx, threads),
                                    Tokenizer.from_file(str(bundle / enc.tokenizer)), enc.max_length)
         with _reading(bundle, idx.file):
@@ -376,12 +406,14 @@ class Pipeline:
         template = manifest.prompt.template
         with _reading(bundle, gen.tokenizer):
             tokenizer = Tokenizer.from_file(str(bundle / gen.tokenizer))
+        return_freed_memory()
         generator = None
         if not retrieval_only:
-            with _reading(bundle, gen.onnx, *([gen.decoder_onnx] if gen.decoder_onnx else [])):
+            with _reading(bundle, gen.onnx, *filter(None, [gen.decoder_onnx, gen.weights])):
                 # read_manifest has refused families without a generation loop here
                 generator = GENERATORS[gen.family](bundle, manifest, threads, reuse_prefix,
                                                    tokenizer.encode(template.prefix, add_special_tokens=False).ids)
+            return_freed_memory()
         return cls(bundle, manifest, encoder, index, store, generator, tokenizer, template, idx.count, compression, pieces)
 
     # retrieval ---------------------------------------------------------------------------

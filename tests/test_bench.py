@@ -63,6 +63,12 @@ def test_results_follow_the_schema(bench_out):
                 assert _finite(row[key]) or (key == "decode_ms_per_token" and row[key] is None), (row["name"], key, row[key])
         assert row["threads"] == 1 and row["peak_rss_mb"] > 0 and row["size_mb"] > 0
         assert 0 <= row["f1"] <= 100 and 0 <= row["recall@5"] <= 100
+        stages, phases = row["rss_by_stage_mb"], row["cold_start_phases_s"]
+        assert list(stages)[-3:] == ["load", "first answer", "after 4 answers"] and all(v > 0 for v in stages.values())
+        assert max(stages.values()) <= row["peak_rss_mb"] + 1
+        assert "first answer" in phases and sum(phases.values()) <= row["cold_start_s"] + 0.01
+        if row["name"].startswith("bundle"):
+            assert list(stages)[0] == "import" and list(phases) == ["process start", "import", "load", "first answer"]
     assert [(r["vectors"], r["n"]) for r in results["index"]] == [("squad.json", 16), ("random", 300), ("random", 600)]
     real = results["index"][0]   # 12 passages and 4 questions, embedded with the bundle's encoder
     assert real["recall@10"] == 1.0 and real["reached_target"] and real["queries"] == 4
@@ -76,6 +82,7 @@ def test_report_and_plots(bench_out):
     report = (bench_out / "report.md").read_text()
     assert "| teacher-torch | 1 |" in report and "(1.00×)" in report  # ratios to the teacher
     assert "bundle-int4" in report
+    assert "## Memory and start-up" in report and "| bundle-int4 | 1 |" in report.split("## Memory and start-up")[1]
     for name in ("latency_by_stage.png", "quality_vs_latency.png", "peak_memory.png"):
         assert (bench_out / name).read_bytes()[:8] == PNG
 

@@ -161,6 +161,52 @@ def test_kl_across_contexts_decreases(compressed_run):
     assert kl() < 0.8 * before
 
 
+def test_teacher_positives_are_the_pieces_the_teacher_scores_highest(compressed_run):
+    """RECOMP's positives: batched scores equal one-at-a-time scores (padding changes nothing), and
+    each question's positive is its own piece with the highest score."""
+    from edgerag.models import load_generator
+    from edgerag.train.compress import answer_logprobs, positive_share, teacher_positives
+    from edgerag.train.pipeline import Run
+    from edgerag.train.recipe import load_recipe
+    from edgerag.train.teacher import Prompter
+
+    tiny, out, _ = compressed_run
+    run = Run(out, load_recipe(out / "recipe.toml"))
+    teacher, tokenizer = load_generator(run.teacher_generator)
+    prompter = Prompter(tokenizer, 128, 8)
+    questions = run.questions("train")[:3]
+    contexts = [[(q.title, q.context), ("Other", "Short one. And a second sentence here.")] for q in questions]
+    items = [(q.question, [(title, piece)], q.answers[0]) for q, ctx in zip(questions, contexts)
+             for title, text in ctx for piece in split_pieces(text)]
+    batched, single = answer_logprobs(teacher, prompter, items, batch_size=8), answer_logprobs(teacher, prompter, items, 1)
+    np.testing.assert_allclose(batched, single, atol=1e-4)
+    positives = teacher_positives(teacher, prompter, questions, contexts, max_piece_words=48)
+    start = 0
+    for q, ctx, positive in zip(questions, contexts, positives):
+        pieces = [(title, piece) for title, text in ctx for piece in split_pieces(text)]
+        scores = single[start:start + len(pieces)]
+        start += len(pieces)
+        assert positive == pieces[int(np.argmax(scores))]
+    assert positive_share(positives, contexts) == 100.0
+    assert positive_share(positives, [[("Other", "nothing kept")]] * 3) == 0.0
+
+
+def test_selector_fitted_on_teacher_positives(compressed_run):
+    import dataclasses
+
+    from edgerag.train.compress import LEXICAL_WEIGHTS
+    from edgerag.train.pipeline import Run, fitted_compression
+    from edgerag.train.recipe import load_recipe
+
+    _, out, _ = compressed_run
+    recipe = load_recipe(out / "recipe.toml")
+    recipe = dataclasses.replace(recipe, compress=dataclasses.replace(recipe.compress, fit_target="teacher"))
+    compression, shares = fitted_compression(Run(out, recipe))
+    assert list(shares) == [str(w) for w in LEXICAL_WEIGHTS] and all(0 <= v <= 100 for v in shares.values())
+    assert shares[str(compression.selector.lexical)] == max(shares.values())
+    assert compression.budget == recipe.compress.budget and compression.passages == recipe.compress.passages
+
+
 def test_bundle_prompt_equals_the_training_prompt(compressed_run, compressed_bundle):
     """For the same question and passages, the device's compressed prompt is token for token the one
     the student was trained on (training: torch encoder + transformers tokenizer; device: the bundle's

@@ -61,14 +61,64 @@ def answer_share(questions, contexts) -> float:
     return 100.0 * sum(hits) / max(len(hits), 1)
 
 
-def fit_selector(compression: Compression, questions, query_vectors, contexts, embedder, encode) -> tuple[Selector, dict]:
-    """The lexical weight (dense weight 1) under which the selected pieces hold a gold answer for the
-    most train questions, at the recipe's budget; ties go to the smaller weight. Returns the selector
-    and the share reached by every weight tried."""
+def positive_share(positives, contexts) -> float:
+    """The share (0-100) of questions whose compressed context kept their positive piece: (title,
+    piece text), or None where a question has none."""
+    hits = [p is not None and any(title == p[0] and p[1] in text for title, text in ctx)
+            for p, ctx in zip(positives, contexts)]
+    return 100.0 * sum(hits) / max(len(hits), 1)
+
+
+def fit_selector(compression: Compression, questions, query_vectors, contexts, embedder, encode,
+                 positives=None) -> tuple[Selector, dict]:
+    """The lexical weight (dense weight 1) under which the selected pieces serve the most train
+    questions at the recipe's budget: hold a gold answer, or, given `positives` (one (title, piece)
+    per question, see teacher_positives), keep that piece. Ties go to the smaller weight. Returns the
+    selector and the share reached by every weight tried."""
     shares = {}
     for weight in LEXICAL_WEIGHTS:
         trial = Compression(compression.passages, compression.budget, Selector(1.0, weight), compression.max_piece_words)
         chosen = compressed_contexts(trial, [q.question for q in questions], query_vectors, contexts, embedder, encode)
-        shares[weight] = round(answer_share(questions, chosen), 2)
+        share = answer_share(questions, chosen) if positives is None else positive_share(positives, chosen)
+        shares[weight] = round(share, 2)
     best = max(LEXICAL_WEIGHTS, key=lambda w: (shares[w], -w))
     return Selector(1.0, best), {str(w): s for w, s in shares.items()}
+
+
+def answer_logprobs(model, prompter, items, batch_size: int = 16, progress: str | None = None) -> list[float]:
+    """The mean log-probability of each answer's tokens after its prompt: items are (question,
+    [(title, text)], answer); batched with left padding (collate), so a row's score is its own."""
+    import torch
+    from tqdm import tqdm
+
+    from .teacher import Example, collate
+
+    pad = prompter.tokenizer.pad_token_id if prompter.tokenizer.pad_token_id is not None else prompter.stop_ids[0]
+    scores = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(items), batch_size), desc=progress, unit="batch", disable=progress is None):
+            examples = [Example("", prompter.prompt(q, passages), prompter.target(a))
+                        for q, passages, a in items[start:start + batch_size]]
+            ids, mask, positions, labels = collate(examples, pad)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
+            labels = labels[:, 1:]
+            taken = labels != -100
+            logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            scores += ((logp * taken).sum(-1) / taken.sum(-1)).tolist()
+    return scores
+
+
+def teacher_positives(teacher, prompter, questions, contexts, max_piece_words: int, batch_size: int = 16):
+    """RECOMP's positives: for each question, the piece of its passages after which the teacher finds
+    its gold answer most likely (mean log-probability of the answer's tokens, the teacher reading
+    that piece alone under its passage's title), as (title, piece). None where there is no piece."""
+    jobs = [(i, title, piece) for i, passages in enumerate(contexts)
+            for title, text in passages for piece in split_pieces(text, max_piece_words)]
+    scores = answer_logprobs(teacher, prompter, [(questions[i].question, [(title, piece)], questions[i].answers[0])
+                                                 for i, title, piece in jobs], batch_size, progress="teacher positives")
+    best: list = [None] * len(contexts)
+    top = [float("-inf")] * len(contexts)
+    for (i, title, piece), score in zip(jobs, scores):
+        if score > top[i]:
+            best[i], top[i] = (title, piece), score
+    return best

@@ -488,9 +488,21 @@ def fitted_compression(run: Run):
         return compression, {}
     questions = run.questions("train")[:c.fit_questions]
     contexts = [[(p.title, p.text) for p in ranked] for ranked in retrieve_for(run, questions, c.passages)]
+    positives = None
+    if c.fit_target == "teacher":
+        from edgerag.models import load_generator
+
+        from .compress import teacher_positives
+        from .teacher import Prompter
+
+        teacher, tokenizer = load_generator(run.teacher_generator)
+        p = run.recipe.prompt
+        positives = teacher_positives(teacher.eval(), Prompter(tokenizer, p.max_prompt_tokens, p.max_answer_tokens),
+                                      questions, contexts, compression.max_piece_words)
     selector, shares = fit_selector(compression, questions, student_query_vectors(run, questions), contexts,
-                                    student_piece_embedder(run), student_prompter(run).encode)
-    print(f"[student_folder] selector: lexical weight {selector.lexical} (answer in context, %, by weight: {shares})")
+                                    student_piece_embedder(run), student_prompter(run).encode, positives)
+    kept = "answer in context" if positives is None else "teacher's best piece kept"
+    print(f"[student_folder] selector: lexical weight {selector.lexical} ({kept}, %, by weight: {shares})")
     return Compression(c.passages, c.budget, selector), shares
 
 
@@ -707,6 +719,11 @@ def _values(cfg, *drop: str) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
 
 
+def _compress_values(c) -> dict:
+    # fit_target came later: left out at its default, so that earlier runs' stages stay reusable
+    return _values(c, *(["fit_target"] if c.fit_target == "answer" else []))
+
+
 def _local(*names: str) -> list[Path]:
     """The recipe's model names that are files or folders here (hub ids are named by their settings)."""
     return [Path(n) for n in names if n and Path(n).exists()]
@@ -728,7 +745,7 @@ def _kd_settings(r: Recipe) -> dict:
             **{k: getattr(g, k) for k in ("examples", "k", "gold_probability", "max_prompt_tokens", "seq_kd",
                                            "temperature", "top_k")},
             **({"gradient_projections": g.gradient_projections} if g.gradient_weight > 0 else {}),
-            **({"compress": _values(r.compress), "prompt": _values(r.prompt)} if r.compress.enabled else {})}
+            **({"compress": _compress_values(r.compress), "prompt": _values(r.prompt)} if r.compress.enabled else {})}
 
 
 def _compress_inputs(run: Run) -> list[Path]:
@@ -782,7 +799,7 @@ STAGES = [
           outputs=lambda run: [run.student_info, *([run.student_passage_encoder] if run.teacher_passages else [])],
           settings=lambda r: {"passage_encoder": r.student.passage_encoder, "prompt": _values(r.prompt),
                               "teacher": r.teacher.generator,
-                              **({"compress": _values(r.compress)} if r.compress.enabled else {})}),
+                              **({"compress": _compress_values(r.compress)} if r.compress.enabled else {})}),
     Stage("general_cache", stage_general_cache,
           inputs=lambda run: [run.teacher_generator, run.corpus_file],
           outputs=lambda run: [],

@@ -139,6 +139,9 @@ class CompressConfig:
     budget: int = 48                 # generator tokens of selected piece text per prompt
     fit_selector: bool = True        # weigh the selector's features on train questions (else dense 1, lexical 1)
     fit_questions: int = 200         # train questions the selector is fitted on
+    # what the fit maximizes: "answer" (the selected pieces hold a gold answer) or "teacher" (they keep
+    # the piece after which the teacher finds the gold answer most likely: RECOMP's positives)
+    fit_target: str = "answer"
 
 
 @dataclass
@@ -288,6 +291,8 @@ def validate(r: Recipe, check_models: bool = True) -> None:
     if r.compress.enabled:
         if r.teacher.kind == "hf-rag":
             raise RecipeError("compress.enabled: a compressed context is available for decoder-only students only")
+        if r.compress.fit_target not in ("answer", "teacher"):
+            raise RecipeError(f"compress.fit_target: 'answer' or 'teacher', got {r.compress.fit_target!r}")
         for key in ("passages", "budget", "fit_questions"):
             if getattr(r.compress, key) < 1:
                 raise RecipeError(f"compress.{key}: must be at least 1, got {getattr(r.compress, key)}")

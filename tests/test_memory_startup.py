@@ -1,0 +1,81 @@
+"""Memory and start-up settings: the graphs' weights outside the graphs (memory-mapped), and the
+honest decode floor. Each setting must leave the runtime's output tokens unchanged."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from edgerag.benchmarks.machine import onnx_weight_bytes
+from edgerag.runtime import Pipeline
+from edgerag.runtime.manifest import MANIFEST, BundleError, dump_manifest, file_record
+
+QUESTIONS = ["Which team won Super Bowl 50?", "What is the capital of Poland?", "Where is Normandy?"]
+
+
+def _weights_inside(bundle, target):
+    """A copy of `bundle` whose graphs hold their weights inside (as bundles did before)."""
+    shutil.copytree(bundle, target)
+    manifest = json.loads((target / MANIFEST).read_text())
+    for key in ("query_encoder", "generator"):
+        spec = manifest[key]
+        graph = onnx.load(str(target / spec["onnx"]))  # reads the external weights
+        (target / spec["weights"]).unlink()
+        onnx.save_model(graph, str(target / spec["onnx"]), save_as_external_data=False)
+        del manifest["files"][spec["weights"]]
+        manifest["files"][spec["onnx"]] = vars(file_record(target / spec["onnx"]))
+        spec["weights"] = ""
+    (target / MANIFEST).write_bytes(dump_manifest(manifest))
+    return target
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8sq"])
+def test_weights_outside_the_graph_give_the_same_tokens(bundle_fixture, request, tmp_path):
+    bundle = request.getfixturevalue(bundle_fixture)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    for key in ("query_encoder", "generator"):
+        weights = manifest[key]["weights"]
+        assert weights in manifest["files"] and (bundle / weights).stat().st_size > (bundle / manifest[key]["onnx"]).stat().st_size
+    inside = _weights_inside(bundle, tmp_path / "inside")
+    outside, before = Pipeline.load(bundle), Pipeline.load(inside)
+    for question in QUESTIONS:
+        a, b = outside.ask(question, max_new_tokens=8), before.ask(question, max_new_tokens=8)
+        assert a.answer == b.answer and a.new_tokens == b.new_tokens
+        assert [p["id"] for p in a.passages] == [p["id"] for p in b.passages]
+
+
+def test_missing_or_changed_weights_file_is_named(tiny_bundle, tmp_path):
+    weights = json.loads((tiny_bundle / MANIFEST).read_text())["generator"]["weights"]
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_bundle, missing)
+    (missing / weights).unlink()
+    with pytest.raises(BundleError, match=f"missing file {weights}"):
+        Pipeline.load(missing)
+    with pytest.raises(BundleError, match=weights):
+        Pipeline.load(missing, check=False)
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_bundle, changed)
+    with open(changed / weights, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match=f"checksum mismatch for {weights}"):
+        Pipeline.load(changed)
+
+
+def test_decode_floor_leaves_out_gathered_tables(tiny_bundle, tiny_bundle_int8wo):
+    """The input embedding is read one row per token: a table only gathered from (8-bit blocks and
+    their scales in a quantized bundle) is not part of the bytes a decode step reads; a table the LM
+    head also reads (tied, fp32) is."""
+    def sizes(bundle):
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        path = bundle / manifest["generator"]["onnx"]
+        total = sum(onnx.numpy_helper.to_array(i).nbytes for i in onnx.load(str(path)).graph.initializer)
+        return onnx_weight_bytes(path), total, manifest["generator"]["vocab_size"] * manifest["generator"]["hidden_size"]
+
+    read, total, table = sizes(tiny_bundle)
+    assert read == total  # tied: the LM head reads the whole table every step
+    read, total, table = sizes(tiny_bundle_int8wo)
+    assert total - table - table // 4 <= read <= total - table  # the 8-bit table (1 byte a value) and its scales left out
