@@ -358,21 +358,31 @@ class Pipeline:
         for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
             check_in_bundle(bundle, name)
         if not check:
-            return cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only)
-        # The graphs (most of a bundle's bytes) are hashed in a thread while onnxruntime builds their
-        # sessions: both release the GIL, so the two overlap on two cores. Every other file is checked
-        # before it is parsed (hnswlib trusts its input), and no pipeline is returned before all have passed.
-        graphs = {n for n in (manifest.query_encoder.onnx, manifest.query_encoder.weights, manifest.generator.onnx,
-                              manifest.generator.weights, manifest.generator.decoder_onnx) if n}
-        verify(bundle, manifest, set(manifest.files) - graphs)
+            return cls._opened(cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only), retrieval_only)
+        # The graphs' weight files (most of a bundle's bytes) are hashed in a thread while onnxruntime
+        # builds the sessions: both release the GIL, so the two overlap on two cores. Every other file
+        # is checked before it is parsed (hnswlib trusts its input); the weights' sizes are checked
+        # first too, so a damaged weight file can only hold wrong values until its hash says so. No
+        # pipeline is returned before every file has passed.
+        weights = {n for n in (manifest.query_encoder.weights, manifest.generator.weights) if n}
+        verify(bundle, manifest, set(manifest.files) - weights)
+        verify(bundle, manifest, weights, sizes_only=True)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            graphs_checked = pool.submit(verify, bundle, manifest, graphs)
+            weights_checked = pool.submit(verify, bundle, manifest, weights)
             try:
                 pipeline = cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only)
             except Exception:
-                graphs_checked.result()  # a damaged graph is reported as damaged, not as the library's error
+                weights_checked.result()  # damaged weights are reported as damaged, not as the library's error
                 raise
-            graphs_checked.result()
+            weights_checked.result()
+        return cls._opened(pipeline, retrieval_only)
+
+    @staticmethod
+    def _opened(pipeline: "Pipeline", retrieval_only: bool) -> "Pipeline":
+        """The pipeline, once it has loaded (and passed its checks): says, once, what it lacks."""
+        if pipeline.compression is None and not retrieval_only:
+            warnings.warn(f"bundle {pipeline.path} carries no compressed-context data (exported before it existed, or "
+                          "from a student that reads whole passages): answers read the full top-k passages", stacklevel=3)
         return pipeline
 
     @classmethod
@@ -400,9 +410,6 @@ class Pipeline:
             with _reading(bundle, manifest.compression.file):
                 compression = manifest.compression.settings()
                 pieces = PieceVectors.load(bundle / manifest.compression.file, idx.count, manifest.compression.pieces, idx.dim)
-        elif not retrieval_only:
-            warnings.warn(f"bundle {bundle} carries no compressed-context data (exported before it existed, or from a "
-                          "student that reads whole passages): answers read the full top-k passages", stacklevel=2)
         template = manifest.prompt.template
         with _reading(bundle, gen.tokenizer):
             tokenizer = Tokenizer.from_file(str(bundle / gen.tokenizer))
