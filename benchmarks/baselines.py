@@ -2,8 +2,8 @@
 
   optimum-ort   Optimum's ORTModelForCausalLM on the bundle's own generator.onnx. Our graph keeps
                 Optimum's inputs and outputs, with logits of the last position only, and Optimum's
-                generate reads only `logits[:, -1]`, so the graph is used as is: the folder holds a
-                symlink to it beside the generator's config.json.
+                generate reads only `logits[:, -1]`, so the graph is used as is: the folder holds
+                hard links to it and its weights beside the generator's config.json.
   ortgenai-*    onnxruntime-genai with its own model builder (int4 or fp32) from the same Hugging
                 Face generator. The builder needs a newer transformers than optimum-onnx allows, so
                 it runs in a separate venv that sees this venv's packages (torch, onnxruntime, numpy)
@@ -48,12 +48,13 @@ def optimum_folder(bundle: Path, generator_source: str, cache: Path) -> Path:
     from edgerag.runtime import read_manifest
 
     manifest = read_manifest(bundle)
-    digest = manifest.files[manifest.generator.onnx].sha256[:12]
+    gen = manifest.generator
+    # the graph and its weights: two students of one shape can have byte-identical graphs
+    digest = hashlib.sha256("".join(manifest.files[n].sha256 for n in (gen.onnx, gen.weights) if n).encode()).hexdigest()[:12]
     out = cache / f"optimum-{digest}"
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    generator_config(generator_source).save_pretrained(out)
     # hard links (copies across file systems): onnxruntime reads a graph's outside weights only from
     # the graph's own real folder, so a symlinked graph would not find them
     for source, name in ((manifest.generator.onnx, "model.onnx"), (manifest.generator.weights, manifest.generator.weights)):
@@ -66,6 +67,7 @@ def optimum_folder(bundle: Path, generator_source: str, cache: Path) -> Path:
             os.link(bundle / source, target)
         except OSError:
             shutil.copy(bundle / source, target)
+    generator_config(generator_source).save_pretrained(out)  # last: config.json says the folder is complete
     return out
 
 

@@ -118,7 +118,8 @@ def embedded(bundle: Path, texts: list[str], cache: Path, batch_size: int = 64) 
     manifest = verify(bundle)
     enc = manifest.query_encoder
     key = hashlib.sha256()
-    for part in (manifest.files[enc.onnx].sha256, manifest.files[enc.tokenizer].sha256, *texts):
+    weights = [manifest.files[enc.weights].sha256] if enc.weights else []
+    for part in (manifest.files[enc.onnx].sha256, *weights, manifest.files[enc.tokenizer].sha256, *texts):
         key.update(part.encode("utf-8", "surrogatepass") + b"\0")
     path = Path(cache) / f"embeddings-{key.hexdigest()[:20]}.npy"
     if path.exists():

@@ -78,7 +78,7 @@ def build_index(vectors: np.ndarray, path: Path, m: int, ef_construction: int) -
     index.save_index(str(path))
 
 
-def optimize_offline(src: Path, dst: Path, weights: str = "") -> str:
+def optimize_offline(src: Path, dst: Path, weights: str = "") -> tuple[str, str]:
     """Save onnxruntime's portable (EXTENDED level) graph optimizations, so the device does not redo them.
 
     Loading the SmolLM2 generator took 1.4 s as exported and 0.75 s optimized (README). Hardware
@@ -87,7 +87,10 @@ def optimize_offline(src: Path, dst: Path, weights: str = "") -> str:
 
     weights: a file name beside `dst` for the weights, outside the graph. onnxruntime memory-maps such
     a file instead of copying the weights out of a parsed graph, which cut the compressed demo
-    bundle's peak RSS from 353 to 310 MB and its load time (README, "Memory").
+    bundle's peak RSS from 353 to 310 MB and its load time (README, "Memory and start-up").
+
+    Returns (what was optimized, the weights file written: `weights`, or "" where no tensor was large
+    enough to leave the graph).
     """
     import onnxruntime as ort
 
@@ -109,8 +112,10 @@ def optimize_offline(src: Path, dst: Path, weights: str = "") -> str:
                             location=weights, size_threshold=1024)
         else:
             shutil.copy(src, dst)
-        return "none"
-    return f"extended, onnxruntime {ort.__version__}"
+        optimized = "none"
+    else:
+        optimized = f"extended, onnxruntime {ort.__version__}"
+    return optimized, (weights if weights and (dst.parent / weights).exists() else "")
 
 
 def stop_token_ids(tokenizer, template: PromptTemplate) -> list[int]:
@@ -226,8 +231,8 @@ def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path,
         paths["fp32"][part] = work / "generator_fp32" / file
         graph, quantization[part] = quantize(graph, method, opts.block_size, opts.accuracy_level, is_generator=part == "decoder")
         onnx_export.save(graph, work / f"generator_{part}.onnx")
-        quantization[part]["graph_optimization"] = optimize_offline(work / f"generator_{part}.onnx",
-                                                                    bundle / f"generator_{part}.onnx")
+        quantization[part]["graph_optimization"], _ = optimize_offline(work / f"generator_{part}.onnx",
+                                                                       bundle / f"generator_{part}.onnx")
         if method != "none":
             paths[method][part] = bundle / f"generator_{part}.onnx"
     shutil.copy(gen_folder / "tokenizer.json", bundle / "generator_tokenizer.json")
@@ -320,7 +325,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         enc_graph, enc_quant = quantize(enc_graph, opts.quantize_encoder, opts.block_size, opts.accuracy_level,
                                         is_generator=False)
         onnx_export.save(enc_graph, work / "query_encoder.onnx")
-        enc_optimization = optimize_offline(work / "query_encoder.onnx", bundle / "query_encoder.onnx", QUERY_ENCODER_WEIGHTS)
+        enc_optimization, enc_weights = optimize_offline(work / "query_encoder.onnx", bundle / "query_encoder.onnx",
+                                                         QUERY_ENCODER_WEIGHTS)
         shutil.copy(enc_folder / "tokenizer.json", bundle / "query_tokenizer.json")
         stages.update()
 
@@ -388,7 +394,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
             sources={"query_encoder": str(query_encoder), "generator": str(generator),
                      "passage_encoder": str(passage_encoder or query_encoder), "passages": str(passages_file)},
             query_encoder=QueryEncoderSpec(onnx="query_encoder.onnx", tokenizer="query_tokenizer.json", pooling=pooling,
-                                           weights=QUERY_ENCODER_WEIGHTS,
+                                           weights=enc_weights,
                                            max_length=max_length, dim=int(vectors.shape[1]), normalized=normalized,
                                            quantization=enc_quant, parameters=encoder_parameters,
                                            graph_optimization=enc_optimization),
@@ -430,7 +436,7 @@ def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, qu
     gen_quant.update(smoothing)
     onnx_export.save(gen_graph, work / "generator.onnx")
     del gen_graph
-    gen_optimization = optimize_offline(work / "generator.onnx", bundle / "generator.onnx", GENERATOR_WEIGHTS)
+    gen_optimization, gen_weights = optimize_offline(work / "generator.onnx", bundle / "generator.onnx", GENERATOR_WEIGHTS)
     shutil.copy(gen_folder / "tokenizer.json", bundle / "generator_tokenizer.json")
     stages.update()
 
@@ -443,7 +449,7 @@ def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, qu
 
     config = gen_model.config
     spec = GeneratorSpec(family="decoder-only", onnx="generator.onnx", tokenizer="generator_tokenizer.json",
-                         weights=GENERATOR_WEIGHTS, model_type=config.model_type, num_layers=config.num_hidden_layers,
+                         weights=gen_weights, model_type=config.model_type, num_layers=config.num_hidden_layers,
                          hidden_size=config.hidden_size, vocab_size=config.vocab_size,
                          parameters=sum(p.numel() for p in gen_model.parameters()),
                          max_context=min(opts.max_context, getattr(config, "max_position_embeddings", opts.max_context)),

@@ -3,7 +3,8 @@
 A bundle is a directory with `manifest.json` and the files the manifest lists, each with its
 SHA-256 and size. The exporter writes the manifest through `Manifest.write`, every reader gets
 it from `read_manifest` (or `Pipeline.load`) as the dataclasses below and uses attributes; no
-other code indexes its JSON. The runtime verifies every file before it loads any of them.
+other code indexes its JSON. The runtime verifies every file before it returns a loaded bundle (and
+every file but the graphs' weights before it parses any: see Pipeline.load).
 
 Format version 1 (every bundle edgerag has written so far):
   query_encoder   ONNX graph whose output is the pooled, L2-normalized embedding; its tokenizer.

@@ -49,7 +49,7 @@ def return_freed_memory() -> None:
     generator's tokenizer left 16 MB freed but resident, on top of which the generator then loaded."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         pass  # not glibc: its allocator decides
 
 
@@ -341,7 +341,8 @@ class Pipeline:
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
              reuse_prefix: str | bool = "template", retrieval_only: bool = False) -> "Pipeline":
-        """Load a bundle directory. Every file's checksum is verified first (`check=False` skips that).
+        """Load a bundle directory. Every file's checksum is verified (`check=False` skips that): the weight
+        files' beside the loading, every other file's before it is parsed.
 
         retrieval_only: load no generator (retrieve and passages work; ask and stream do not).
 

@@ -191,20 +191,42 @@ def test_teacher_positives_are_the_pieces_the_teacher_scores_highest(compressed_
     assert positive_share(positives, [[("Other", "nothing kept")]] * 3) == 0.0
 
 
-def test_selector_fitted_on_teacher_positives(compressed_run):
+def test_selector_fitted_on_teacher_positives(compressed_run, monkeypatch):
+    """fit_target = "teacher": the pipeline scores pieces with the teacher once, then fits the selector
+    on keeping those pieces (the shares are the positives', not answer containment's)."""
     import dataclasses
 
-    from edgerag.train.compress import LEXICAL_WEIGHTS
-    from edgerag.train.pipeline import Run, fitted_compression
+    import edgerag.train.compress as compress
+    from edgerag.train.pipeline import Run, fitted_compression, retrieve_for, student_piece_embedder, \
+        student_prompter, student_query_vectors
     from edgerag.train.recipe import load_recipe
 
     _, out, _ = compressed_run
     recipe = load_recipe(out / "recipe.toml")
     recipe = dataclasses.replace(recipe, compress=dataclasses.replace(recipe.compress, fit_target="teacher"))
-    compression, shares = fitted_compression(Run(out, recipe))
-    assert list(shares) == [str(w) for w in LEXICAL_WEIGHTS] and all(0 <= v <= 100 for v in shares.values())
-    assert shares[str(compression.selector.lexical)] == max(shares.values())
-    assert compression.budget == recipe.compress.budget and compression.passages == recipe.compress.passages
+    run = Run(out, recipe)
+    real, calls = compress.teacher_positives, []
+
+    def recorded(teacher, prompter, questions, contexts, max_piece_words, **kw):
+        calls.append(len(questions))
+        return real(teacher, prompter, questions, contexts, max_piece_words, **kw)
+
+    monkeypatch.setattr(compress, "teacher_positives", recorded)
+    compression, shares = fitted_compression(run)
+    questions = run.questions("train")[:recipe.compress.fit_questions]
+    assert calls == [len(questions)]
+    contexts = [[(p.title, p.text) for p in ranked] for ranked in retrieve_for(run, questions, recipe.compress.passages)]
+    vectors, embedder, encode = student_query_vectors(run, questions), student_piece_embedder(run), student_prompter(run).encode
+    from edgerag.models import load_generator
+    from edgerag.train.teacher import Prompter
+
+    teacher, tokenizer = load_generator(run.teacher_generator)
+    positives = real(teacher, Prompter(tokenizer, recipe.prompt.max_prompt_tokens, recipe.prompt.max_answer_tokens),
+                     questions, contexts, compression.max_piece_words)
+    selector, expected = compress.fit_selector(compression, questions, vectors, contexts, embedder, encode, positives)
+    assert shares == expected and compression.selector == selector
+    _, by_answer = compress.fit_selector(compression, questions, vectors, contexts, embedder, encode)
+    assert all(0 <= v <= 100 for v in shares.values()) and by_answer != shares or positives == [None] * len(questions)
 
 
 def test_bundle_prompt_equals_the_training_prompt(compressed_run, compressed_bundle):

@@ -25,7 +25,7 @@ def _weights_inside(bundle, target):
         onnx.save_model(graph, str(target / spec["onnx"]), save_as_external_data=False)
         del manifest["files"][spec["weights"]]
         manifest["files"][spec["onnx"]] = vars(file_record(target / spec["onnx"]))
-        spec["weights"] = ""
+        del spec["weights"]  # as in a manifest written before the key existed
     (target / MANIFEST).write_bytes(dump_manifest(manifest))
     return target
 

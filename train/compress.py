@@ -91,7 +91,7 @@ def answer_logprobs(model, prompter, items, batch_size: int = 16, progress: str 
     import torch
     from tqdm import tqdm
 
-    from .teacher import Example, collate
+    from .teacher import Example, _device, collate
 
     pad = prompter.tokenizer.pad_token_id if prompter.tokenizer.pad_token_id is not None else prompter.stop_ids[0]
     scores = []
@@ -99,11 +99,13 @@ def answer_logprobs(model, prompter, items, batch_size: int = 16, progress: str 
         for start in tqdm(range(0, len(items), batch_size), desc=progress, unit="batch", disable=progress is None):
             examples = [Example("", prompter.prompt(q, passages), prompter.target(a))
                         for q, passages, a in items[start:start + batch_size]]
-            ids, mask, positions, labels = collate(examples, pad)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
+            ids, mask, positions, labels = collate(examples, pad, _device(model))
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1]
             labels = labels[:, 1:]
             taken = labels != -100
-            logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            width = int(taken.sum(-1).max())  # targets end every row (left padding): only the last positions count
+            logp = torch.log_softmax(logits[:, -width:].float(), -1).gather(-1, labels[:, -width:].clamp(min=0)[..., None])[..., 0]
+            taken = taken[:, -width:]
             scores += ((logp * taken).sum(-1) / taken.sum(-1)).tolist()
     return scores
 

@@ -440,7 +440,8 @@ def stage_student_folder(run: Run) -> dict:
         compression, shares = fitted_compression(run)
         # the template and the passages to retrieve travel with the student (edgerag export reads them)
         info.update(compression=compression.to_dict(), template="compact", k=compression.passages)
-        result.update(selector=compression.selector.to_dict(), answer_in_context_by_lexical_weight=shares)
+        kept = "teacher_piece_kept" if r.compress.fit_target == "teacher" else "answer_in_context"
+        result.update(selector=compression.selector.to_dict(), **{f"{kept}_by_lexical_weight": shares})
     atomic_write_text(run.student_info, json.dumps(info, indent=2))
     return result
 
@@ -497,8 +498,10 @@ def fitted_compression(run: Run):
 
         teacher, tokenizer = load_generator(run.teacher_generator)
         p = run.recipe.prompt
-        positives = teacher_positives(teacher.eval(), Prompter(tokenizer, p.max_prompt_tokens, p.max_answer_tokens),
+        positives = teacher_positives(teacher.to(loop.device()).eval(),
+                                      Prompter(tokenizer, p.max_prompt_tokens, p.max_answer_tokens),
                                       questions, contexts, compression.max_piece_words)
+        del teacher
     selector, shares = fit_selector(compression, questions, student_query_vectors(run, questions), contexts,
                                     student_piece_embedder(run), student_prompter(run).encode, positives)
     kept = "answer in context" if positives is None else "teacher's best piece kept"
