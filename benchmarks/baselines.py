@@ -3,7 +3,7 @@
   optimum-ort   Optimum's ORTModelForCausalLM on the bundle's own generator.onnx. Our graph keeps
                 Optimum's inputs and outputs, with logits of the last position only, and Optimum's
                 generate reads only `logits[:, -1]`, so the graph is used as is: the folder holds
-                hard links to it and its weights beside the generator's config.json.
+                symlinks to it and its weights beside the generator's config.json.
   ortgenai-*    onnxruntime-genai with its own model builder (int4 or fp32) from the same Hugging
                 Face generator. The builder needs a newer transformers than optimum-onnx allows, so
                 it runs in a separate venv that sees this venv's packages (torch, onnxruntime, numpy)
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,18 +54,16 @@ def optimum_folder(bundle: Path, generator_source: str, cache: Path) -> Path:
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    # hard links (copies across file systems): onnxruntime reads a graph's outside weights only from
-    # the graph's own real folder, so a symlinked graph would not find them
-    for source, name in ((manifest.generator.onnx, "model.onnx"), (manifest.generator.weights, manifest.generator.weights)):
+    # symlinks to the graph and to its weights: onnxruntime finds the weights beside the link and
+    # accepts them because their real path is beside the graph's (hard links would make onnx refuse
+    # the bundle's own weights file, which it reads as a possible hard-link attack)
+    for source, name in ((gen.onnx, "model.onnx"), (gen.weights, gen.weights)):
         if not source:
             continue
         target = out / name
         if target.is_symlink() or target.exists():
             target.unlink()
-        try:
-            os.link(bundle / source, target)
-        except OSError:
-            shutil.copy(bundle / source, target)
+        target.symlink_to((bundle / source).resolve())
     generator_config(generator_source).save_pretrained(out)  # last: config.json says the folder is complete
     return out
 
