@@ -16,7 +16,8 @@ def _pct(values, q) -> float:
 def system_row(r: dict, limits: dict) -> dict:
     rows = r["per_question"]
     col = lambda key: np.array([x[key] for x in rows], dtype=float)  # noqa: E731
-    decode_tokens = sum(max(x["new_tokens"] - 1, 0) for x in rows)
+    # every decode step counts, the one that produced the stop token too (its time is in decode_ms)
+    decode_tokens = sum(x.get("decode_steps", max(x["new_tokens"] - 1, 0)) for x in rows)
     decode_ms_per_token = float(col("decode_ms").sum() / decode_tokens) if decode_tokens else None
     prompt_tokens = float(col("prompt_tokens").mean()) if rows else 0.0
 

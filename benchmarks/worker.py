@@ -95,6 +95,7 @@ def hf_generate(model, prompt: list[int], max_new_tokens: int, stop: list[int], 
     return {"answer": decode(tokens, skip_special_tokens=True).strip(),
             "prompt_tokens": len(prompt), "new_tokens": len(tokens), "prefill_ms": (first - start) * 1000,
             "decode_ms": (watch.times[-1] - first) * 1000 if watch.times else 0.0,
+            "decode_steps": max(len(watch.times) - 1, 0),
             "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
 
 
@@ -138,6 +139,7 @@ class BundleSystem:
         t = a.timings
         return {"answer": a.answer, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
                 "prefill_ms": t.get("prefill_ms", 0.0), "decode_ms": t.get("decode_ms", 0.0),
+                "decode_steps": t.get("decode_steps", max(a.new_tokens - 1, 0)),
                 "ttft_ms": t.get("ttft_ms", t.get("total_ms", 0.0)), "generate_ms": t["total_ms"]}
 
     def own(self, question: str, max_new_tokens: int) -> dict:
@@ -147,6 +149,7 @@ class BundleSystem:
         searched = t["encode_ms"] + t["search_ms"]
         return {"answer": a.answer, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
                 "prefill_ms": t.get("prefill_ms", 0.0), "decode_ms": t.get("decode_ms", 0.0),
+                "decode_steps": t.get("decode_steps", max(a.new_tokens - 1, 0)),
                 "ttft_ms": t.get("ttft_ms", t["total_ms"]) - searched, "generate_ms": t["total_ms"] - searched,
                 "encode_ms": t["encode_ms"], "search_ms": t["search_ms"], "compress_ms": t.get("compress_ms", 0.0)}
 
@@ -335,7 +338,7 @@ class RagTorchSystem:
         return {"answer": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                 "prompt_tokens": sum(len(r) for r in read), "new_tokens": len(tokens),
                 "prefill_ms": (first - start) * 1000, "decode_ms": (watch.times[-1] - first) * 1000 if watch.times else 0.0,
-                "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
+                "decode_steps": max(len(watch.times) - 1, 0), "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
 
     def floors(self) -> dict:
         from edgerag.benchmarks.machine import torch_weight_bytes
@@ -426,7 +429,7 @@ class OrtGenAISystem:
         first = times[0] if times else end
         return {"answer": self.p.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                 "prompt_tokens": len(prompt), "new_tokens": len(tokens), "prefill_ms": (first - start) * 1000,
-                "decode_ms": (times[-1] - first) * 1000 if times else 0.0,
+                "decode_ms": (times[-1] - first) * 1000 if times else 0.0, "decode_steps": max(len(times) - 1, 0),
                 "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
 
     def floors(self) -> dict:

@@ -35,6 +35,9 @@ class Generation:
         self.tokens: list[int] = []
         self.prefill_ms = 0.0
         self.decode_ms = 0.0
+        # forward passes after the prefill, the one that produced a stop token included: decode_ms is
+        # their time, so a token costs decode_ms / decode_steps
+        self.decode_steps = 0
         self.reused_prompt_tokens = 0
         self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end
         self._steps = decode(self)  # the decoding loop, which records its figures on this object

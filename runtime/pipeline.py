@@ -31,7 +31,11 @@ from edgerag.runtime.manifest import BundleError, Manifest, check_in_bundle, rea
 from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
 
-def make_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+def make_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider",
+                 spinning: bool = True) -> ort.InferenceSession:
+    """spinning: the session's threads keep spinning for a while after each run, ready for the next.
+    Right for the generator (a run per token); wrong for a graph run once per question, whose
+    spinning threads then compete with the generator's for the cores."""
     available = ort.get_available_providers()
     if provider not in available:
         raise ValueError(f"execution provider {provider!r} is not available; available: {', '.join(available)}")
@@ -40,6 +44,8 @@ def make_session(path: Path, threads: int | None, provider: str = "CPUExecutionP
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=[provider])
 
@@ -198,6 +204,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
                     self._cached = (list(prompt_ids), presents)  # copied out only when reused
             else:
                 result.decode_ms += elapsed
+                result.decode_steps += 1
             if token in self.stop:
                 result.stop_reason = "stop"
                 return
@@ -391,7 +398,9 @@ class Pipeline:
               retrieval_only: bool) -> "Pipeline":
         enc, gen, idx = manifest.query_encoder, manifest.generator, manifest.index
         with _reading(bundle, enc.onnx, enc.tokenizer, *filter(None, [enc.weights])):
-            encoder = QueryEncoder(make_session(bundle / enc.onnx, threads),
+            # the encoder runs once per question: spinning threads would then slow the generator's
+            # prefill (p50 of an answer 115 -> 77 ms on the compressed demo bundle, 2 cores; README)
+            encoder = QueryEncoder(make_session(bundle / enc.onnx, threads, spinning=False),
                                    Tokenizer.from_file(str(bundle / enc.tokenizer)), enc.max_length)
         with _reading(bundle, idx.file):
             index = hnswlib.Index(space=idx.space, dim=idx.dim)
@@ -560,13 +569,12 @@ class Pipeline:
         if len(tokens) > sent:
             yield "".join(pieces[sent:len(tokens)])
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
-                       reused_prompt_tokens=generation.reused_prompt_tokens,
+                       decode_steps=generation.decode_steps, reused_prompt_tokens=generation.reused_prompt_tokens,
                        total_ms=(time.perf_counter() - started) * 1000)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         decode_s = generation.decode_ms / 1000
-        n = len(generation.tokens)
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
-                      (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0, stop_reason or generation.stop_reason,
+                      generation.decode_steps / decode_s if decode_s > 0 else 0.0, stop_reason or generation.stop_reason,
                       [{"title": title, "text": text} for title, text in context])
 
     def stream(self, question: str, k: int | None = None, max_new_tokens: int | None = None,

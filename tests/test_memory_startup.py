@@ -79,3 +79,37 @@ def test_decode_floor_leaves_out_gathered_tables(tiny_bundle, tiny_bundle_int8wo
     assert read == total  # tied: the LM head reads the whole table every step
     read, total, table = sizes(tiny_bundle_int8wo)
     assert total - table - table // 4 <= read <= total - table  # the 8-bit table (1 byte a value) and its scales left out
+
+
+def test_encoder_spinning_setting_gives_the_same_answers(tiny_bundle_int8sq, monkeypatch):
+    """The query encoder's threads do not spin between questions (start-up and latency setting); the
+    answers are the ones a spinning encoder gives."""
+    import edgerag.runtime.pipeline as pipeline_module
+
+    quiet = Pipeline.load(tiny_bundle_int8sq)
+    made = pipeline_module.make_session
+    monkeypatch.setattr(pipeline_module, "make_session",
+                        lambda path, threads, provider="CPUExecutionProvider", spinning=True: made(path, threads, provider, True))
+    spinning = Pipeline.load(tiny_bundle_int8sq)
+    for question in QUESTIONS:
+        a, b = quiet.ask(question, max_new_tokens=8), spinning.ask(question, max_new_tokens=8)
+        assert (a.answer, a.new_tokens, [p["id"] for p in a.passages]) == (b.answer, b.new_tokens, [p["id"] for p in b.passages])
+
+
+def test_decode_steps_count_every_forward_pass_after_the_prefill(tiny_bundle):
+    """decode_ms is the time of every step after the prefill, the one that yields a stop token too: the
+    per-token figures divide by that count, not by the tokens kept."""
+    pipeline = Pipeline.load(tiny_bundle)
+    prompt = pipeline.prompt_ids("Which team won Super Bowl 50?", [("Super Bowl", "Denver won.")])
+    free = pipeline.generator.greedy(prompt, 6)
+    assert free.stop_reason == "length" or free.decode_steps == len(free.tokens)
+    first = free.tokens[0]
+    stopping = type(pipeline.generator)(pipeline.generator.session, [free.tokens[2]] if len(free.tokens) > 2 else [first],
+                                        reuse_prefix="none")
+    stopped = stopping.greedy(prompt, 6)
+    assert stopped.stop_reason == "stop"
+    assert stopped.decode_steps == len(stopped.tokens)  # the stop token's step counted, the token not kept
+    if free.stop_reason == "length":
+        assert free.decode_steps == len(free.tokens) - 1
+    answer = pipeline.ask("Which team won Super Bowl 50?", max_new_tokens=6)
+    assert answer.timings["decode_steps"] >= max(answer.new_tokens - 1, 0)
