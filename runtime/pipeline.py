@@ -399,7 +399,7 @@ class Pipeline:
         enc, gen, idx = manifest.query_encoder, manifest.generator, manifest.index
         with _reading(bundle, enc.onnx, enc.tokenizer, *filter(None, [enc.weights])):
             # the encoder runs once per question: spinning threads would then slow the generator's
-            # prefill (p50 of an answer 115 -> 77 ms on the compressed demo bundle, 2 cores; README)
+            # prefill (the compressed demo bundle's p50 162 -> 105 ms on 2 cores; README, "Memory and start-up")
             encoder = QueryEncoder(make_session(bundle / enc.onnx, threads, spinning=False),
                                    Tokenizer.from_file(str(bundle / enc.tokenizer)), enc.max_length)
         with _reading(bundle, idx.file):
