@@ -14,15 +14,12 @@ import json
 import sys
 from pathlib import Path
 
+from edgerag.benchmarks.worker import status_mb
+
 
 def memory() -> dict:
     fields = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon", "RssFile": "file"}
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key = line.split(":")[0]
-        if key in fields:
-            out[fields[key]] = round(int(line.split()[1]) / 1024, 1)
-    return out
+    return {name: status_mb(field) for field, name in fields.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,27 +27,27 @@ import numpy as np
 RECALL_K = 5
 
 
-def peak_rss_mb() -> float:
-    """This process's high-water RSS. VmHWM, because ru_maxrss survives fork+exec on Linux and would
-    report the (larger) parent's peak for a small child."""
+def status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile) in MB; None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's high-water RSS. VmHWM, because ru_maxrss survives fork+exec on Linux and would
+    report the (larger) parent's peak for a small child."""
+    peak = status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def rss_mb() -> float:
     """This process's resident memory now."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return status_mb("VmRSS") or 0.0
 
 
 def dir_size_mb(paths) -> float:

@@ -86,8 +86,8 @@ def optimize_offline(src: Path, dst: Path, weights: str = "") -> tuple[str, str]
     (a tied embedding read through a Transpose), the graph is shipped as exported.
 
     weights: a file name beside `dst` for the weights, outside the graph. onnxruntime memory-maps such
-    a file instead of copying the weights out of a parsed graph, which cut the compressed demo
-    bundle's peak RSS from 353 to 310 MB and its load time (README, "Memory and start-up").
+    a file instead of copying the weights out of a parsed graph: the compressed demo bundle's peak RSS
+    in `edgerag bench` went from 330 to 312 MB (README, "Memory and start-up").
 
     Returns (what was optimized, the weights file written: `weights`, or "" where no tensor was large
     enough to leave the graph).

@@ -87,11 +87,11 @@ def fit_selector(compression: Compression, questions, query_vectors, contexts, e
 
 def answer_logprobs(model, prompter, items, batch_size: int = 16, progress: str | None = None) -> list[float]:
     """The mean log-probability of each answer's tokens after its prompt: items are (question,
-    [(title, text)], answer); batched with left padding (collate), so a row's score is its own."""
+    [(title, text)], answer); batched with left padding (target_logits), so a row's score is its own."""
     import torch
     from tqdm import tqdm
 
-    from .teacher import Example, _device, collate
+    from .teacher import Example, target_logits
 
     pad = prompter.tokenizer.pad_token_id if prompter.tokenizer.pad_token_id is not None else prompter.stop_ids[0]
     scores = []
@@ -99,13 +99,9 @@ def answer_logprobs(model, prompter, items, batch_size: int = 16, progress: str 
         for start in tqdm(range(0, len(items), batch_size), desc=progress, unit="batch", disable=progress is None):
             examples = [Example("", prompter.prompt(q, passages), prompter.target(a))
                         for q, passages, a in items[start:start + batch_size]]
-            ids, mask, positions, labels = collate(examples, pad, _device(model))
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1]
-            labels = labels[:, 1:]
+            logits, labels, _ = target_logits(model, examples, pad)
             taken = labels != -100
-            width = int(taken.sum(-1).max())  # targets end every row (left padding): only the last positions count
-            logp = torch.log_softmax(logits[:, -width:].float(), -1).gather(-1, labels[:, -width:].clamp(min=0)[..., None])[..., 0]
-            taken = taken[:, -width:]
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
             scores += ((logp * taken).sum(-1) / taken.sum(-1)).tolist()
     return scores
 
