@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     onnx_path = Path(args.bundle) / pipeline.manifest.generator.onnx
 
     # unprofiled: the loop as the runtime runs it, per token, and how much of it is onnxruntime's run
-    generator = DecoderOnlyGenerator(pipeline.generator.session, [], reuse_prefix="none")
+    in_place = pipeline.generator.kv_in_place
+    generator = DecoderOnlyGenerator(pipeline.generator.session, [], reuse_prefix="none", kv_in_place=in_place)
     run_ms, loop_ms = [], []
     original = generator.session.run_with_iobinding
 
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         session = profiled_session(onnx_path, args.threads, folder)
-        profiled = DecoderOnlyGenerator(session, [], reuse_prefix="none")
+        profiled = DecoderOnlyGenerator(session, [], reuse_prefix="none", kv_in_place=in_place)
         profiled.greedy(prompt, args.new_tokens)  # warm-up, also profiled: dropped below by time
         profiled.greedy(prompt, args.new_tokens)
         events = json.loads(Path(session.end_profiling()).read_text())

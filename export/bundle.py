@@ -28,7 +28,7 @@ from edgerag.export import QUANTIZATIONS, ExportOptions, onnx_export, resolve_qu
 from edgerag.export.quantize import quantize
 from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, normalizes, resolve
 from edgerag.runtime.compress import Compression, PieceVectors, split_pieces
-from edgerag.runtime.manifest import (CompressionSpec, GenerationSpec, GeneratorSpec, IndexSpec, Manifest, PassagesSpec,
+from edgerag.runtime.manifest import (KV_IN_PLACE_GRAPHS, CompressionSpec, GenerationSpec, GeneratorSpec, IndexSpec, Manifest, PassagesSpec,
                                       PromptSpec, QueryEncoderSpec, file_record)
 from edgerag.runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
 from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
@@ -176,8 +176,10 @@ def smoothed_generator_graph(model, builder: str, encode, template, questions, p
     return build_llama_graph(smoothed), {"smoothquant_alpha": DEFAULT_ALPHA, "calibration_prompts": len(ids)}
 
 
-def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_paths: dict, opts: ExportOptions) -> dict:
-    """Largest |Δ logits| and greedy agreement of each ONNX variant against PyTorch fp32, plus its speed."""
+def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_paths: dict, opts: ExportOptions,
+                             kv_in_place: bool = False) -> dict:
+    """Largest |Δ logits| and greedy agreement of each ONNX variant against PyTorch fp32, plus its speed,
+    decoded as the runtime will (kv_in_place: see DecoderOnlyGenerator)."""
     encode = encode_with(tokenizer)
     budget = opts.max_context - opts.max_new_tokens
     prompt_ids = [build_prompt_ids(encode, template, q, ps, budget) for q, ps in prompts]
@@ -187,7 +189,7 @@ def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_pat
     figures = {"n_prompts": len(prompt_ids),
                "mean_prompt_tokens": float(np.mean([len(p) for p in prompt_ids])) if prompt_ids else 0.0}
     for name, path in onnx_paths.items():
-        generator = DecoderOnlyGenerator(make_session(path, None), stop, reuse_prefix=False)
+        generator = DecoderOnlyGenerator(make_session(path, None), stop, reuse_prefix=False, kv_in_place=kv_in_place)
         delta = max(float(np.abs(generator.last_logits(p) - r).max())
                     for p, r in zip(prompt_ids, reference_logits))
         same, prefill, decode, decode_tokens = 0, [], 0.0, 0
@@ -444,7 +446,8 @@ def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, qu
     variants = {"fp32": work / "generator.fp32.onnx"}
     if method != "none":
         variants[method] = bundle / "generator.onnx"
-    generator_parity = measure_generator_parity(gen_model, gen_tokenizer, template, stop, prompts, variants, opts)
+    generator_parity = measure_generator_parity(gen_model, gen_tokenizer, template, stop, prompts, variants, opts,
+                                                kv_in_place=gen_builder in KV_IN_PLACE_GRAPHS)
     stages.update()
 
     config = gen_model.config

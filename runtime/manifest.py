@@ -79,6 +79,10 @@ class QueryEncoderSpec(_Quantized):
     weights: str = ""                       # the graph's weights, outside it (memory-mapped); "": inside
 
 
+# generator graphs whose attention (GroupQueryAttention) appends to a KV cache buffer in place
+KV_IN_PLACE_GRAPHS = ("fused-llama",)
+
+
 @dataclass
 class GeneratorSpec(_Quantized):
     family: str

@@ -27,7 +27,7 @@ from tokenizers.decoders import DecodeStream
 from edgerag.runtime.compress import Compression, PieceVectors, compress_context, split_pieces
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
 from edgerag.runtime.generation import Generation, GreedyDecoder, run_bound
-from edgerag.runtime.manifest import BundleError, Manifest, check_in_bundle, read_manifest, verify
+from edgerag.runtime.manifest import KV_IN_PLACE_GRAPHS, BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
 
@@ -135,6 +135,10 @@ class DecoderOnlyGenerator(GreedyDecoder):
                   same passages reuse those too). With dynamic int8 activations (int8sq) the answer
                   then depends on the previous question within the quantization error.
       "none"      every prompt from scratch. True and False stand for "template" and "none".
+
+    kv_in_place: the graph's attention (GroupQueryAttention, the fused Llama graph) can append to
+    its KV cache in place. Each layer's past and present are then one buffer, sized for the whole
+    generation and bound once: a step neither copies the cache nor allocates or rebinds it.
     Generation keeps no other state on the object, so threads may share a generator.
     """
 
@@ -142,7 +146,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
     MIN_REUSED_TOKENS = 8
 
     def __init__(self, session: ort.InferenceSession, stop_token_ids: list[int], reuse_prefix="template",
-                 prefix_ids: list[int] = ()):
+                 prefix_ids: list[int] = (), kv_in_place: bool = False):
         mode = {True: "template", False: "none"}.get(reuse_prefix, reuse_prefix)
         if mode not in REUSE_MODES:
             raise ValueError(f"reuse_prefix must be one of {', '.join(REUSE_MODES)}, not {reuse_prefix!r}")
@@ -152,6 +156,10 @@ class DecoderOnlyGenerator(GreedyDecoder):
         self.present_outputs = [n.replace("past_key_values.", "present.") for n in (i.name for i in self.past_inputs)]
         self.input_names = {i.name for i in session.get_inputs()}
         self.reuse_prefix = mode
+        self.kv_in_place = kv_in_place
+        self.vocab_size = session.get_outputs()[0].shape[-1]
+        if kv_in_place and not isinstance(self.vocab_size, int):
+            raise ValueError("kv_in_place needs a graph whose logits have a fixed vocabulary size")
         # (prompt ids, their KV as one array or OrtValue per past input), replaced as a whole so that a
         # reader in another thread always gets a matching pair
         self._cached: tuple[list[int], list] | None = None
@@ -174,8 +182,9 @@ class DecoderOnlyGenerator(GreedyDecoder):
         return feed
 
     def _steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
-        """The decoding loop. The KV cache stays in onnxruntime's own buffers (IOBinding): each step's
-        `present` values are bound as the next step's `past` without a round trip through numpy."""
+        """The decoding loop. The KV cache stays in onnxruntime's own buffers (IOBinding): it never
+        makes a round trip through numpy. In place, it is bound once; otherwise each step's `present`
+        values are bound as the next step's `past`."""
         binding = self.session.io_binding()
         reused, kv = self._reusable_prefix(prompt_ids)
         if reused:
@@ -185,9 +194,12 @@ class DecoderOnlyGenerator(GreedyDecoder):
                     for i, c in zip(self.past_inputs, kv)}
         else:
             past = self.empty_cache()
-        cache = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in past.items()}
-        ids = np.array([prompt_ids[reused:]], dtype=np.int64)
         length = len(prompt_ids)
+        if self.kv_in_place:
+            logits, kv_buffers = self._bind_in_place(binding, past, reused, length + max_new_tokens)
+        else:
+            cache = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in past.items()}
+        ids = np.array([prompt_ids[reused:]], dtype=np.int64)
         positions = np.arange(reused, length, dtype=np.int64)[None, :]
         result.reused_prompt_tokens = reused
         for step in range(max_new_tokens):
@@ -195,8 +207,15 @@ class DecoderOnlyGenerator(GreedyDecoder):
             inputs = {"input_ids": ids, "attention_mask": np.ones((1, length), dtype=np.int64)}
             if "position_ids" in self.input_names:
                 inputs["position_ids"] = positions
-            logits, *presents = run_bound(self.session, binding, inputs, cache, ["logits", *self.present_outputs])
-            token = int(logits.numpy()[0, -1].argmax())
+            if self.kv_in_place:
+                for name, value in inputs.items():
+                    binding.bind_cpu_input(name, value)
+                self.session.run_with_iobinding(binding)  # writes `logits` and appends to kv_buffers
+                presents = kv_buffers
+            else:
+                logits, *presents = run_bound(self.session, binding, inputs, cache, ["logits", *self.present_outputs])
+                logits = logits.numpy()
+            token = int(logits[0, -1].argmax())
             elapsed = (time.perf_counter() - start) * 1000
             if step == 0:
                 result.prefill_ms = elapsed
@@ -209,11 +228,30 @@ class DecoderOnlyGenerator(GreedyDecoder):
                 result.stop_reason = "stop"
                 return
             yield token
-            cache = {i.name: p for i, p in zip(self.past_inputs, presents)}
+            if not self.kv_in_place:
+                cache = {i.name: p for i, p in zip(self.past_inputs, presents)}
             ids = np.array([[token]], dtype=np.int64)
             positions = np.array([[length]], dtype=np.int64)
             length += 1
         result.stop_reason = "length"
+
+    def _bind_in_place(self, binding, past: dict, reused: int, capacity: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Binds each layer's past and present to one buffer of `capacity` positions, which starts with
+        `past`, and the logits to one array. Returns (logits, buffers): numpy arrays that share their
+        memory with the bound values, so they read each run's results without a copy. The attention
+        finds each sequence's length from the attention mask; positions beyond it are never read."""
+        buffers = []
+        for i, present in zip(self.past_inputs, self.present_outputs):
+            start = past[i.name]
+            buffer = np.zeros((*start.shape[:2], capacity, start.shape[3]), dtype=start.dtype)
+            buffer[:, :, :reused] = start
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            binding.bind_ortvalue_input(i.name, value)
+            binding.bind_ortvalue_output(present, value)
+            buffers.append(buffer)
+        logits = np.zeros((1, 1, self.vocab_size), dtype=np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        return logits, buffers
 
     def _reusable_prefix(self, prompt_ids: list[int]) -> tuple[int, list | None]:
         """(positions of `prompt_ids` whose KV is cached, that KV); (0, None) where none is."""
@@ -230,7 +268,8 @@ class DecoderOnlyGenerator(GreedyDecoder):
 
 def _decoder_only(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids) -> DecoderOnlyGenerator:
     return DecoderOnlyGenerator(make_session(bundle / manifest.generator.onnx, threads),
-                                manifest.prompt.stop_token_ids, reuse_prefix, prefix_ids)
+                                manifest.prompt.stop_token_ids, reuse_prefix, prefix_ids,
+                                kv_in_place=manifest.generator.graph in KV_IN_PLACE_GRAPHS)
 
 
 def _encoder_decoder(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids) -> EncoderDecoderGenerator:

@@ -9,6 +9,7 @@ import pytest
 
 from edgerag.benchmarks.machine import onnx_weight_bytes
 from edgerag.runtime import Pipeline
+from edgerag.runtime.pipeline import DecoderOnlyGenerator
 from edgerag.runtime.manifest import MANIFEST, BundleError, dump_manifest, file_record
 
 QUESTIONS = ["Which team won Super Bowl 50?", "What is the capital of Poland?", "Where is Normandy?"]
@@ -113,3 +114,32 @@ def test_decode_steps_count_every_forward_pass_after_the_prefill(tiny_bundle):
         assert free.decode_steps == len(free.tokens) - 1
     answer = pipeline.ask("Which team won Super Bowl 50?", max_new_tokens=6)
     assert answer.timings["decode_steps"] >= max(answer.new_tokens - 1, 0)
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8sq"])
+@pytest.mark.parametrize("reuse", ["none", "template", "previous"])
+def test_kv_cache_in_place_gives_the_tokens_of_the_copying_loop(bundle_fixture, reuse, request):
+    """A fused Llama bundle decodes with each layer's past and present in one buffer that the attention
+    appends to; the tokens are the ones of the loop that copies the cache into a new present each step,
+    with every prefix-reuse mode (whose cached KV then comes from the shared buffers)."""
+    bundle = request.getfixturevalue(bundle_fixture)
+    pipeline = Pipeline.load(bundle, reuse_prefix=reuse)
+    in_place = pipeline.generator
+    assert in_place.kv_in_place
+    copying = DecoderOnlyGenerator(in_place.session, in_place.stop, reuse, in_place._cached[0] if in_place._cached else (),
+                                   kv_in_place=False)
+    passages = [("Super Bowl 50", "The Denver Broncos defeated the Carolina Panthers."),
+                ("Warsaw", "Warsaw is the capital and largest city of Poland.")]
+    for question in QUESTIONS + QUESTIONS[:1]:
+        prompt = pipeline.prompt_ids(question, passages)
+        a, b = in_place.greedy(prompt, 10), copying.greedy(prompt, 10)
+        assert (a.tokens, a.reused_prompt_tokens, a.stop_reason) == (b.tokens, b.reused_prompt_tokens, b.stop_reason)
+        assert a.tokens
+    if reuse == "previous":
+        assert a.reused_prompt_tokens > 0
+
+
+def test_kv_cache_in_place_only_for_graphs_that_append_in_place(tiny_bundle_optimum):
+    """The traced (Optimum) graph concatenates past and new positions into a new present: it keeps the
+    copying loop."""
+    assert not Pipeline.load(tiny_bundle_optimum).generator.kv_in_place
