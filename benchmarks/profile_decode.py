@@ -1,7 +1,8 @@
 """Where a decode step's time goes, on a bundle's decoder-only generator:
 `python -m edgerag.benchmarks.profile_decode BUNDLE [--threads 2] [--new-tokens 32]`.
 
-A real question's RAG prompt (its top-k passages from the bundle) is decoded greedily for exactly
+A real question's RAG prompt (what the bundle reads of its top-k passages: their selected pieces
+where it compresses its context, else the passages whole; `--whole-passages` for the latter) is decoded greedily for exactly
 `--new-tokens` tokens (stop tokens ignored) with onnxruntime's profiler on. From the profile:
 each operator type's share of the decode steps' kernel time, onnxruntime's own time per step
 outside its kernels (the run minus the kernels: scheduling, allocation, output copies), and the
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("bundle")
     p.add_argument("--questions", default="xquad-en.json.gz", help="a SQuAD file; its first question makes the prompt")
-    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--k", type=int, help="passages retrieved (default: the bundle's k)")
+    p.add_argument("--whole-passages", action="store_true", help="read the top-k passages whole, uncompressed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5, help="unprofiled rounds for the loop's own timing")
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
         raise SystemExit("profile_decode profiles decoder-only bundles")
     question = read_questions(data_path(args.questions))[0].question
     passages = [(d["title"], d["text"]) for d in pipeline.retrieve(question, args.k)]
+    if not args.whole_passages:
+        passages = pipeline.context(question, pipeline.encoder.encode([question])[0], passages)
     prompt = pipeline.prompt_ids(question, passages, args.new_tokens)
     onnx_path = Path(args.bundle) / pipeline.manifest.generator.onnx
 

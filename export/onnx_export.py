@@ -201,6 +201,39 @@ def untie_lm_head(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def split_lm_head(model: onnx.ModelProto, max_params: int = 4_000_000) -> onnx.ModelProto:
+    """Compute the logits in vocabulary slices of at most `max_params` weights each, concatenated.
+
+    onnxruntime prepacks a quantized MatMul's weight into a copy of its own while the original,
+    memory-mapped, is resident; the pages are let go only once that weight is packed. For the LM
+    head, the largest matrix (49152 x 576 in SmolLM2), that left ~28 MB of load-time peak above the
+    loaded pipeline; slices bound it by their size. Same logits, bit for bit: each slice is the same
+    dot products. A head that is not a MatMul with an initializer weight is left as it is.
+    """
+    graph = model.graph
+    head = _producer(graph, LOGITS)
+    inits = {i.name: i for i in graph.initializer}
+    if head is None or head.op_type != "MatMul" or head.input[1] not in inits:
+        return model
+    weight = numpy_helper.to_array(inits[head.input[1]])
+    hidden, vocab = weight.shape
+    slices = -(-hidden * vocab // max_params)
+    if slices < 2 or sum(head.input[1] in n.input for n in graph.node) > 1:
+        return model
+    bounds = np.linspace(0, vocab, slices + 1).astype(int)
+    graph.initializer.remove(inits[head.input[1]])
+    index = list(graph.node).index(head)
+    graph.node.remove(head)
+    parts = []
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        name = f"{head.input[1]}.{i}"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, start:end]), name))
+        parts.append(f"{LOGITS}.{i}")
+        graph.node.insert(index + i, helper.make_node("MatMul", [head.input[0], name], [parts[-1]], name=f"lm_head.{i}"))
+    graph.node.insert(index + slices, helper.make_node("Concat", parts, [LOGITS], name="lm_head.concat", axis=-1))
+    return model
+
+
 def save(model: onnx.ModelProto, path: Path) -> None:
     """One self-contained .onnx file (all our models are far below protobuf's 2 GB limit)."""
     onnx.save_model(model, str(path), save_as_external_data=False)

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgerag.export import QUANTIZATIONS
-from edgerag.export.onnx_export import untie_lm_head
+from edgerag.export.onnx_export import split_lm_head, untie_lm_head
 
 
 def quantize(model: onnx.ModelProto, method: str, block_size: int = 32, accuracy_level: int = 4,
@@ -43,7 +43,7 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
     if method == "none":
         return model, {"method": "none"}
     if is_generator:
-        model = untie_lm_head(model)
+        model = split_lm_head(untie_lm_head(model))
     if method == "int8":
         return _dynamic_int8(model), {"method": "int8", "kind": "dynamic", "per_channel": True}
     description = {}

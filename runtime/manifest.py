@@ -307,9 +307,11 @@ def _convert(hint, value, name: str, where: str):
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
+    buffer = bytearray(chunk)  # one buffer for the whole file: no new block per read left in the heap
+    view = memoryview(buffer)
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        while read := f.readinto(buffer):
+            h.update(view[:read])
     return h.hexdigest()
 
 

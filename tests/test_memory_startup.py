@@ -90,7 +90,8 @@ def test_encoder_spinning_setting_gives_the_same_answers(tiny_bundle_int8sq, mon
     quiet = Pipeline.load(tiny_bundle_int8sq)
     made = pipeline_module.make_session
     monkeypatch.setattr(pipeline_module, "make_session",
-                        lambda path, threads, provider="CPUExecutionProvider", spinning=True: made(path, threads, provider, True))
+                        lambda path, threads, provider="CPUExecutionProvider", spinning=True, **settings:
+                        made(path, threads, provider, True, **settings))
     spinning = Pipeline.load(tiny_bundle_int8sq)
     for question in QUESTIONS:
         a, b = quiet.ask(question, max_new_tokens=8), spinning.ask(question, max_new_tokens=8)
@@ -143,3 +144,52 @@ def test_kv_cache_in_place_only_for_graphs_that_append_in_place(tiny_bundle_opti
     """The traced (Optimum) graph concatenates past and new positions into a new present: it keeps the
     copying loop."""
     assert not Pipeline.load(tiny_bundle_optimum).generator.kv_in_place
+
+
+@pytest.mark.parametrize("method", ["none", "int8wo"])
+def test_lm_head_in_slices_gives_the_same_logits(tiny_models, tmp_path, method):
+    """The LM head computed in vocabulary slices (bounding the load-time copy of its prepacked weight)
+    gives the whole head's logits: bit for bit in fp32, and within a rounding step once each slice is
+    quantized on its own."""
+    import numpy as np
+
+    from edgerag.export import onnx_export
+    from edgerag.export.quantize import quantize
+    from edgerag.runtime.pipeline import make_session
+
+    graph, _ = onnx_export.export_generator(tiny_models[1])
+    whole = onnx_export.untie_lm_head(graph)
+    hidden, vocab = next(i.dims for i in whole.graph.initializer if i.name == "lm_head.weight")
+    sliced = onnx_export.split_lm_head(onnx.ModelProto.FromString(whole.SerializeToString()), max_params=hidden * vocab // 3)
+    assert sum(n.name.startswith("lm_head.") and n.op_type == "MatMul" for n in sliced.graph.node) >= 3
+    assert onnx_export.split_lm_head(onnx.ModelProto.FromString(whole.SerializeToString())).graph.node[-1].op_type != "Concat"
+    if method != "none":  # quantize() slices the head itself at its default size: compare at equal slicing
+        whole, _ = quantize(whole, method)
+        sliced, _ = quantize(sliced, method)
+    for model, name in ((whole, "whole"), (sliced, "sliced")):
+        onnx_export.save(model, tmp_path / f"{name}.onnx")
+    prompt = [5, 17, 3, 42, 8, 11]
+    logits = {}
+    for name in ("whole", "sliced"):
+        generator = DecoderOnlyGenerator(make_session(tmp_path / f"{name}.onnx", 1), [], reuse_prefix="none", kv_in_place=True)
+        logits[name] = generator.last_logits(prompt)
+        assert logits[name].shape == (vocab,)
+    if method == "none":
+        assert np.array_equal(logits["whole"], logits["sliced"])
+    else:
+        assert np.argmax(logits["whole"]) == np.argmax(logits["sliced"])
+        assert np.abs(logits["whole"] - logits["sliced"]).max() < 0.05 * np.abs(logits["whole"]).max()
+
+
+def test_generator_without_arena_gives_the_same_tokens(tiny_bundle_int8sq):
+    """The generator's session runs without onnxruntime's arena (memory setting); the tokens are the
+    ones a session with the arena gives."""
+    from edgerag.runtime.pipeline import make_session
+
+    pipeline = Pipeline.load(tiny_bundle_int8sq, reuse_prefix="none")
+    with_arena = DecoderOnlyGenerator(make_session(tiny_bundle_int8sq / pipeline.manifest.generator.onnx, None, arena=True),
+                                      pipeline.generator.stop, "none", kv_in_place=True)
+    passages = [("Warsaw", "Warsaw is the capital and largest city of Poland.")]
+    for question in QUESTIONS:
+        prompt = pipeline.prompt_ids(question, passages)
+        assert pipeline.generator.greedy(prompt, 10).tokens == with_arena.greedy(prompt, 10).tokens
