@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sqlite3
 import threading
 import time
@@ -74,6 +75,44 @@ def return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass  # not glibc: its allocator decides
+
+
+MADV_RANDOM = 1  # Linux's mman.h
+
+
+def read_weights_on_demand(paths: Iterable[Path]) -> None:
+    """Keep resident only the pages of memory-mapped weights that answers read.
+
+    onnxruntime maps a graph's weights file; the weights it prepacks are copied out at load and their
+    pages let go, but the embedding tables stay mapped and are read a row per token. Linux kept far
+    more of them than those rows: the checksum pass had left the whole file in the page cache (in
+    large folios, which a mapping takes whole), and each fault reads and maps the pages around it.
+    Dropping the file's cached pages and marking its mappings random-access took the compressed demo
+    bundle's resident memory after 31 answers from 290 to 255 MB (README, "Memory and start-up").
+    Best effort: on another system the kernel decides."""
+    paths = {str(Path(p).resolve()) for p in paths}
+    for path in paths:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)  # mapped pages stay
+            finally:
+                os.close(descriptor)
+        except AttributeError:  # no posix_fadvise on this system
+            break
+        except OSError:
+            continue
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") in paths:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    libc.madvise(start, end - start, MADV_RANDOM)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 class QueryEncoder:
@@ -423,14 +462,16 @@ class Pipeline:
         manifest = read_manifest(bundle)
         for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
             check_in_bundle(bundle, name)
+        weights = {n for n in (manifest.query_encoder.weights, manifest.generator.weights) if n}
         if not check:
-            return cls._opened(cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only), retrieval_only)
+            pipeline = cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only)
+            read_weights_on_demand(bundle / name for name in weights)
+            return cls._opened(pipeline, retrieval_only)
         # The graphs' weight files (most of a bundle's bytes) are hashed in a thread while onnxruntime
         # builds the sessions: both release the GIL, so the two overlap on two cores. Every other file
         # is checked before it is parsed (hnswlib trusts its input); the weights' sizes are checked
         # first too, so a damaged weight file can only hold wrong values until its hash says so. No
         # pipeline is returned before every file has passed.
-        weights = {n for n in (manifest.query_encoder.weights, manifest.generator.weights) if n}
         verify(bundle, manifest, set(manifest.files) - weights)
         verify(bundle, manifest, weights, sizes_only=True)
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -441,6 +482,7 @@ class Pipeline:
                 weights_checked.result()  # damaged weights are reported as damaged, not as the library's error
                 raise
             weights_checked.result()
+        read_weights_on_demand(bundle / name for name in weights)
         return cls._opened(pipeline, retrieval_only)
 
     @staticmethod

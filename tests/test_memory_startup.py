@@ -3,6 +3,7 @@ honest decode floor. Each setting must leave the runtime's output tokens unchang
 
 import json
 import shutil
+from pathlib import Path
 
 import onnx
 import pytest
@@ -193,3 +194,34 @@ def test_generator_without_arena_gives_the_same_tokens(tiny_bundle_int8sq):
     for question in QUESTIONS:
         prompt = pipeline.prompt_ids(question, passages)
         assert pipeline.generator.greedy(prompt, 10).tokens == with_arena.greedy(prompt, 10).tokens
+
+
+def _weight_mappings(path):
+    """VmFlags of this process's mappings of `path` (Linux)."""
+    flags, current = [], None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split(maxsplit=5)
+            if len(fields) >= 5 and "-" in fields[0] and ":" in fields[3]:
+                current = len(fields) == 6 and fields[5].strip() == str(path.resolve())
+            elif line.startswith("VmFlags:") and current:
+                flags.append(line.split()[1:])
+    return flags
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_mapped_weights_are_read_on_demand(tiny_bundle_int8sq, monkeypatch):
+    """After a load, the generator's memory-mapped weights are marked random-access (a fault maps the
+    page it needs, not its neighbours), and the answers are the ones of a load that leaves them as
+    onnxruntime mapped them."""
+    import edgerag.runtime.pipeline as pipeline_module
+
+    pipeline = Pipeline.load(tiny_bundle_int8sq)
+    weights = tiny_bundle_int8sq / pipeline.manifest.generator.weights
+    mappings = _weight_mappings(weights)
+    assert mappings and all("rr" in flags for flags in mappings)
+    monkeypatch.setattr(pipeline_module, "read_weights_on_demand", lambda paths: None)
+    plain = Pipeline.load(tiny_bundle_int8sq)
+    for question in QUESTIONS:
+        a, b = pipeline.ask(question, max_new_tokens=8), plain.ask(question, max_new_tokens=8)
+        assert (a.answer, a.new_tokens) == (b.answer, b.new_tokens)
