@@ -25,9 +25,20 @@ class AnyGenerator(DecoderOnlyGenerator):
                 for i in self.past_inputs}
 
 
+def appends_in_place(graph) -> bool:
+    """Whether the runtime can let the graph append to its KV cache in place: its attention is
+    GroupQueryAttention and it computes the last position's logits only (the fused Llama graph)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    logits = next(o for o in model.graph.output if o.name == "logits").type.tensor_type.shape.dim
+    return logits[1].dim_value == 1 and any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+
+
 def measure(graphs, prompt_tokens: int = 600, new_tokens: int = 17, threads: int = 2, rounds: int = 3) -> dict:
     """{graph: {"prefill_ms", "decode_ms_per_token"}}, medians over interleaved rounds."""
-    generators = {g: AnyGenerator(make_session(str(g), threads), [], reuse_prefix=False) for g in graphs}
+    generators = {g: AnyGenerator(make_session(str(g), threads, arena=False), [], reuse_prefix=False,
+                                  kv_in_place=appends_in_place(g)) for g in graphs}
     prompt = list(np.random.RandomState(0).randint(100, 20000, prompt_tokens))
     prefill = {g: [] for g in generators}
     decode = {g: [] for g in generators}
@@ -35,7 +46,7 @@ def measure(graphs, prompt_tokens: int = 600, new_tokens: int = 17, threads: int
         for g, generator in generators.items():
             generation = generator.greedy(prompt, new_tokens)
             prefill[g].append(generation.prefill_ms)
-            decode[g].append(generation.decode_ms / max(len(generation.tokens) - 1, 1))
+            decode[g].append(generation.decode_ms / max(generation.decode_steps, 1))
     return {g: {"prefill_ms": float(np.median(prefill[g])), "decode_ms_per_token": float(np.median(decode[g]))}
             for g in generators}
 

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
 
     from edgerag.export import onnx_export
     from edgerag.export.quantize import quantize
+    from edgerag.runtime.manifest import KV_IN_PLACE_GRAPHS
     from edgerag.runtime.pipeline import DecoderOnlyGenerator, make_session
     from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
     from edgerag.data import data_path, read_squad
@@ -74,9 +75,10 @@ def main(argv=None) -> int:
                 method = name.split("-")[0]
                 model, _ = quantize(onnx.load(str(tmp / "none.onnx")), method, **VARIANTS[name])
                 onnx_export.save(model, path)
-            generators[name] = DecoderOnlyGenerator(make_session(path, args.threads), stop, reuse_prefix=False)
+            generators[name] = DecoderOnlyGenerator(make_session(path, args.threads, arena=False), stop, reuse_prefix=False,
+                                                    kv_in_place=builder in KV_IN_PLACE_GRAPHS)
         reference = generators.get("none") or DecoderOnlyGenerator(make_session(tmp / "none.onnx", args.threads), stop,
-                                                                   reuse_prefix=False)
+                                                                   reuse_prefix=False, kv_in_place=builder in KV_IN_PLACE_GRAPHS)
         ref_logits = [reference.last_logits(p) for p in prompts]
         ref_answers = [reference.greedy(p, args.max_new_tokens).tokens for p in prompts]
 

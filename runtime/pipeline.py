@@ -214,8 +214,8 @@ class DecoderOnlyGenerator(GreedyDecoder):
         self.reuse_prefix = mode
         self.kv_in_place = kv_in_place
         self.vocab_size = session.get_outputs()[0].shape[-1]
-        if kv_in_place and not isinstance(self.vocab_size, int):
-            raise ValueError("kv_in_place needs a graph whose logits have a fixed vocabulary size")
+        if kv_in_place and (session.get_outputs()[0].shape[1] != 1 or not isinstance(self.vocab_size, int)):
+            raise ValueError("kv_in_place needs a graph that computes the last position's logits, over a fixed vocabulary")
         # (prompt ids, their KV as one array or OrtValue per past input), replaced as a whole so that a
         # reader in another thread always gets a matching pair
         self._cached: tuple[list[int], list] | None = None
