@@ -37,7 +37,7 @@ def appends_in_place(graph) -> bool:
 
 def measure(graphs, prompt_tokens: int = 600, new_tokens: int = 17, threads: int = 2, rounds: int = 3) -> dict:
     """{graph: {"prefill_ms", "decode_ms_per_token"}}, medians over interleaved rounds."""
-    generators = {g: AnyGenerator(make_session(str(g), threads, arena=False), [], reuse_prefix=False,
+    generators = {g: AnyGenerator(make_session(str(g), threads), [], reuse_prefix=False,
                                   kv_in_place=appends_in_place(g)) for g in graphs}
     prompt = list(np.random.RandomState(0).randint(100, 20000, prompt_tokens))
     prefill = {g: [] for g in generators}

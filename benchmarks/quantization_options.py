@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                 method = name.split("-")[0]
                 model, _ = quantize(onnx.load(str(tmp / "none.onnx")), method, **VARIANTS[name])
                 onnx_export.save(model, path)
-            generators[name] = DecoderOnlyGenerator(make_session(path, args.threads, arena=False), stop, reuse_prefix=False,
+            generators[name] = DecoderOnlyGenerator(make_session(path, args.threads), stop, reuse_prefix=False,
                                                     kv_in_place=builder in KV_IN_PLACE_GRAPHS)
         reference = generators.get("none") or DecoderOnlyGenerator(make_session(tmp / "none.onnx", args.threads), stop,
                                                                    reuse_prefix=False, kv_in_place=builder in KV_IN_PLACE_GRAPHS)

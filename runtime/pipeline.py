@@ -33,12 +33,10 @@ from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
 
 def make_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider",
-                 spinning: bool = True, arena: bool = True) -> ort.InferenceSession:
+                 spinning: bool = True) -> ort.InferenceSession:
     """spinning: the session's threads keep spinning for a while after each run, ready for the next.
     Right for the generator (a run per token); wrong for a graph run once per question, whose
-    spinning threads then compete with the generator's for the cores.
-    arena: onnxruntime keeps the memory of its intermediate tensors in an arena that grows to the
-    largest run so far and never shrinks. Without it, a long prompt's prefill gives its memory back."""
+    spinning threads then compete with the generator's for the cores."""
     available = ort.get_available_providers()
     if provider not in available:
         raise ValueError(f"execution provider {provider!r} is not available; available: {', '.join(available)}")
@@ -49,23 +47,8 @@ def make_session(path: Path, threads: int | None, provider: str = "CPUExecutionP
         options.inter_op_num_threads = 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=[provider])
-
-
-def keep_large_blocks_out_of_the_heap() -> None:
-    """glibc serves a block of 128 KB or more with a mapping of its own, unmapped when it is freed, but
-    raises that threshold (up to 32 MB) each time such a block is freed; later blocks below it come
-    from the heap, which keeps their pages once freed. Holding the threshold at 128 KB keeps prefill
-    activations, KV caches and prepacked weights out of the heap. Process-wide, like malloc itself."""
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc: its allocator decides
-
-
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def return_freed_memory() -> None:
@@ -88,7 +71,8 @@ def read_weights_on_demand(paths: Iterable[Path]) -> None:
     more of them than those rows: the checksum pass had left the whole file in the page cache (in
     large folios, which a mapping takes whole), and each fault reads and maps the pages around it.
     Dropping the file's cached pages and marking its mappings random-access took the compressed demo
-    bundle's resident memory after 31 answers from 290 to 255 MB (README, "Memory and start-up").
+    bundle's resident memory after 31 answers from 300 to 272 MB (README, "Memory and start-up"). The
+    price: a row's first read comes from the disk (prefill about 2 ms slower over those answers here).
     Best effort: on another system the kernel decides."""
     paths = {str(Path(p).resolve()) for p in paths}
     for path in paths:
@@ -323,8 +307,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
 
 
 def _decoder_only(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids) -> DecoderOnlyGenerator:
-    # no arena: its intermediate tensors are freed after each run (README, "Memory and start-up")
-    return DecoderOnlyGenerator(make_session(bundle / manifest.generator.onnx, threads, arena=False),
+    return DecoderOnlyGenerator(make_session(bundle / manifest.generator.onnx, threads),
                                 manifest.prompt.stop_token_ids, reuse_prefix, prefix_ids,
                                 kv_in_place=manifest.generator.graph in KV_IN_PLACE_GRAPHS)
 
@@ -458,7 +441,6 @@ class Pipeline:
         error of int8sq), retrieval is serialized and generation runs concurrently.
         """
         bundle = Path(bundle)
-        keep_large_blocks_out_of_the_heap()
         manifest = read_manifest(bundle)
         for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
             check_in_bundle(bundle, name)

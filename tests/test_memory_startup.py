@@ -182,20 +182,6 @@ def test_lm_head_in_slices_gives_the_same_logits(tiny_models, tmp_path, method):
         assert np.abs(logits["whole"] - logits["sliced"]).max() < 0.05 * np.abs(logits["whole"]).max()
 
 
-def test_generator_without_arena_gives_the_same_tokens(tiny_bundle_int8sq):
-    """The generator's session runs without onnxruntime's arena (memory setting); the tokens are the
-    ones a session with the arena gives."""
-    from edgerag.runtime.pipeline import make_session
-
-    pipeline = Pipeline.load(tiny_bundle_int8sq, reuse_prefix="none")
-    with_arena = DecoderOnlyGenerator(make_session(tiny_bundle_int8sq / pipeline.manifest.generator.onnx, None, arena=True),
-                                      pipeline.generator.stop, "none", kv_in_place=True)
-    passages = [("Warsaw", "Warsaw is the capital and largest city of Poland.")]
-    for question in QUESTIONS:
-        prompt = pipeline.prompt_ids(question, passages)
-        assert pipeline.generator.greedy(prompt, 10).tokens == with_arena.greedy(prompt, 10).tokens
-
-
 def _weight_mappings(path):
     """VmFlags of this process's mappings of `path` (Linux)."""
     flags, current = [], None
