@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 
-VARIANTS = {"none": {}, "int8wo": {}, "int8sq": {}, "int8": {}, "int4": {}, "int4-block128": {"block_size": 128}}
+VARIANTS = {"none": {}, "int8wo": {}, "int8sq": {}, "int8swo": {}, "int8": {}, "int4": {}, "int4-block128": {"block_size": 128}}
 
 
 def main(argv=None) -> int:
@@ -62,14 +62,14 @@ def main(argv=None) -> int:
         generators = {}
         for name in args.variants.split(","):
             path = tmp / f"{name}.onnx"
-            if name == "int8sq":  # calibrated the way `edgerag export` calibrates it
+            if name in ("int8sq", "int8swo"):  # calibrated the way `edgerag export` calibrates it
                 from edgerag.export import ExportOptions
                 from edgerag.export.bundle import smoothed_generator_graph
                 from edgerag.models import load_generator
 
                 source, _ = smoothed_generator_graph(load_generator(str(folder))[0], builder, encode, template,
                                                      all_questions, passages, ExportOptions())
-                model, _ = quantize(source, "int8sq")
+                model, _ = quantize(source, name)
                 onnx_export.save(model, path)
             elif name != "none":
                 method = name.split("-")[0]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-QUANTIZATIONS = ("none", "int8", "int4", "int8wo", "int8sq")
+QUANTIZATIONS = ("none", "int8", "int4", "int8wo", "int8sq", "int8swo")
+# the quantizations that smooth the fused Llama graph's activations first (export/smoothquant.py)
+SMOOTHED = ("int8sq", "int8swo")
 GRAPHS = ("auto", "fused", "optimum")
 
 
@@ -32,7 +34,7 @@ class ExportOptions:
 
     quantize: str = _option("auto", "generator quantization (auto: int8sq for the fused Llama graph, int8wo otherwise)",
                             ("auto",) + QUANTIZATIONS)
-    quantize_encoder: str = _option("int8wo", "query encoder quantization", tuple(q for q in QUANTIZATIONS if q != "int8sq"))
+    quantize_encoder: str = _option("int8wo", "query encoder quantization", tuple(q for q in QUANTIZATIONS if q not in SMOOTHED))
     block_size: int = _option(32, "MatMulNBits block size")
     accuracy_level: int = _option(4, "MatMulNBits accuracy level (4: int8 compute)")
     k: int = _option(3, "default passages per question")
@@ -45,7 +47,7 @@ class ExportOptions:
     graph: str = _option("auto", "generator graph: onnxruntime's fused operators for Llama-family models "
                          "(auto: where the model allows), or Optimum's trace", GRAPHS)
     parity_questions: int = _option(8, "sample questions for the parity check against PyTorch")
-    calibration_prompts: int = _option(16, "int8sq: RAG prompts for the activation ranges")
+    calibration_prompts: int = _option(16, "int8sq, int8swo: RAG prompts for the activation ranges")
     batch_size: int = _option(64, "passages embedded per batch")
     overwrite: bool = _option(False, "replace an existing bundle at --out")
 

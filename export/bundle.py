@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig
 
 from edgerag.data import Passage, data_path, is_squad, read_passages, read_squad
-from edgerag.export import QUANTIZATIONS, ExportOptions, onnx_export, resolve_quantization
+from edgerag.export import QUANTIZATIONS, SMOOTHED, ExportOptions, onnx_export, resolve_quantization
 from edgerag.export.quantize import quantize
 from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, normalizes, resolve
 from edgerag.runtime.compress import Compression, PieceVectors, split_pieces
@@ -163,12 +163,12 @@ def encode_with(tokenizer):
 
 
 def smoothed_generator_graph(model, builder: str, encode, template, questions, passages, opts: ExportOptions):
-    """(fused graph of a SmoothQuant-smoothed copy of `model`, description) for int8sq."""
+    """(fused graph of a SmoothQuant-smoothed copy of `model`, description) for int8sq and int8swo."""
     from edgerag.export.llama_graph import build_llama_graph
     from edgerag.export.smoothquant import DEFAULT_ALPHA, calibration_prompts, smooth_llama
 
     if builder != "fused-llama":
-        raise ValueError(f"--quantize int8sq needs the fused Llama graph; this generator was exported by {builder}")
+        raise ValueError(f"--quantize {' or '.join(SMOOTHED)} needs the fused Llama graph; this generator was exported by {builder}")
     prompts = calibration_prompts(questions, passages, opts.calibration_prompts)
     budget = opts.max_context - opts.max_new_tokens
     ids = [build_prompt_ids(encode, template, q, ps, budget) for q, ps in prompts]
@@ -222,8 +222,8 @@ def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path,
     tokenizer = AutoTokenizer.from_pretrained(gen_folder)
     graphs = export_encoder_decoder(model, work / "generator_fp32")
     method = resolve_quantization(opts.quantize, "bart")
-    if method == "int8sq":
-        raise ValueError("--quantize int8sq needs the fused Llama graph; choose int8wo, int4, int8 or none for BART")
+    if method in SMOOTHED:
+        raise ValueError(f"--quantize {method} needs the fused Llama graph; choose int8wo, int4, int8 or none for BART")
     paths = {"fp32": {}, **({method: {}} if method != "none" else {})}
     quantization = {}
     for part, file in (("encoder", graphs["encoder"]), ("decoder", graphs["decoder"])):
@@ -295,7 +295,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
 
     hf_logging.set_verbosity_error()  # keep the progress bars readable
     # `auto` depends on the generator's graph; the encoder's method is always named
-    for method, allowed in ((opts.quantize, ("auto",) + QUANTIZATIONS), (opts.quantize_encoder, QUANTIZATIONS)):
+    encoder_methods = tuple(q for q in QUANTIZATIONS if q not in SMOOTHED)  # smoothing is for the Llama generator
+    for method, allowed in ((opts.quantize, ("auto",) + QUANTIZATIONS), (opts.quantize_encoder, encoder_methods)):
         if method not in allowed:
             raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(allowed)}")
     out = Path(out)
@@ -431,7 +432,7 @@ def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, qu
     onnx_export.save(gen_graph, work / "generator.fp32.onnx")
     method = resolve_quantization(opts.quantize, gen_builder)
     smoothing = {}
-    if method == "int8sq":
+    if method in SMOOTHED:
         gen_graph, smoothing = smoothed_generator_graph(gen_model, gen_builder, encode_with(gen_tokenizer),
                                                         template, questions, passages, opts)
     gen_graph, gen_quant = quantize(gen_graph, method, opts.block_size, opts.accuracy_level)

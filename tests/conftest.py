@@ -65,3 +65,8 @@ def tiny_bundle_optimum(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle_int8sq(tiny_models, tmp_path_factory):
     return _export(tiny_models, tmp_path_factory, "int8sq")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8swo(tiny_models, tmp_path_factory):
+    return _export(tiny_models, tmp_path_factory, "int8swo")

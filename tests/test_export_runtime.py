@@ -54,7 +54,7 @@ def _full_recompute_tokens(generator, prompt, n):
 
 
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo",
-                                            "tiny_bundle_optimum", "tiny_bundle_int8sq"])
+                                            "tiny_bundle_optimum", "tiny_bundle_int8sq", "tiny_bundle_int8swo"])
 def test_kv_cache_decoding_equals_full_recomputation(bundle_fixture, request):
     pipeline = Pipeline.load(request.getfixturevalue(bundle_fixture))
     for question, passages in PROMPTS:
@@ -91,7 +91,8 @@ def test_previous_prompt_reuse_gives_the_tokens_of_a_fresh_start(bundle_fixture,
     assert min(reused[1:]) > len(reusing.tokenizer.encode(reusing.template.prefix, add_special_tokens=False).ids)  # the passages are reused too
 
 
-@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo", "tiny_bundle_int8sq"])
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle_int8", "tiny_bundle_int4", "tiny_bundle_int8wo", "tiny_bundle_int8sq",
+                                            "tiny_bundle_int8swo"])
 def test_quantized_logits_within_recorded_tolerance(bundle_fixture, request, tiny_models):
     from edgerag.export.bundle import last_logits_torch
     from edgerag.models import load_generator
@@ -334,6 +335,24 @@ def test_int8sq_makes_the_normed_projections_dynamic_int8(tiny_bundle_int8sq):
     dynamic = sum(op in ("DynamicQuantizeMatMul", "MatMulInteger") for op in ops)
     assert dynamic == 2 * layers  # QKV and gate/up in every layer
     assert ops.count("MatMulNBits") == 2 * layers + 1  # attention output, down projection, LM head
+
+
+def test_int8swo_is_weight_only_on_the_smoothed_graph(tiny_bundle_int8swo, tiny_bundle_int8wo):
+    """int8swo: every MatMul 8-bit weight-only, as int8wo, but of the SmoothQuant-smoothed graph (its
+    norms carry the smoothing, so its weights differ from int8wo's)."""
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = read_manifest(tiny_bundle_int8swo)
+    quantization = manifest.generator.quantization
+    assert quantization["method"] == "int8swo" and quantization["calibration_prompts"] > 0
+    graphs = {name: onnx.load(str(bundle / "generator.onnx")) for name, bundle in
+              (("int8swo", tiny_bundle_int8swo), ("int8wo", tiny_bundle_int8wo))}
+    ops = [n.op_type for n in graphs["int8swo"].graph.node]
+    assert "DynamicQuantizeMatMul" not in ops and "MatMulInteger" not in ops
+    assert ops.count("MatMulNBits") == [n.op_type for n in graphs["int8wo"].graph.node].count("MatMulNBits")
+    norms = [{i.name: numpy_helper.to_array(i) for i in g.graph.initializer}["layers.0.input_norm"] for g in graphs.values()]
+    assert not np.allclose(*norms)
 
 
 def test_auto_quantization_follows_the_generator_graph(tiny_bundle_optimum):
