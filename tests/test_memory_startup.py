@@ -211,3 +211,37 @@ def test_mapped_weights_are_read_on_demand(tiny_bundle_int8sq, monkeypatch):
     for question in QUESTIONS:
         a, b = pipeline.ask(question, max_new_tokens=8), plain.ask(question, max_new_tokens=8)
         assert (a.answer, a.new_tokens) == (b.answer, b.new_tokens)
+
+
+def test_huge_pages_setting_gives_the_same_answers(tiny_bundle_int8sq, monkeypatch):
+    """Pipeline.load moves what it allocated to huge pages in a background thread (speed setting);
+    the answers are the ones of a load that leaves the pages as they are."""
+    import edgerag.runtime.pipeline as pipeline_module
+
+    collapsing = Pipeline.load(tiny_bundle_int8sq)
+    collapsing.huge_pages.join()
+    monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", lambda regions: 0)
+    plain = Pipeline.load(tiny_bundle_int8sq)
+    for question in QUESTIONS:
+        a, b = collapsing.ask(question, max_new_tokens=8), plain.ask(question, max_new_tokens=8)
+        assert (a.answer, a.new_tokens) == (b.answer, b.new_tokens)
+
+
+def test_collapse_moves_a_resident_mapping_to_huge_pages():
+    """collapse_into_huge_pages backs a fully resident anonymous mapping with 2 MB pages, where the
+    kernel can (Linux 6.1+ with transparent huge pages on), and leaves its contents as they were."""
+    import numpy as np
+
+    from edgerag.runtime.pipeline import HUGE_PAGE, collapse_into_huge_pages, populated_anonymous_regions
+
+    before = populated_anonymous_regions()
+    values = np.arange(4 * HUGE_PAGE // 8, dtype=np.float64)  # 8 MB, written: resident
+    address = values.ctypes.data
+    region = next((r for r in populated_anonymous_regions() if r[0] <= address < r[1] and r not in before), None)
+    assert region is not None
+    collapsed = collapse_into_huge_pages([region])
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if collapsed == 0:
+        pytest.skip(f"the kernel collapsed nothing (transparent huge pages: {thp.read_text().strip() if thp.exists() else 'absent'})")
+    assert collapsed >= 2 * HUGE_PAGE
+    assert np.array_equal(values, np.arange(values.size, dtype=np.float64))
