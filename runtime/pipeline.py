@@ -120,6 +120,19 @@ def populated_anonymous_regions() -> dict[tuple[int, int], int]:
     return regions
 
 
+def when_idle(work, *args) -> None:
+    """Run work(*args) in this thread at the lowest priority: only on a core nothing else wants, so
+    that it never takes the cores from an answer (the first one comes right after the load)."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+    work(*args)
+
+
 def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int:
     """Back the given anonymous mappings with 2 MB pages; returns the bytes collapsed.
 
@@ -127,7 +140,7 @@ def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int:
     loaded pipeline) sit in anonymous memory. On 4 KB pages that is a TLB miss every 4 KB; the
     kernel gives huge pages at allocation time only when one is free, which on a machine that has
     run a while it often is not. Collapsing copies the pages into huge ones: 0.3 s for the demo
-    bundle's 140 MB, so Pipeline.load runs it in a background thread. Decode went from about 8.0 to
+    bundle's 140 MB, so Pipeline.load runs it in a background thread, when the cores are idle. Decode went from about 8.0 to
     6.6 ms/token (README, "Memory and start-up"); resident memory stays the same, since only fully
     resident mappings are collapsed. Best effort: without MADV_COLLAPSE (Linux before 6.1, or huge
     pages off) nothing changes."""
@@ -470,6 +483,7 @@ class Pipeline:
     _retrieval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # moves the memory the load allocated to huge pages, in the background (collapse_into_huge_pages)
     huge_pages: threading.Thread | None = field(default=None, repr=False)
+    _answered: threading.Event = field(default_factory=threading.Event, repr=False)  # set when an answer ends
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
@@ -522,13 +536,22 @@ class Pipeline:
         read_weights_on_demand(weights)
         loaded = [region for region, resident in populated_anonymous_regions().items()
                   if region not in regions_before and resident >= 0.9 * (region[1] - region[0])]
-        pipeline.huge_pages = threading.Thread(target=collapse_into_huge_pages, args=(loaded,),
+        pipeline.huge_pages = threading.Thread(target=pipeline._collapse_after_first_answer, args=(loaded,),
                                                name="edgerag-huge-pages", daemon=True)
         pipeline.huge_pages.start()
         if pipeline.compression is None and not retrieval_only:
             warnings.warn(f"bundle {pipeline.path} carries no compressed-context data (exported before it existed, or "
                           "from a student that reads whole passages): answers read the full top-k passages", stacklevel=3)
         return pipeline
+
+    # a pipeline that waits this long for its first question moves its pages to huge ones meanwhile
+    HUGE_PAGES_WITHOUT_QUESTION_S = 1.0
+
+    def _collapse_after_first_answer(self, regions: list[tuple[int, int]]) -> None:
+        """collapse_into_huge_pages holds the process's memory map for each page it copies, which stalls
+        the first answer's page faults (its embedding rows): it waits for that answer to end."""
+        self._answered.wait(self.HUGE_PAGES_WITHOUT_QUESTION_S)
+        when_idle(collapse_into_huge_pages, regions)
 
     @classmethod
     def _open(cls, bundle: Path, manifest: Manifest, threads: int | None, reuse_prefix: str | bool,
@@ -708,6 +731,7 @@ class Pipeline:
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
                        decode_steps=generation.decode_steps, reused_prompt_tokens=generation.reused_prompt_tokens,
                        total_ms=(time.perf_counter() - started) * 1000)
+        self._answered.set()
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         decode_s = generation.decode_ms / 1000
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
