@@ -75,11 +75,12 @@ def memory_table(rows: list[dict]) -> str:
     stages = list(dict.fromkeys(k for r in rows for k in r["rss_by_stage_mb"]))
     phases = list(dict.fromkeys(k for r in rows for k in r.get("cold_start_phases_s", {})))
     lines = ["| system | thr | " + " | ".join(f"RSS {s}" for s in stages) + " | peak RSS | size MB | peak / size | "
-             + " | ".join(f"{p} s" for p in phases) + " | cold start s |",
-             "|---" * (len(stages) + len(phases) + 6) + "|"]
+             + "on huge pages at the end | " + " | ".join(f"{p} s" for p in phases) + " | cold start s |",
+             "|---" * (len(stages) + len(phases) + 7) + "|"]
     for r in rows:
         cells = [_num(r["rss_by_stage_mb"].get(s), "{:.0f}") for s in stages]
-        cells += [_num(r["peak_rss_mb"], "{:.0f}"), _num(r["size_mb"], "{:.0f}"), _num(r.get("rss_x_size"), "{:.2f}")]
+        cells += [_num(r["peak_rss_mb"], "{:.0f}"), _num(r["size_mb"], "{:.0f}"), _num(r.get("rss_x_size"), "{:.2f}"),
+                  _num(r.get("huge_pages_mb"), "{:.0f}")]
         cells += [_num(r.get("cold_start_phases_s", {}).get(p), "{:.2f}") for p in phases]
         cells.append(_num(r["cold_start_s"], "{:.2f}"))
         lines.append(f"| {r['name']} | {r['threads']} | " + " | ".join(cells) + " |")

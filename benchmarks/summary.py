@@ -49,5 +49,6 @@ def system_row(r: dict, limits: dict) -> dict:
         "load_s": r["load_s"], "weight_bytes_per_token": r["weight_bytes"], "n": len(rows),
         "rss_x_size": r["peak_rss_mb"] / r["size_mb"] if r["size_mb"] else None,
         "rss_by_stage_mb": r.get("rss_by_stage_mb", {}), "cold_start_phases_s": r.get("cold_start_phases_s", {}),
+        "huge_pages_mb": r.get("huge_pages_mb"),
     }
     return row

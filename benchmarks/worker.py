@@ -38,6 +38,17 @@ def status_mb(field: str) -> float | None:
     return None
 
 
+def huge_pages_mb() -> float | None:
+    """Anonymous memory on transparent huge pages (AnonHugePages of /proc/self/smaps_rollup) in MB."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's high-water RSS. VmHWM, because ru_maxrss survives fork+exec on Linux and would
     report the (larger) parent's peak for a small child."""
@@ -513,6 +524,7 @@ def run(spec: dict) -> dict:
     stage_rss[f"after {len(questions) + 1} answers"] = rss_mb()
     return {"name": spec["name"], "threads": spec["threads"], "load_s": load_s, "cold_start_s": cold_start_s,
             "cold_start_phases_s": phases, "peak_rss_mb": peak_rss_mb(), "rss_by_stage_mb": stage_rss,
+            "huge_pages_mb": huge_pages_mb(),
             "size_mb": system.size_mb, **system.floors(), "per_question": rows}
 
 

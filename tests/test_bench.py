@@ -69,6 +69,7 @@ def test_results_follow_the_schema(bench_out):
         assert "first answer" in phases and sum(phases.values()) <= row["cold_start_s"] + 0.01
         if row["name"].startswith("bundle"):
             assert list(stages)[0] == "import" and list(phases) == ["process start", "import", "load", "first answer"]
+        assert row["huge_pages_mb"] is None or 0 <= row["huge_pages_mb"] <= row["peak_rss_mb"]
     assert [(r["vectors"], r["n"]) for r in results["index"]] == [("squad.json", 16), ("random", 300), ("random", 600)]
     real = results["index"][0]   # 12 passages and 4 questions, embedded with the bundle's encoder
     assert real["recall@10"] == 1.0 and real["reached_target"] and real["queries"] == 4
