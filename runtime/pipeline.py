@@ -140,9 +140,9 @@ def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int:
     loaded pipeline) sit in anonymous memory. On 4 KB pages that is a TLB miss every 4 KB; the
     kernel gives huge pages at allocation time only when one is free, which on a machine that has
     run a while it often is not. Collapsing copies the pages into huge ones: 0.3 s for the demo
-    bundle's 140 MB, so Pipeline.load runs it in a background thread, when the cores are idle. Decode went from about 7.4 to
-    6.4 ms/token (README, "Memory and start-up"); resident memory stays the same, since only fully
-    resident mappings are collapsed. Best effort: without MADV_COLLAPSE (Linux before 6.1, or huge
+    bundle's 140 MB, so Pipeline.load runs it in a background thread, when the cores are idle.
+    Decode went from about 7.4 to 6.4 ms/token (README, "Memory and start-up"); resident memory
+    stays the same, since only fully resident mappings are collapsed. Best effort: without MADV_COLLAPSE (Linux before 6.1, or huge
     pages off) nothing changes."""
     collapsed = 0
     try:
