@@ -230,18 +230,26 @@ def test_huge_pages_setting_gives_the_same_answers(tiny_bundle_int8sq, monkeypat
 def test_collapse_moves_a_resident_mapping_to_huge_pages():
     """collapse_into_huge_pages backs a fully resident anonymous mapping with 2 MB pages, where the
     kernel can (Linux 6.1+ with transparent huge pages on), and leaves its contents as they were."""
+    import ctypes
+    import mmap
+
     import numpy as np
 
-    from edgerag.runtime.pipeline import HUGE_PAGE, collapse_into_huge_pages, populated_anonymous_regions
+    from edgerag.runtime.pipeline import HUGE_PAGE, collapse_into_huge_pages
 
-    before = populated_anonymous_regions()
-    values = np.arange(4 * HUGE_PAGE // 8, dtype=np.float64)  # 8 MB, written: resident
-    address = values.ctypes.data
-    region = next((r for r in populated_anonymous_regions() if r[0] <= address < r[1] and r not in before), None)
-    assert region is not None
-    collapsed = collapse_into_huge_pages([region])
+    size = 5 * HUGE_PAGE
+    memory = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)  # written on 4 KB pages, as a busy machine would give them
+    values = np.frombuffer(memory, dtype=np.float64)
+    values[:] = np.arange(values.size)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)  # lift the refusal; the pages stay small until collapsed
+    address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    collapsed = collapse_into_huge_pages([(address, address + size)])
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if collapsed == 0:
         pytest.skip(f"the kernel collapsed nothing (transparent huge pages: {thp.read_text().strip() if thp.exists() else 'absent'})")
-    assert collapsed >= 2 * HUGE_PAGE
+    assert collapsed >= 4 * HUGE_PAGE
     assert np.array_equal(values, np.arange(values.size, dtype=np.float64))
+    del values
