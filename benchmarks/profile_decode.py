@@ -74,9 +74,11 @@ def main(argv=None) -> int:
     if pipeline.manifest.generator.family != "decoder-only":
         raise SystemExit("profile_decode profiles decoder-only bundles")
     question = read_questions(data_path(args.questions))[0].question
-    passages = [(d["title"], d["text"]) for d in pipeline.retrieve(question, args.k)]
-    if not args.whole_passages:
-        passages = pipeline.context(question, pipeline.encoder.encode([question])[0], passages)
+    vector = pipeline.encoder.encode([question])
+    rows, scores = pipeline.search(vector, args.k or pipeline.manifest.generation.k)
+    passages = [(d["title"], d["text"]) for d in pipeline.passages_at(rows[0], scores[0])]
+    if not args.whole_passages and pipeline.compression is not None:  # the pieces the runtime would pick
+        passages = pipeline.context(question, vector[0], passages, pipeline._piece_vectors(rows[0]))
     prompt = pipeline.prompt_ids(question, passages, args.new_tokens)
     onnx_path = Path(args.bundle) / pipeline.manifest.generator.onnx
 

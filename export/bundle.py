@@ -168,7 +168,7 @@ def smoothed_generator_graph(model, builder: str, encode, template, questions, p
     from edgerag.export.smoothquant import DEFAULT_ALPHA, calibration_prompts, smooth_llama
 
     if builder != "fused-llama":
-        raise ValueError(f"--quantize {' or '.join(SMOOTHED)} needs the fused Llama graph; this generator was exported by {builder}")
+        raise ValueError(f"--quantize {opts.quantize} needs the fused Llama graph; this generator was exported by {builder}")
     prompts = calibration_prompts(questions, passages, opts.calibration_prompts)
     budget = opts.max_context - opts.max_new_tokens
     ids = [build_prompt_ids(encode, template, q, ps, budget) for q, ps in prompts]

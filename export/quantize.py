@@ -7,7 +7,8 @@
   int8wo    weight-only MatMulNBits with 8-bit blocks.
   int8sq    SmoothQuant: dynamic int8 for the QKV and gate/up projections of a smoothed fused Llama
             graph (export/smoothquant.py), int8wo for the other MatMuls.
-  int8swo   int8wo on the smoothed graph: every MatMul 8-bit weight-only. Its activations are
+  int8swo   int8wo on the smoothed graph (smoothing is the caller's: export/bundle.py's
+            smoothed_generator_graph): every MatMul 8-bit weight-only. Its activations are
             quantized per block at run time (accuracy level 4), so smoothing their outliers into
             the weights helps there too. Decodes faster than int8sq, prefills slower.
 

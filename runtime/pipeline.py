@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sqlite3
+import sys
 import threading
 import time
 import warnings
@@ -27,7 +28,7 @@ from tokenizers.decoders import DecodeStream
 
 from edgerag.runtime.compress import Compression, PieceVectors, compress_context, split_pieces
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
-from edgerag.runtime.generation import Generation, GreedyDecoder, run_bound
+from edgerag.runtime.generation import ORT_DTYPES, Generation, GreedyDecoder, run_bound
 from edgerag.runtime.manifest import KV_IN_PLACE_GRAPHS, BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
@@ -101,6 +102,7 @@ def read_weights_on_demand(paths: Iterable[Path]) -> None:
 
 MADV_COLLAPSE = 25  # Linux 6.1+
 HUGE_PAGE = 2 << 20
+FULLY_RESIDENT = 0.9  # the share of a mapping resident for collapse_when_idle to take it
 
 
 def populated_anonymous_regions() -> dict[tuple[int, int], int]:
@@ -120,17 +122,58 @@ def populated_anonymous_regions() -> dict[tuple[int, int], int]:
     return regions
 
 
-def when_idle(work, *args) -> None:
-    """Run work(*args) in this thread at the lowest priority: only on a core nothing else wants, so
-    that it never takes the cores from an answer (the first one comes right after the load)."""
+class AnswersInFlight:
+    """Counts the answers being generated: `idle` is set while there are none, `answered` once one
+    has ended. Entered around each generation."""
+
+    def __init__(self):
+        self._count = 0
+        self._lock = threading.Lock()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.answered = threading.Event()
+
+    def __enter__(self):
+        with self._lock:
+            self._count += 1
+            self.idle.clear()
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._count -= 1
+            if self._count == 0:
+                self.idle.set()
+        self.answered.set()
+
+
+def huge_pages_allowed() -> bool:
+    """Whether this system lets processes use transparent huge pages (Linux; "never" says no)."""
     try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+def collapse_when_idle(regions: list[tuple[int, int]], answers: AnswersInFlight, first_wait_s: float) -> None:
+    """collapse_into_huge_pages, 2 MB at a time, only while no answer is being generated: collapsing
+    holds the process's memory map for each page it copies, which stalls an answer's page faults
+    (beside the first answer it took 0.15 -> 0.45 s). Waits for the first answer to end, or
+    `first_wait_s` without one, and runs at the lowest nice level."""
+    if sys.platform.startswith("linux"):
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only, on Linux
         except (AttributeError, OSError):
             pass
-    work(*args)
+    answers.answered.wait(first_wait_s)
+    # the load's regions as they are now (the kernel merges neighbouring mappings), still resident
+    now = [(low, high) for (low, high), resident in populated_anonymous_regions().items()
+           if resident >= FULLY_RESIDENT * (high - low)]
+    for low, high in regions:
+        for current_low, current_high in now:
+            start, end = max(low, current_low), min(high, current_high)
+            for block in range(-(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE, HUGE_PAGE):
+                answers.idle.wait()
+                collapse_into_huge_pages([(block, block + HUGE_PAGE)])
 
 
 def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int:
@@ -140,10 +183,12 @@ def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int:
     loaded pipeline) sit in anonymous memory. On 4 KB pages that is a TLB miss every 4 KB; the
     kernel gives huge pages at allocation time only when one is free, which on a machine that has
     run a while it often is not. Collapsing copies the pages into huge ones: 0.3 s for the demo
-    bundle's 140 MB, so Pipeline.load runs it in a background thread, when the cores are idle.
-    Decode went from about 7.4 to 6.4 ms/token (README, "Memory and start-up"); resident memory
-    stays the same, since only fully resident mappings are collapsed. Best effort: without MADV_COLLAPSE (Linux before 6.1, or huge
-    pages off) nothing changes."""
+    bundle's 140 MB, so Pipeline.load has it done in a background thread between answers
+    (collapse_when_idle). Decode went from about 7.4 to 6.4 ms/token (README, "Memory and
+    start-up"). It is given only mappings at least FULLY_RESIDENT resident (onnxruntime's prepacked
+    weights are; the kernel fills the rest of each 2 MB it collapses): resident memory measured the
+    same with and without it.
+    Best effort: without MADV_COLLAPSE (Linux before 6.1) nothing changes."""
     collapsed = 0
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -244,7 +289,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
     MIN_REUSED_TOKENS = 8
 
     def __init__(self, session: ort.InferenceSession, stop_token_ids: list[int], reuse_prefix="template",
-                 prefix_ids: list[int] = (), kv_in_place: bool = False):
+                 prefix_ids: list[int] = (), kv_in_place: bool = False, max_positions: int | None = None):
         mode = {True: "template", False: "none"}.get(reuse_prefix, reuse_prefix)
         if mode not in REUSE_MODES:
             raise ValueError(f"reuse_prefix must be one of {', '.join(REUSE_MODES)}, not {reuse_prefix!r}")
@@ -255,8 +300,10 @@ class DecoderOnlyGenerator(GreedyDecoder):
         self.input_names = {i.name for i in session.get_inputs()}
         self.reuse_prefix = mode
         self.kv_in_place = kv_in_place
-        self.vocab_size = session.get_outputs()[0].shape[-1]
-        if kv_in_place and (session.get_outputs()[0].shape[1] != 1 or not isinstance(self.vocab_size, int)):
+        logits = next(o for o in session.get_outputs() if o.name == "logits")
+        self.vocab_size, self.logits_dtype = logits.shape[-1], ORT_DTYPES.get(logits.type, np.float32)
+        self.max_positions = max_positions  # prompt + new tokens the graph allows (None: not checked here)
+        if kv_in_place and (logits.shape[1] != 1 or not isinstance(self.vocab_size, int)):
             raise ValueError("kv_in_place needs a graph that computes the last position's logits, over a fixed vocabulary")
         # (prompt ids, their KV as one array or OrtValue per past input), replaced as a whole so that a
         # reader in another thread always gets a matching pair
@@ -280,9 +327,12 @@ class DecoderOnlyGenerator(GreedyDecoder):
         return feed
 
     def _steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
-        """The decoding loop. The KV cache stays in onnxruntime's own buffers (IOBinding): it never
-        makes a round trip through numpy. In place, it is bound once; otherwise each step's `present`
-        values are bound as the next step's `past`."""
+        """The decoding loop, over an IOBinding. In place, the KV cache is one buffer per layer that
+        onnxruntime appends to, bound once; otherwise each step's `present` values stay in
+        onnxruntime's buffers and are bound as the next step's `past`, with no copy through numpy."""
+        if self.max_positions is not None and len(prompt_ids) + max_new_tokens > self.max_positions:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new tokens exceed the generator's "
+                             f"{self.max_positions} positions")
         binding = self.session.io_binding()
         reused, kv = self._reusable_prefix(prompt_ids)
         if reused:
@@ -347,7 +397,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
             binding.bind_ortvalue_input(i.name, value)
             binding.bind_ortvalue_output(present, value)
             buffers.append(buffer)
-        logits = np.zeros((1, 1, self.vocab_size), dtype=np.float32)
+        logits = np.zeros((1, 1, self.vocab_size), dtype=self.logits_dtype)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         return logits, buffers
 
@@ -367,7 +417,8 @@ class DecoderOnlyGenerator(GreedyDecoder):
 def _decoder_only(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids) -> DecoderOnlyGenerator:
     return DecoderOnlyGenerator(make_session(bundle / manifest.generator.onnx, threads),
                                 manifest.prompt.stop_token_ids, reuse_prefix, prefix_ids,
-                                kv_in_place=manifest.generator.graph in KV_IN_PLACE_GRAPHS)
+                                kv_in_place=manifest.generator.graph in KV_IN_PLACE_GRAPHS,
+                                max_positions=manifest.generator.max_context)
 
 
 def _encoder_decoder(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids) -> EncoderDecoderGenerator:
@@ -481,9 +532,9 @@ class Pipeline:
     _added_pieces: dict = field(default_factory=dict, repr=False)  # index row -> piece vectors of added passages
     # hnswlib's ef is set per search and added passages grow the index: retrieval runs one at a time
     _retrieval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # moves the memory the load allocated to huge pages, in the background (collapse_into_huge_pages)
+    # moves the memory the load allocated to huge pages between answers (collapse_when_idle); None: nothing to move
     huge_pages: threading.Thread | None = field(default=None, repr=False)
-    _answered: threading.Event = field(default_factory=threading.Event, repr=False)  # set when an answer ends
+    _in_flight: AnswersInFlight = field(default_factory=AnswersInFlight, repr=False)
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
@@ -535,10 +586,13 @@ class Pipeline:
         a warning, once, of what it lacks."""
         read_weights_on_demand(weights)
         loaded = [region for region, resident in populated_anonymous_regions().items()
-                  if region not in regions_before and resident >= 0.9 * (region[1] - region[0])]
-        pipeline.huge_pages = threading.Thread(target=pipeline._collapse_after_first_answer, args=(loaded,),
-                                               name="edgerag-huge-pages", daemon=True)
-        pipeline.huge_pages.start()
+                  if region not in regions_before and resident >= FULLY_RESIDENT * (region[1] - region[0])]
+        if loaded and huge_pages_allowed():
+            # the thread holds what it needs, not the pipeline, which it would otherwise keep alive
+            pipeline.huge_pages = threading.Thread(
+                target=collapse_when_idle, args=(loaded, pipeline._in_flight, pipeline.HUGE_PAGES_WITHOUT_QUESTION_S),
+                name="edgerag-huge-pages", daemon=True)
+            pipeline.huge_pages.start()
         if pipeline.compression is None and not retrieval_only:
             warnings.warn(f"bundle {pipeline.path} carries no compressed-context data (exported before it existed, or "
                           "from a student that reads whole passages): answers read the full top-k passages", stacklevel=3)
@@ -546,12 +600,6 @@ class Pipeline:
 
     # a pipeline that waits this long for its first question moves its pages to huge ones meanwhile
     HUGE_PAGES_WITHOUT_QUESTION_S = 1.0
-
-    def _collapse_after_first_answer(self, regions: list[tuple[int, int]]) -> None:
-        """collapse_into_huge_pages holds the process's memory map for each page it copies, which stalls
-        the first answer's page faults (its embedding rows): it waits for that answer to end."""
-        self._answered.wait(self.HUGE_PAGES_WITHOUT_QUESTION_S)
-        when_idle(collapse_into_huge_pages, regions)
 
     @classmethod
     def _open(cls, bundle: Path, manifest: Manifest, threads: int | None, reuse_prefix: str | bool,
@@ -706,32 +754,32 @@ class Pipeline:
         window = self.manifest.generation.repetition_window
         # A piece is held back while its token is part of a repeating tail, so that a loop which is
         # then cut is never streamed: streamed text and the answer's text stay the same.
-        pieces, sent, stop_reason = [], 0, ""
-        for token in generation:
-            if len(generation.tokens) == 1:
-                timings["ttft_ms"] = (time.perf_counter() - started) * 1000
-            pieces.append(decoder.step(self.tokenizer, token) or "")
-            cut = repetition_cut(generation.tokens, window)
-            if cut is not None:
-                stop_reason = "repetition"
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                stop_reason = "deadline"
-            if cancel is not None and cancel.is_set():
-                stop_reason = "cancelled"
-            if stop_reason:
-                break
-            ready = len(pieces) - (periodic_tail(generation.tokens, window // 3) if window else 0)
-            if ready > sent:
-                yield "".join(pieces[sent:ready])
-                sent = ready
-        tokens = generation.tokens[:cut] if stop_reason == "repetition" else generation.tokens
-        if len(tokens) > sent:
-            yield "".join(pieces[sent:len(tokens)])
+        with self._in_flight:  # the background huge-page work waits while an answer is generated
+            pieces, sent, stop_reason = [], 0, ""
+            for token in generation:
+                if len(generation.tokens) == 1:
+                    timings["ttft_ms"] = (time.perf_counter() - started) * 1000
+                pieces.append(decoder.step(self.tokenizer, token) or "")
+                cut = repetition_cut(generation.tokens, window)
+                if cut is not None:
+                    stop_reason = "repetition"
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    stop_reason = "deadline"
+                if cancel is not None and cancel.is_set():
+                    stop_reason = "cancelled"
+                if stop_reason:
+                    break
+                ready = len(pieces) - (periodic_tail(generation.tokens, window // 3) if window else 0)
+                if ready > sent:
+                    yield "".join(pieces[sent:ready])
+                    sent = ready
+            tokens = generation.tokens[:cut] if stop_reason == "repetition" else generation.tokens
+            if len(tokens) > sent:
+                yield "".join(pieces[sent:len(tokens)])
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
                        decode_steps=generation.decode_steps, reused_prompt_tokens=generation.reused_prompt_tokens,
                        total_ms=(time.perf_counter() - started) * 1000)
-        self._answered.set()
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         decode_s = generation.decode_ms / 1000
         return Answer(question, text, passages, timings, len(prompt), len(tokens),

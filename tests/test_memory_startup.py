@@ -91,8 +91,7 @@ def test_encoder_spinning_setting_gives_the_same_answers(tiny_bundle_int8sq, mon
     quiet = Pipeline.load(tiny_bundle_int8sq)
     made = pipeline_module.make_session
     monkeypatch.setattr(pipeline_module, "make_session",
-                        lambda path, threads, provider="CPUExecutionProvider", spinning=True, **settings:
-                        made(path, threads, provider, True, **settings))
+                        lambda path, threads, provider="CPUExecutionProvider", spinning=True: made(path, threads, provider, True))
     spinning = Pipeline.load(tiny_bundle_int8sq)
     for question in QUESTIONS:
         a, b = quiet.ask(question, max_new_tokens=8), spinning.ask(question, max_new_tokens=8)
@@ -163,7 +162,8 @@ def test_lm_head_in_slices_gives_the_same_logits(tiny_models, tmp_path, method):
     hidden, vocab = next(i.dims for i in whole.graph.initializer if i.name == "lm_head.weight")
     sliced = onnx_export.split_lm_head(onnx.ModelProto.FromString(whole.SerializeToString()), max_params=hidden * vocab // 3)
     assert sum(n.name.startswith("lm_head.") and n.op_type == "MatMul" for n in sliced.graph.node) >= 3
-    assert onnx_export.split_lm_head(onnx.ModelProto.FromString(whole.SerializeToString())).graph.node[-1].op_type != "Concat"
+    unsplit = onnx_export.split_lm_head(onnx.ModelProto.FromString(whole.SerializeToString()))  # small enough already
+    assert not any(n.name == "lm_head.concat" for n in unsplit.graph.node)
     if method != "none":  # quantize() slices the head itself at its default size: compare at equal slicing
         whole, _ = quantize(whole, method)
         sliced, _ = quantize(sliced, method)
@@ -205,7 +205,9 @@ def test_mapped_weights_are_read_on_demand(tiny_bundle_int8sq, monkeypatch):
     pipeline = Pipeline.load(tiny_bundle_int8sq)
     weights = tiny_bundle_int8sq / pipeline.manifest.generator.weights
     mappings = _weight_mappings(weights)
-    assert mappings and all("rr" in flags for flags in mappings)
+    if not mappings:
+        pytest.skip("this onnxruntime reads the external weights instead of mapping them")
+    assert all("rr" in flags for flags in mappings)
     monkeypatch.setattr(pipeline_module, "read_weights_on_demand", lambda paths: None)
     plain = Pipeline.load(tiny_bundle_int8sq)
     for question in QUESTIONS:
@@ -213,18 +215,35 @@ def test_mapped_weights_are_read_on_demand(tiny_bundle_int8sq, monkeypatch):
         assert (a.answer, a.new_tokens) == (b.answer, b.new_tokens)
 
 
-def test_huge_pages_setting_gives_the_same_answers(tiny_bundle_int8sq, monkeypatch):
-    """Pipeline.load moves what it allocated to huge pages in a background thread (speed setting);
-    the answers are the ones of a load that leaves the pages as they are."""
+def test_huge_pages_wait_for_answers_and_keep_them(tiny_bundle_int8sq, monkeypatch):
+    """After a load, the memory it allocated is moved to huge pages in a background thread, which
+    waits for the first answer to end and never works while an answer is being generated; the
+    answers are the ones of a load that moves nothing."""
     import edgerag.runtime.pipeline as pipeline_module
 
-    collapsing = Pipeline.load(tiny_bundle_int8sq)
-    collapsing.huge_pages.join()
+    if not pipeline_module.huge_pages_allowed():
+        pytest.skip("transparent huge pages are off or absent here")
+    collapsed, made = [], pipeline_module.collapse_into_huge_pages
+
+    def spy(regions):
+        collapsed.append(pipeline._in_flight.idle.is_set() and pipeline._in_flight.answered.is_set())
+        return made(regions)
+
+    monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", spy)
+    monkeypatch.setattr(Pipeline, "HUGE_PAGES_WITHOUT_QUESTION_S", 60.0)
+    pipeline = Pipeline.load(tiny_bundle_int8sq)
+    if pipeline.huge_pages is None:
+        pytest.skip("the load allocated no fully resident mapping of 2 MB or more")
+    assert not collapsed  # nothing before the first answer
+    first = pipeline.ask(QUESTIONS[0], max_new_tokens=8)
+    pipeline.huge_pages.join(timeout=60)
+    assert not pipeline.huge_pages.is_alive() and collapsed and all(collapsed)
     monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", lambda regions: 0)
     plain = Pipeline.load(tiny_bundle_int8sq)
     for question in QUESTIONS:
-        a, b = collapsing.ask(question, max_new_tokens=8), plain.ask(question, max_new_tokens=8)
+        a, b = pipeline.ask(question, max_new_tokens=8), plain.ask(question, max_new_tokens=8)
         assert (a.answer, a.new_tokens) == (b.answer, b.new_tokens)
+    assert first.answer == pipeline.ask(QUESTIONS[0], max_new_tokens=8).answer
 
 
 def test_collapse_moves_a_resident_mapping_to_huge_pages():
@@ -238,7 +257,7 @@ def test_collapse_moves_a_resident_mapping_to_huge_pages():
     from edgerag.runtime.pipeline import HUGE_PAGE, collapse_into_huge_pages
 
     size = 5 * HUGE_PAGE
-    memory = mmap.mmap(-1, size)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory is not collapsed
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         memory.madvise(mmap.MADV_NOHUGEPAGE)  # written on 4 KB pages, as a busy machine would give them
     values = np.frombuffer(memory, dtype=np.float64)
@@ -253,3 +272,36 @@ def test_collapse_moves_a_resident_mapping_to_huge_pages():
     assert collapsed >= 4 * HUGE_PAGE
     assert np.array_equal(values, np.arange(values.size, dtype=np.float64))
     del values
+
+
+def test_collapse_waits_for_the_first_answer_and_between_answers(monkeypatch):
+    """collapse_when_idle does nothing before the first answer ends, and nothing while an answer is
+    being generated; then it moves the load's regions, 2 MB at a time."""
+    import ctypes
+    import mmap
+    import threading
+    import time
+
+    import numpy as np
+
+    import edgerag.runtime.pipeline as pipeline_module
+    from edgerag.runtime.pipeline import HUGE_PAGE, AnswersInFlight, collapse_when_idle
+
+    memory = mmap.mmap(-1, 5 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    np.frombuffer(memory, dtype=np.uint8)[:] = 1  # resident
+    address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    answers, calls = AnswersInFlight(), []
+    monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages",
+                        lambda blocks: calls.append((answers.idle.is_set(), blocks)) or 0)
+    thread = threading.Thread(target=collapse_when_idle, args=([(address, address + 5 * HUGE_PAGE)], answers, 60.0))
+    thread.start()
+    time.sleep(0.2)
+    assert not calls  # no answer yet
+    with answers:       # the first answer runs...
+        time.sleep(0.2)
+        assert not calls
+    thread.join(timeout=10)  # ...and ends: the work goes on
+    assert not thread.is_alive()
+    assert len(calls) >= 4 and all(idle for idle, _ in calls)
+    assert all(len(blocks) == 1 and blocks[0][1] - blocks[0][0] == HUGE_PAGE and blocks[0][0] % HUGE_PAGE == 0
+               for _, blocks in calls)

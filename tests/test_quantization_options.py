@@ -14,5 +14,5 @@ def test_quantization_options_rows(tiny_models, tmp_path):
     rows = {r["quantize"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"none", "int8wo", "int8sq", "int8swo"}
     assert rows["none"]["max_abs_logit_delta"] == 0
-    assert rows["int8wo"]["max_abs_logit_delta"] > 0 and rows["int8sq"]["max_abs_logit_delta"] > 0
+    assert rows["int8wo"]["max_abs_logit_delta"] > 0 and rows["int8sq"]["max_abs_logit_delta"] > 0 and rows["int8swo"]["max_abs_logit_delta"] > 0
     assert rows["int8wo"]["size_mb"] < rows["none"]["size_mb"]
