@@ -27,22 +27,12 @@ import numpy as np
 RECALL_K = 5
 
 
-def status_mb(field: str) -> float | None:
-    """A memory field of /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile) in MB; None where there is none."""
+def status_mb(field: str, source: str = "status") -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile), or of another /proc/self
+    file of the same form (`source="smaps_rollup"`: AnonHugePages), in MB; None where there is none."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/self/{source}").read_text().splitlines():
             if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def huge_pages_mb() -> float | None:
-    """Anonymous memory on transparent huge pages (AnonHugePages of /proc/self/smaps_rollup) in MB."""
-    try:
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            if line.startswith("AnonHugePages:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -524,7 +514,7 @@ def run(spec: dict) -> dict:
     stage_rss[f"after {len(questions) + 1} answers"] = rss_mb()
     return {"name": spec["name"], "threads": spec["threads"], "load_s": load_s, "cold_start_s": cold_start_s,
             "cold_start_phases_s": phases, "peak_rss_mb": peak_rss_mb(), "rss_by_stage_mb": stage_rss,
-            "huge_pages_mb": huge_pages_mb(),
+            "huge_pages_mb": status_mb("AnonHugePages", "smaps_rollup"),  # anonymous memory on huge pages
             "size_mb": system.size_mb, **system.floors(), "per_question": rows}
 
 

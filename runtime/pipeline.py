@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sqlite3
 import sys
@@ -64,6 +65,21 @@ def return_freed_memory() -> None:
 MADV_RANDOM = 1  # Linux's mman.h
 
 
+@functools.cache
+def _libc_madvise():
+    madvise_call = ctypes.CDLL(None, use_errno=True).madvise
+    madvise_call.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise_call
+
+
+def madvise(start: int, end: int, advice: int) -> bool:
+    """madvise(2) on [start, end) through the C library; False where it failed or there is none."""
+    try:
+        return _libc_madvise()(start, end - start, advice) == 0
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def read_weights_on_demand(paths: Iterable[Path]) -> None:
     """Keep resident only the pages of memory-mapped weights that answers read.
 
@@ -88,15 +104,13 @@ def read_weights_on_demand(paths: Iterable[Path]) -> None:
         except OSError:
             continue
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
                 if len(fields) == 6 and fields[5].rstrip("\n") in paths:
                     start, end = (int(x, 16) for x in fields[0].split("-"))
-                    libc.madvise(start, end - start, MADV_RANDOM)
-    except (OSError, AttributeError, TypeError):
+                    madvise(start, end, MADV_RANDOM)
+    except OSError:
         pass
 
 
@@ -105,21 +119,30 @@ HUGE_PAGE = 2 << 20
 FULLY_RESIDENT = 0.9  # the share of a mapping resident for collapse_when_idle to take it
 
 
-def populated_anonymous_regions() -> dict[tuple[int, int], int]:
-    """{(start, end): resident bytes} of this process's writable anonymous mappings (Linux)."""
+def anonymous_regions(resident: bool = False) -> dict[tuple[int, int], int]:
+    """{(start, end): resident bytes} of this process's writable anonymous mappings (Linux). The
+    resident bytes come from /proc/self/smaps, which takes tens of milliseconds to read; without
+    `resident`, the mappings alone come from /proc/self/maps (under a millisecond) and count 0."""
     regions, current = {}, None
     try:
-        with open("/proc/self/smaps") as smaps:
-            for line in smaps:
+        with open("/proc/self/smaps" if resident else "/proc/self/maps") as lines:
+            for line in lines:
                 fields = line.split(maxsplit=5)
                 if len(fields) >= 5 and "-" in fields[0] and ":" in fields[3]:
-                    anonymous = len(fields) == 5 or fields[5].strip() == "[heap]"
-                    current = tuple(int(x, 16) for x in fields[0].split("-")) if anonymous and fields[1].startswith("rw") else None
+                    anonymous = (len(fields) == 5 or fields[5].strip() == "[heap]") and fields[1].startswith("rw")
+                    current = tuple(int(x, 16) for x in fields[0].split("-")) if anonymous else None
+                    if current:
+                        regions[current] = 0
                 elif current and line.startswith("Rss:"):
                     regions[current] = int(line.split()[1]) * 1024
     except OSError:
         pass
     return regions
+
+
+def huge_page_blocks(low: int, high: int) -> range:
+    """The starts of the whole 2 MB pages inside [low, high)."""
+    return range(-(-low // HUGE_PAGE) * HUGE_PAGE, high // HUGE_PAGE * HUGE_PAGE, HUGE_PAGE)
 
 
 class AnswersInFlight:
@@ -154,26 +177,25 @@ def huge_pages_allowed() -> bool:
         return False
 
 
-def collapse_when_idle(regions: list[tuple[int, int]], answers: AnswersInFlight, first_wait_s: float) -> None:
-    """collapse_into_huge_pages, 2 MB at a time, only while no answer is being generated: collapsing
-    holds the process's memory map for each page it copies, which stalls an answer's page faults
-    (beside the first answer it took 0.15 -> 0.45 s). Waits for the first answer to end, or
-    `first_wait_s` without one, and runs at the lowest nice level."""
+def collapse_when_idle(before: Iterable[tuple[int, int]], answers: AnswersInFlight, first_wait_s: float) -> None:
+    """collapse_into_huge_pages on the anonymous mappings made since `before` (the load's), 2 MB at a
+    time, only while no answer is being generated: collapsing holds the process's memory map for
+    each page it copies, which stalls an answer's page faults (beside the first answer it took
+    0.15 -> 0.45 s). Waits for the first answer to end, or `first_wait_s` without one, and runs at
+    the lowest nice level."""
     if sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only, on Linux
         except (AttributeError, OSError):
             pass
     answers.answered.wait(first_wait_s)
-    # the load's regions as they are now (the kernel merges neighbouring mappings), still resident
-    now = [(low, high) for (low, high), resident in populated_anonymous_regions().items()
-           if resident >= FULLY_RESIDENT * (high - low)]
-    for low, high in regions:
-        for current_low, current_high in now:
-            start, end = max(low, current_low), min(high, current_high)
-            for block in range(-(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE, HUGE_PAGE):
-                answers.idle.wait()
-                collapse_into_huge_pages([(block, block + HUGE_PAGE)])
+    before = set(before)
+    for (low, high), resident in anonymous_regions(resident=True).items():
+        if (low, high) in before or resident < FULLY_RESIDENT * (high - low):
+            continue
+        for block in huge_page_blocks(low, high):
+            answers.idle.wait()
+            collapse_into_huge_pages([(block, block + HUGE_PAGE)])
 
 
 def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int:
@@ -190,15 +212,10 @@ def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int:
     same with and without it.
     Best effort: without MADV_COLLAPSE (Linux before 6.1) nothing changes."""
     collapsed = 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        for low, high in regions:
-            start, end = -(-low // HUGE_PAGE) * HUGE_PAGE, high // HUGE_PAGE * HUGE_PAGE
-            if end > start and libc.madvise(start, end - start, MADV_COLLAPSE) == 0:
-                collapsed += end - start
-    except (OSError, AttributeError, TypeError):
-        pass
+    for low, high in regions:
+        blocks = huge_page_blocks(low, high)
+        if blocks and madvise(blocks[0], blocks[-1] + HUGE_PAGE, MADV_COLLAPSE):
+            collapsed += len(blocks) * HUGE_PAGE
     return collapsed
 
 
@@ -532,7 +549,7 @@ class Pipeline:
     _added_pieces: dict = field(default_factory=dict, repr=False)  # index row -> piece vectors of added passages
     # hnswlib's ef is set per search and added passages grow the index: retrieval runs one at a time
     _retrieval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # moves the memory the load allocated to huge pages between answers (collapse_when_idle); None: nothing to move
+    # moves the memory the load allocated to huge pages between answers (collapse_when_idle); None: huge pages off
     huge_pages: threading.Thread | None = field(default=None, repr=False)
     _in_flight: AnswersInFlight = field(default_factory=AnswersInFlight, repr=False)
 
@@ -557,7 +574,7 @@ class Pipeline:
         for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
             check_in_bundle(bundle, name)
         weights = {n for n in (manifest.query_encoder.weights, manifest.generator.weights) if n}
-        before = populated_anonymous_regions()
+        before = anonymous_regions()
         if not check:
             pipeline = cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only)
             return cls._opened(pipeline, retrieval_only, [bundle / name for name in weights], before)
@@ -580,17 +597,16 @@ class Pipeline:
 
     @staticmethod
     def _opened(pipeline: "Pipeline", retrieval_only: bool, weights: list[Path],
-                regions_before: dict[tuple[int, int], int]) -> "Pipeline":
+                regions_before: Iterable[tuple[int, int]]) -> "Pipeline":
         """The pipeline, once it has loaded (and passed its checks): its memory settled (the mapped
         weights read on demand, what the load allocated moved to huge pages in the background), and
         a warning, once, of what it lacks."""
         read_weights_on_demand(weights)
-        loaded = [region for region, resident in populated_anonymous_regions().items()
-                  if region not in regions_before and resident >= FULLY_RESIDENT * (region[1] - region[0])]
-        if loaded and huge_pages_allowed():
+        if huge_pages_allowed():
             # the thread holds what it needs, not the pipeline, which it would otherwise keep alive
             pipeline.huge_pages = threading.Thread(
-                target=collapse_when_idle, args=(loaded, pipeline._in_flight, pipeline.HUGE_PAGES_WITHOUT_QUESTION_S),
+                target=collapse_when_idle, args=(list(regions_before), pipeline._in_flight,
+                                                 pipeline.HUGE_PAGES_WITHOUT_QUESTION_S),
                 name="edgerag-huge-pages", daemon=True)
             pipeline.huge_pages.start()
         if pipeline.compression is None and not retrieval_only:

@@ -235,12 +235,14 @@ def test_huge_pages_wait_for_answers_and_keep_them(tiny_bundle_int8sq, monkeypat
     monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", spy)
     monkeypatch.setattr(Pipeline, "HUGE_PAGES_WITHOUT_QUESTION_S", 60.0)
     pipeline = Pipeline.load(tiny_bundle_int8sq)
-    if pipeline.huge_pages is None:
-        pytest.skip("the load allocated no fully resident mapping of 2 MB or more")
+    assert pipeline.huge_pages is not None
     assert not collapsed  # nothing before the first answer
     first = pipeline.ask(QUESTIONS[0], max_new_tokens=8)
     pipeline.huge_pages.join(timeout=60)
-    assert not pipeline.huge_pages.is_alive() and collapsed and all(collapsed)
+    assert not pipeline.huge_pages.is_alive()
+    if not collapsed:
+        pytest.skip("the load allocated no fully resident mapping of 2 MB or more")
+    assert all(collapsed)
     monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", lambda regions: 0)
     plain = Pipeline.load(tiny_bundle_int8sq)
     for question in QUESTIONS:
@@ -279,7 +281,7 @@ def test_collapse_moves_a_resident_mapping_to_huge_pages():
 
 def test_collapse_waits_for_the_first_answer_and_between_answers(monkeypatch):
     """collapse_when_idle does nothing before the first answer ends, and nothing while an answer is
-    being generated; then it moves the load's regions, 2 MB at a time."""
+    being generated; then it moves the mappings made since it was given the list, 2 MB at a time."""
     import ctypes
     import mmap
     import threading
@@ -288,21 +290,26 @@ def test_collapse_waits_for_the_first_answer_and_between_answers(monkeypatch):
     import numpy as np
 
     import edgerag.runtime.pipeline as pipeline_module
-    from edgerag.runtime.pipeline import HUGE_PAGE, AnswersInFlight, collapse_when_idle
+    from edgerag.runtime.pipeline import FULLY_RESIDENT, HUGE_PAGE, AnswersInFlight, anonymous_regions, collapse_when_idle
 
+    before = anonymous_regions()
     memory = mmap.mmap(-1, 5 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     np.frombuffer(memory, dtype=np.uint8)[:] = 1  # resident
     address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    holding = [(low, high, resident) for (low, high), resident in anonymous_regions(resident=True).items()
+               if low <= address < high]
+    if not holding or holding[0][2] < FULLY_RESIDENT * (holding[0][1] - holding[0][0]):
+        pytest.skip("the kernel merged the mapping into a mostly empty neighbour")
     answers, calls = AnswersInFlight(), []
-    mine = range(address, address + 5 * HUGE_PAGE)  # other tests' pipelines may be collapsing too
+    mine = range(address, address + 5 * HUGE_PAGE)
 
     def spy(blocks):
-        if blocks[0][0] in mine:
+        if threading.current_thread() is thread and blocks[0][0] in mine:  # other tests' pipelines collapse too
             calls.append((answers.idle.is_set(), blocks))
         return 0
 
     monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", spy)
-    thread = threading.Thread(target=collapse_when_idle, args=([(address, address + 5 * HUGE_PAGE)], answers, 60.0))
+    thread = threading.Thread(target=collapse_when_idle, args=(list(before), answers, 60.0))
     thread.start()
     time.sleep(0.2)
     assert not calls  # no answer yet
