@@ -252,16 +252,18 @@ def run_bench(args) -> dict:
             "passages": passages, "k": k, "max_new_tokens": max_new_tokens,
             "max_context": first.generator.max_context, "scratch": str(workdir / "scratch")}
     raw = []
-    for system in plan:
-        for t in threads:
-            log(f"{system['name']} with {t} thread(s)")
-            try:
-                result = run_worker(system, {**spec, "threads": t}, workdir)
-                result["kind"], result["quant"], result["note"] = system["kind"], system.get("quant"), system.get("note")
-                raw.append(result)
-            except Exception as e:  # noqa: BLE001 - one failing system must not lose the others' results
-                log(f"{system['name']} (t={t}) failed: {e}")
-                skipped.append({"name": system["name"], "threads": t, "reason": f"failed: {e}"})
+    with machine.BandwidthProbe(mb=32 if args.quick_machine else 256) as probe:
+        spec["bandwidth_probe"] = probe.address  # each worker measures the bandwidth after each question
+        for system in plan:
+            for t in threads:
+                log(f"{system['name']} with {t} thread(s)")
+                try:
+                    result = run_worker(system, {**spec, "threads": t}, workdir)
+                    result["kind"], result["quant"], result["note"] = system["kind"], system.get("quant"), system.get("note")
+                    raw.append(result)
+                except Exception as e:  # noqa: BLE001 - one failing system must not lose the others' results
+                    log(f"{system['name']} (t={t}) failed: {e}")
+                    skipped.append({"name": system["name"], "threads": t, "reason": f"failed: {e}"})
 
     corpus, corpus_queries = _existing_data(args.index_corpus), _existing_data(args.index_queries)
     index_rows = run_index(_ints(args.index_sizes), corpus if corpus_queries else None, corpus_queries,

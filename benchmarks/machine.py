@@ -11,7 +11,9 @@ import logging
 import os
 import platform
 import tempfile
+import threading
 import time
+from multiprocessing.connection import Listener
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,53 @@ def bandwidth_gb_s(mb: int = 256, repeats: int = 5) -> float:
     b = np.empty_like(a)
     seconds = _best(lambda: np.copyto(b, a), repeats)
     return 2 * a.nbytes / seconds / 1e9
+
+
+class BandwidthProbe:
+    """The copy-bandwidth probe, served from this process to a worker that asks for it between its
+    questions (`ask_bandwidth`). On a shared machine the bandwidth and the decode time move together
+    (by a third within a minute here), so each question's decode is held against the bandwidth of
+    the moment it ran in, and the probe's buffers stay out of the worker's memory."""
+
+    def __init__(self, mb: int = 256, repeats: int = 3):
+        self.a = np.ones(mb * (1 << 20) // 8, dtype=np.float64)
+        self.b = np.empty_like(self.a)
+        self.repeats = repeats
+        self.listener = Listener(family="AF_UNIX")
+        self.address = self.listener.address
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def measure(self) -> float:
+        """Best of `repeats` copies, as bandwidth_gb_s."""
+        return 2 * self.a.nbytes / _best(lambda: np.copyto(self.b, self.a), self.repeats) / 1e9
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection = self.listener.accept()
+            except OSError:  # closed
+                return
+            with connection:
+                try:
+                    while connection.recv():
+                        connection.send(self.measure())
+                except (EOFError, OSError):
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def ask_bandwidth(connection) -> float:
+    """One measurement from a BandwidthProbe, over a `Client(probe.address)` connection."""
+    connection.send(True)
+    return connection.recv()
 
 
 def numpy_matmul_gflops(n: int = 1024, repeats: int = 3) -> float:

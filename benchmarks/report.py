@@ -108,7 +108,8 @@ def markdown(results: dict) -> str:
         "same thread count; after EM/F1/recall: the difference in points. Latency is per question, end to end "
         "(encode + search + prompt + prefill + decode), median and 95th percentile; TTFT and prefill are medians. "
         "× floor: prefill against FLOPs / GEMM throughput (int8 GEMMs for int4/int8 ONNX, fp32 otherwise), "
-        "decode against bytes of weights read per token / copy bandwidth. EM/F1 come from what each system read; "
+        "decode against bytes of weights read per token / copy bandwidth, measured after each question (the "
+        "machine line's figure is the one before the systems ran). EM/F1 come from what each system read; "
         "recall@5 from each system's own retriever. Peak RSS is the worker process's maximum.",
         "",
         table(results["systems"]),

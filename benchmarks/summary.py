@@ -17,7 +17,8 @@ def system_row(r: dict, limits: dict) -> dict:
     rows = r["per_question"]
     col = lambda key: np.array([x[key] for x in rows], dtype=float)  # noqa: E731
     # every decode step counts, the one that produced the stop token too (its time is in decode_ms)
-    decode_tokens = sum(x.get("decode_steps", max(x["new_tokens"] - 1, 0)) for x in rows)
+    steps = lambda x: x.get("decode_steps", max(x["new_tokens"] - 1, 0))  # noqa: E731
+    decode_tokens = sum(steps(x) for x in rows)
     decode_ms_per_token = float(col("decode_ms").sum() / decode_tokens) if decode_tokens else None
     prompt_tokens = float(col("prompt_tokens").mean()) if rows else 0.0
 
@@ -25,7 +26,13 @@ def system_row(r: dict, limits: dict) -> dict:
     ort = limits["ort_matmul_gflops"][str(r["threads"])]
     int8 = r["kind"] != "torch" and r.get("quant") in INT8_COMPUTE
     gflops = ort["int8"] if int8 else ort["fp32"]
-    decode_floor = decode_floor_ms(r["weight_bytes"], limits["bandwidth_gb_s"])
+    # each question's decode steps against the bandwidth measured right after it, where the worker had a probe
+    probed = [x for x in rows if x.get("bandwidth_gb_s")]
+    probed_steps = sum(steps(x) for x in probed)
+    if probed_steps:
+        decode_floor = sum(steps(x) * decode_floor_ms(r["weight_bytes"], x["bandwidth_gb_s"]) for x in probed) / probed_steps
+    else:
+        decode_floor = decode_floor_ms(r["weight_bytes"], limits["bandwidth_gb_s"])
     prefill_floor = prefill_floor_ms(prefill_flops(r["matmul_params"], r["layers"], r["hidden"], prompt_tokens), gflops)
     prefill_ms = _pct(col("prefill_ms"), 50)
     row = {
@@ -50,5 +57,6 @@ def system_row(r: dict, limits: dict) -> dict:
         "rss_x_size": r["peak_rss_mb"] / r["size_mb"] if r["size_mb"] else None,
         "rss_by_stage_mb": r.get("rss_by_stage_mb", {}), "cold_start_phases_s": r.get("cold_start_phases_s", {}),
         "huge_pages_mb": r.get("huge_pages_mb"),
+        "bandwidth_gb_s": _pct([x["bandwidth_gb_s"] for x in probed], 50) if probed else limits["bandwidth_gb_s"],
     }
     return row

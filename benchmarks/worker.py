@@ -457,6 +457,28 @@ def _threaded_copy(folder: Path, threads: int, scratch: Path) -> Path:
 KINDS = {"bundle": BundleSystem, "torch": torch_system, "optimum": OptimumSystem, "ortgenai": OrtGenAISystem}
 
 
+def bandwidth_probe(spec: dict, system):
+    """A function returning the bench's copy-bandwidth probe (machine.BandwidthProbe), measured in the
+    bench's process; None where the spec names none. While it measures, a bundle's background
+    huge-page work waits, as it does during an answer, so that it does not take the probe's bandwidth."""
+    if not spec.get("bandwidth_probe"):
+        return None
+    import contextlib
+    from multiprocessing.connection import Client
+
+    from edgerag.benchmarks.machine import ask_bandwidth
+
+    connection = Client(spec["bandwidth_probe"])
+    pipeline = getattr(system, "p", None)
+    busy = getattr(pipeline, "_in_flight", None) or contextlib.nullcontext()
+
+    def measure() -> float:
+        with busy:
+            return ask_bandwidth(connection)
+
+    return measure
+
+
 def run(spec: dict) -> dict:
     """One system on the spec's questions. With spec["passages"], every system answers from those
     (shared) passages; without, each runs its own path: its retriever's top-k (spec["k"]) read whole,
@@ -504,12 +526,15 @@ def run(spec: dict) -> dict:
     cold_start_s = time.time() - spec["launched"]
     phases["first answer"] = time.time() - before_first
     stage_rss["first answer"] = rss_mb()
+    probe = bandwidth_probe(spec, system)
     rows = []
     for i, q in enumerate(questions):
         r = ask(i)
         r["em"] = best_over_references(exact_match, r["answer"], q["answers"])
         r["f1"] = best_over_references(f1, r["answer"], q["answers"])
         r["recall@5"] = recall_at(r["ranked_ids"], q["passage_id"], RECALL_K)
+        if probe:
+            r["bandwidth_gb_s"] = probe()  # the copy bandwidth right after this question ran
         rows.append(r)
     stage_rss[f"after {len(questions) + 1} answers"] = rss_mb()
     return {"name": spec["name"], "threads": spec["threads"], "load_s": load_s, "cold_start_s": cold_start_s,

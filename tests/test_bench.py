@@ -103,6 +103,33 @@ def test_floors():
     assert "ortgenai-int4" in DEFAULT_SYSTEMS
 
 
+def test_each_question_is_measured_against_the_bandwidth_after_it(bench_out):
+    results = {(r["name"], r["threads"]): r for r in json.loads((bench_out / "results.json").read_text())["systems"]}
+    for path in (bench_out / "work").glob("*.result.json"):
+        raw = json.loads(path.read_text())
+        probes = [q["bandwidth_gb_s"] for q in raw["per_question"]]
+        assert all(_finite(b) and b > 0 for b in probes), path.name
+        floor = results[(raw["name"], raw["threads"])]["decode_floor_ms_per_token"]
+        bounds = [machine.decode_floor_ms(raw["weight_bytes"], b) for b in (max(probes), min(probes))]
+        assert bounds[0] * (1 - 1e-9) <= floor <= bounds[1] * (1 + 1e-9), path.name
+
+
+def test_decode_floor_weights_each_question_by_its_steps():
+    from edgerag.benchmarks.summary import system_row
+
+    question = {"total_ms": 10.0, "ttft_ms": 5.0, "prefill_ms": 4.0, "encode_ms": 0.5, "search_ms": 0.5,
+                "prompt_tokens": 20, "new_tokens": 4, "em": 1.0, "f1": 1.0, "recall@5": 1.0}
+    raw = {"name": "b", "threads": 1, "kind": "bundle", "quant": "fp32", "weight_bytes": 1e9, "matmul_params": 1e6,
+           "layers": 2, "hidden": 64, "peak_rss_mb": 1.0, "cold_start_s": 1.0, "size_mb": 1.0, "load_s": 1.0,
+           "per_question": [{**question, "decode_ms": 30.0, "decode_steps": 3, "bandwidth_gb_s": 10.0},
+                            {**question, "decode_ms": 10.0, "decode_steps": 1, "bandwidth_gb_s": 20.0}]}
+    limits = {"bandwidth_gb_s": 1.0, "ort_matmul_gflops": {"1": {"fp32": 1.0, "int8": 1.0}}}
+    row = system_row(raw, limits)
+    assert row["decode_floor_ms_per_token"] == pytest.approx((3 * 100.0 + 1 * 50.0) / 4)  # not the limits' 1000 ms
+    assert row["decode_x_floor"] == pytest.approx(10.0 / 87.5)
+    assert row["bandwidth_gb_s"] == pytest.approx(15.0)
+
+
 def test_cli_registers_bench():
     from edgerag.cli import build_parser
 
