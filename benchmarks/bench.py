@@ -62,6 +62,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "edgerag" / "bench"),
                    help="baseline models and the onnxruntime-genai venv are built here once")
     p.add_argument("--quick-machine", action="store_true", help="small machine probes (for tests)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every system this many times, interleaved, and pool its questions (a noisy machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_bench)
@@ -162,7 +164,8 @@ def shared_passages(bundle: Path, questions, k: int) -> list[list[tuple[str, str
 
 def run_worker(system: dict, spec: dict, workdir: Path, timeout: float | None = None) -> dict:
     spec = {**spec, **{k: v for k, v in system.items() if k != "python"}}
-    tag = f"{system['name']}-t{spec['threads']}".replace("'", "p")
+    tag = f"{system['name']}-t{spec['threads']}" + (f"-r{spec['round'] + 1}" if spec.get("round") else "")
+    tag = tag.replace("'", "p")
     spec_path, out_path, err_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json", workdir / f"{tag}.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
@@ -251,19 +254,28 @@ def run_bench(args) -> dict:
                                                       "passage_id": q.passage_id} for q in questions],
             "passages": passages, "k": k, "max_new_tokens": max_new_tokens,
             "max_context": first.generator.max_context, "scratch": str(workdir / "scratch")}
-    raw = []
+    rounds = max(1, args.rounds)
+    by_system: dict[tuple[str, int], list[dict]] = {}
+    failed = set()
     with machine.BandwidthProbe(mb=32 if args.quick_machine else 256) as probe:
         spec["bandwidth_probe"] = probe.address  # each worker measures the bandwidth after each question
-        for system in plan:
-            for t in threads:
-                log(f"{system['name']} with {t} thread(s)")
-                try:
-                    result = run_worker(system, {**spec, "threads": t}, workdir)
-                    result["kind"], result["quant"], result["note"] = system["kind"], system.get("quant"), system.get("note")
-                    raw.append(result)
-                except Exception as e:  # noqa: BLE001 - one failing system must not lose the others' results
-                    log(f"{system['name']} (t={t}) failed: {e}")
-                    skipped.append({"name": system["name"], "threads": t, "reason": f"failed: {e}"})
+        # rounds interleave the systems, so that a slow minute of a shared machine falls on all of them
+        for round_ in range(rounds):
+            for system in plan:
+                for t in threads:
+                    if (system["name"], t) in failed:
+                        continue
+                    log(f"{system['name']} with {t} thread(s)" + (f", round {round_ + 1} of {rounds}" if rounds > 1 else ""))
+                    try:
+                        result = run_worker(system, {**spec, "threads": t, "round": round_}, workdir)
+                        result["kind"], result["quant"], result["note"] = system["kind"], system.get("quant"), system.get("note")
+                        by_system.setdefault((system["name"], t), []).append(result)
+                    except Exception as e:  # noqa: BLE001 - one failing system must not lose the others' results
+                        log(f"{system['name']} (t={t}) failed: {e}")
+                        skipped.append({"name": system["name"], "threads": t, "reason": f"failed: {e}"})
+                        failed.add((system["name"], t))
+                        by_system.pop((system["name"], t), None)
+    raw = [summary.merge_rounds(results) for results in by_system.values()]
 
     corpus, corpus_queries = _existing_data(args.index_corpus), _existing_data(args.index_queries)
     index_rows = run_index(_ints(args.index_sizes), corpus if corpus_queries else None, corpus_queries,
@@ -274,6 +286,6 @@ def run_bench(args) -> dict:
             "machine_detail": {"ort_matmul_gflops": limits["ort_matmul_gflops"]},
             "systems": rows, "index": index_rows, "skipped": skipped,
             "setup": {"questions": str(args.questions), "n": len(questions), "threads": threads, "k": k,
-                      "max_new_tokens": max_new_tokens, "shared_passages_from": str(bundles[0]) if shared else None,
+                      "max_new_tokens": max_new_tokens, "rounds": rounds, "shared_passages_from": str(bundles[0]) if shared else None,
                       "bundles": [str(b) for b in bundles], "teacher": args.teacher, "student": args.student,
                       "seconds": round(time.time() - started, 1), "argv": sys.argv[1:]}}

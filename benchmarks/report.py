@@ -101,7 +101,10 @@ def markdown(results: dict) -> str:
            f"`{Path(s['shared_passages_from']).name}`)" if s.get("shared_passages_from") else
            f"every system on its own path: its own retriever; a bundle reads what it reads by itself (its compressed "
            f"context, where it has one; `prompt tok` says how much), the others their top-{s['k']} passages whole")
-        + f", up to {s['max_new_tokens']} new tokens, greedy. Bench time {s['seconds']:.0f} s.",
+        + f", up to {s['max_new_tokens']} new tokens, greedy"
+        + (f"; {s['rounds']} rounds, the systems interleaved, every figure over all rounds' questions (cold start: "
+           f"the median round's; peak RSS: the highest round's)" if s.get("rounds", 1) > 1 else "")
+        + f". Bench time {s['seconds']:.0f} s.",
         "",
         "## Systems",
         f"In parentheses after a value: its ratio to {'the teacher' if has_teacher else 'the first system'} at the "

@@ -13,6 +13,21 @@ def _pct(values, q) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One system's workers over several rounds -> one raw result: the questions of every round
+    pooled; the cold start (and its phases) of the median round; the peak RSS (and its stages) of
+    the round that peaked highest."""
+    if len(results) == 1:
+        return results[0]
+    by_cold = sorted(results, key=lambda r: r["cold_start_s"])
+    median_cold = by_cold[(len(by_cold) - 1) // 2]
+    highest = max(results, key=lambda r: r["peak_rss_mb"])
+    merged = {**highest, "per_question": [q for r in results for q in r["per_question"]], "rounds": len(results)}
+    for key in ("cold_start_s", "cold_start_phases_s", "load_s"):
+        merged[key] = median_cold[key]
+    return merged
+
+
 def system_row(r: dict, limits: dict) -> dict:
     rows = r["per_question"]
     col = lambda key: np.array([x[key] for x in rows], dtype=float)  # noqa: E731
@@ -57,6 +72,7 @@ def system_row(r: dict, limits: dict) -> dict:
         "rss_x_size": r["peak_rss_mb"] / r["size_mb"] if r["size_mb"] else None,
         "rss_by_stage_mb": r.get("rss_by_stage_mb", {}), "cold_start_phases_s": r.get("cold_start_phases_s", {}),
         "huge_pages_mb": r.get("huge_pages_mb"),
+        "rounds": r.get("rounds", 1),
         "bandwidth_gb_s": _pct([x["bandwidth_gb_s"] for x in probed], 50) if probed else limits["bandwidth_gb_s"],
     }
     return row

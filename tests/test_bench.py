@@ -42,7 +42,7 @@ def bench_out(tiny_bundle, tiny_bundle_int4, tiny_models, run_folder, tmp_path_f
                  "--teacher", str(run_folder), "--student", str(run_folder), "--questions", str(squad),
                  "--n", "3", "--threads", "1", "--systems", "teacher-torch,student-torch,bundle,optimum-ort",
                  "--index-sizes", "300,600", "--index-corpus", str(squad), "--index-queries", str(squad),
-                 "--quick-machine", "--max-new-tokens", "6",
+                 "--quick-machine", "--max-new-tokens", "6", "--rounds", "2",
                  "--cache", str(out / "cache"), "--out", str(out)])
     assert code == 0
     return out
@@ -104,14 +104,24 @@ def test_floors():
 
 
 def test_each_question_is_measured_against_the_bandwidth_after_it(bench_out):
-    results = {(r["name"], r["threads"]): r for r in json.loads((bench_out / "results.json").read_text())["systems"]}
-    for path in (bench_out / "work").glob("*.result.json"):
-        raw = json.loads(path.read_text())
-        probes = [q["bandwidth_gb_s"] for q in raw["per_question"]]
-        assert all(_finite(b) and b > 0 for b in probes), path.name
-        floor = results[(raw["name"], raw["threads"])]["decode_floor_ms_per_token"]
-        bounds = [machine.decode_floor_ms(raw["weight_bytes"], b) for b in (max(probes), min(probes))]
-        assert bounds[0] * (1 - 1e-9) <= floor <= bounds[1] * (1 + 1e-9), path.name
+    results = json.loads((bench_out / "results.json").read_text())["systems"]
+    for row in results:
+        workers = [json.loads(p.read_text()) for p in (bench_out / "work").glob(f"{row['name']}-t{row['threads']}*.result.json")]
+        probes = [q["bandwidth_gb_s"] for w in workers for q in w["per_question"]]
+        assert probes and all(_finite(b) and b > 0 for b in probes), row["name"]
+        floor, weight_bytes = row["decode_floor_ms_per_token"], workers[0]["weight_bytes"]
+        bounds = [machine.decode_floor_ms(weight_bytes, b) for b in (max(probes), min(probes))]
+        assert bounds[0] * (1 - 1e-9) <= floor <= bounds[1] * (1 + 1e-9), row["name"]
+
+
+def test_rounds_pool_every_rounds_questions(bench_out):
+    results = json.loads((bench_out / "results.json").read_text())
+    assert results["setup"]["rounds"] == 2 and "2 rounds" in (bench_out / "report.md").read_text()
+    for row in results["systems"]:
+        workers = [json.loads(p.read_text()) for p in (bench_out / "work").glob(f"{row['name']}-t{row['threads']}*.result.json")]
+        assert len(workers) == 2 and row["rounds"] == 2 and row["n"] == 2 * results["setup"]["n"]
+        assert row["peak_rss_mb"] == max(w["peak_rss_mb"] for w in workers)
+        assert row["cold_start_s"] in {w["cold_start_s"] for w in workers}
 
 
 def test_decode_floor_weights_each_question_by_its_steps():
