@@ -48,9 +48,12 @@ def bandwidth_gb_s(mb: int = 256, repeats: int = 5) -> float:
     per second (best of `repeats`). numpy copies on one core, which on small CPUs is close to the
     socket's bandwidth; the decode floor uses it as the bound."""
     a = np.ones(mb * (1 << 20) // 8, dtype=np.float64)
-    b = np.empty_like(a)
-    seconds = _best(lambda: np.copyto(b, a), repeats)
-    return 2 * a.nbytes / seconds / 1e9
+    return _copy_gb_s(a, np.empty_like(a), repeats)
+
+
+def _copy_gb_s(source: np.ndarray, target: np.ndarray, repeats: int) -> float:
+    """Bytes read and written per second copying source into target, best of `repeats`."""
+    return 2 * source.nbytes / _best(lambda: np.copyto(target, source), repeats) / 1e9
 
 
 class BandwidthProbe:
@@ -69,7 +72,7 @@ class BandwidthProbe:
 
     def measure(self) -> float:
         """Best of `repeats` copies, as bandwidth_gb_s."""
-        return 2 * self.a.nbytes / _best(lambda: np.copyto(self.b, self.a), self.repeats) / 1e9
+        return _copy_gb_s(self.a, self.b, self.repeats)
 
     def _serve(self) -> None:
         while True:

@@ -470,7 +470,7 @@ def bandwidth_probe(spec: dict, system):
 
     connection = Client(spec["bandwidth_probe"])
     pipeline = getattr(system, "p", None)
-    busy = getattr(pipeline, "_in_flight", None) or contextlib.nullcontext()
+    busy = getattr(pipeline, "answers_in_flight", None) or contextlib.nullcontext()
 
     def measure() -> float:
         with busy:

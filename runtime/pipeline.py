@@ -585,7 +585,9 @@ class Pipeline:
     _retrieval_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # moves the memory the load allocated to huge pages between answers (collapse_when_idle); None: huge pages off
     huge_pages: threading.Thread | None = field(default=None, repr=False)
-    _in_flight: AnswersInFlight = field(default_factory=AnswersInFlight, repr=False)
+    # entered around each answer; background work (huge pages) waits while it is held. A caller that
+    # must not share the machine with that work (a bandwidth probe) enters it too
+    answers_in_flight: AnswersInFlight = field(default_factory=AnswersInFlight, repr=False)
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
@@ -639,7 +641,7 @@ class Pipeline:
         if huge_pages_allowed():
             # the thread holds what it needs, not the pipeline, which it would otherwise keep alive
             pipeline.huge_pages = threading.Thread(
-                target=collapse_when_idle, args=(list(regions_before), pipeline._in_flight,
+                target=collapse_when_idle, args=(list(regions_before), pipeline.answers_in_flight,
                                                  pipeline.HUGE_PAGES_WITHOUT_QUESTION_S),
                 name="edgerag-huge-pages", daemon=True)
             pipeline.huge_pages.start()
@@ -804,7 +806,7 @@ class Pipeline:
         window = self.manifest.generation.repetition_window
         # A piece is held back while its token is part of a repeating tail, so that a loop which is
         # then cut is never streamed: streamed text and the answer's text stay the same.
-        with self._in_flight:  # the background huge-page work waits while an answer is generated
+        with self.answers_in_flight:  # the background huge-page work waits while an answer is generated
             pieces, sent, stop_reason = [], 0, ""
             for token in generation:
                 if len(generation.tokens) == 1:

@@ -229,7 +229,7 @@ def test_huge_pages_wait_for_answers_and_keep_them(tiny_bundle_int8sq, monkeypat
 
     def spy(regions):
         if threading.current_thread() is pipeline.huge_pages:  # other tests' pipelines may be collapsing too
-            collapsed.append(pipeline._in_flight.idle.is_set() and pipeline._in_flight.answered.is_set())
+            collapsed.append(pipeline.answers_in_flight.idle.is_set() and pipeline.answers_in_flight.answered.is_set())
         return made(regions)
 
     monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", spy)
