@@ -115,6 +115,8 @@ def plan_systems(args, bundles: list[Path], manifests: list, cache: Path) -> tup
                 seen = set()
                 for b, m in zip(bundles, manifests):
                     label = f"bundle-{quant_name(m)}"
+                    if label in seen and "block_size" in m.generator.quantization:
+                        label += f"-b{m.generator.quantization['block_size']}"  # the same option, other blocks
                     while label in seen:
                         label += "'"
                     seen.add(label)

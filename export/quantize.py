@@ -72,7 +72,7 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
     embeddings = quantize_embeddings(model, block_size)
     return model, {"method": method, "kind": "weight-only MatMulNBits", "bits": bits,  # int8sq, int8swo override kind
                    "block_size": block_size, "accuracy_level": accuracy_level,
-                   "embeddings": {"bits": 8, "block_size": block_size, "tables": embeddings}, **description}
+                   "embeddings": {"bits": 8, "block_size_by_table": embeddings}, **description}
 
 
 def _dynamic_int8(model: onnx.ModelProto, nodes: list[str] | None = None) -> onnx.ModelProto:
@@ -88,13 +88,25 @@ def _dynamic_int8(model: onnx.ModelProto, nodes: list[str] | None = None) -> onn
         return onnx.load(str(dst))
 
 
-def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32) -> list[str]:
+def embedding_block_size(width: int, block_size: int) -> int | None:
+    """The largest block GatherBlockQuantized takes (a power of two, 16 or more) that divides a
+    table's width and is at most block_size; None if there is none. SmolLM2's 576-wide table
+    takes 64 when the matmuls use blocks of 128, instead of staying fp32."""
+    block = 1 << (block_size.bit_length() - 1)
+    while block >= 16:
+        if width % block == 0:
+            return block
+        block //= 2
+    return None
+
+
+def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32) -> dict[str, int]:
     """Store embedding tables read only by Gather in 8-bit blocks (GatherBlockQuantized).
 
     A tied SmolLM2 embedding is 113 MB of fp32, half of an int8 bundle, and a lookup reads one row
     per token, so dequantizing on the fly costs nothing measurable. onnxruntime's quantizer
     writes 4-bit tables only; 8 bits keep the input embeddings within int8wo's error.
-    Returns the names of the tables replaced.
+    Returns the tables replaced, each with its block size (see embedding_block_size).
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -102,16 +114,17 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32) -> list[st
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    replaced = []
+    replaced = {}
     for name, init in list(inits.items()):
         users = readers.get(name, [])
-        if (len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT or init.dims[1] % block_size
+        block = embedding_block_size(init.dims[1], block_size) if len(init.dims) == 2 else None
+        if (block is None or init.data_type != onnx.TensorProto.FLOAT
                 or not users or any(n.op_type != "Gather" or n.input[0] != name for n in users)
                 or any(a.name == "axis" and a.i != 0 for n in users for a in n.attribute)):
             continue
         table = numpy_helper.to_array(init)
         rows, dim = table.shape
-        blocks = table.reshape(rows, dim // block_size, block_size)
+        blocks = table.reshape(rows, dim // block, block)
         scales = np.abs(blocks).max(-1) / 127.0
         scales[scales == 0] = 1.0
         quantized = (np.clip(np.round(blocks / scales[..., None]), -127, 127) + 128).astype(np.uint8)
@@ -127,8 +140,8 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = 32) -> list[st
             graph.node.insert(index, helper.make_node(
                 "GatherBlockQuantized", [name + "_Q8", node.input[1], name + "_scales", name + "_zero_points"],
                 list(node.output), name=node.name + "_Q8", domain="com.microsoft",
-                gather_axis=0, quantize_axis=1, block_size=block_size, bits=8))
-        replaced.append(name)
+                gather_axis=0, quantize_axis=1, block_size=block, bits=8))
+        replaced[name] = block
     if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return replaced

@@ -165,6 +165,24 @@ def test_unavailable_baseline_is_recorded_as_skipped(tiny_bundle, monkeypatch, t
     assert "no network" in reasons["ortgenai-int4"] and "teacher" in reasons["teacher-torch"]
 
 
+def test_bundles_of_one_option_are_told_apart_by_block_size(tiny_bundle_int8wo, tmp_path):
+    """A second export of the same --quantize gets its block size in its label (primes after that),
+    so a report's rows name the bundle they measured."""
+    import argparse
+    import copy
+
+    from edgerag.benchmarks import bench
+    from edgerag.runtime.manifest import read_manifest
+
+    manifest = read_manifest(tiny_bundle_int8wo)
+    other_blocks = copy.deepcopy(manifest)
+    other_blocks.generator.quantization["block_size"] = 2 * manifest.generator.quantization["block_size"]
+    args = argparse.Namespace(systems="bundle", student=None, teacher=None)
+    plan, _ = bench.plan_systems(args, [tiny_bundle_int8wo] * 3, [manifest, other_blocks, manifest], tmp_path)
+    block = manifest.generator.quantization["block_size"]
+    assert [p["name"] for p in plan] == ["bundle-int8wo", f"bundle-int8wo-b{2 * block}", f"bundle-int8wo-b{block}"]
+
+
 def test_decode_profile_breaks_a_step_down(tiny_bundle, tiny_models, tmp_path, capsys):
     """The decode profiler runs onnxruntime's profiler on a real bundle and accounts for a step: its
     operators' times add up to the kernel time, which lies inside the run, which lies inside the loop."""

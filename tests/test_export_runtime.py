@@ -361,3 +361,27 @@ def test_auto_quantization_follows_the_generator_graph(tiny_bundle_optimum):
     assert read_manifest(tiny_bundle_optimum).generator.quantization_method == "int8wo"
     assert resolve_quantization("auto", "fused-llama") == "int8sq"
     assert resolve_quantization("int4", "fused-llama") == "int4"
+
+
+def test_embedding_tables_take_the_largest_block_that_divides_their_width():
+    """Blocks of 128 do not divide SmolLM2's 576-wide table; it takes 64 instead of staying fp32."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edgerag.export.quantize import embedding_block_size, quantize_embeddings
+
+    assert [embedding_block_size(576, b) for b in (16, 32, 64, 128, 256)] == [16, 32, 64, 64, 64]
+    assert embedding_block_size(24, 32) is None  # no power of two of 16 or more divides 24
+    table = np.random.default_rng(0).standard_normal((10, 576)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])], "lookup",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, [None, 576])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_embeddings(model, block_size=128) == {"table": 64}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = session.run(None, {"ids": np.array([0, 3, 9])})[0]
+    np.testing.assert_allclose(rows, table[[0, 3, 9]], atol=np.abs(table).max() / 127)
