@@ -189,6 +189,51 @@ def onnx_weight_bytes(path: str | Path) -> int:
     return total
 
 
+def onnx_kv_bytes_per_position(path: str | Path, head_dim: int | None = None) -> dict:
+    """Bytes of KV cache a decode step reads per cached position, from a decoder graph's cache inputs
+    ([batch, kv_heads, positions, head_dim]): {"kv_bytes_prompt_position", "kv_bytes_new_position"}.
+    A decoder-only graph reads its self-attention cache over the prompt and the tokens generated so
+    far; an encoder-decoder's decoder reads the encoder's positions through its cross-attention cache
+    (`cross.*`, Optimum's `*.encoder.*`) and the generated ones through its self-attention cache.
+    `head_dim` stands in where the graph leaves the head size symbolic (onnxruntime-genai's builder
+    does). Empty where a cache input's heads or head size are still unknown."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    cross = new = 0
+    for value in model.graph.input:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if not value.name.startswith(("past", "cross")) or len(dims) != 4:
+            continue
+        dims[3] = dims[3] or head_dim
+        if dims[1] is None or dims[3] is None:
+            return {}
+        nbytes = dims[1] * dims[3] * onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+        if value.name.startswith("cross") or ".encoder." in value.name:
+            cross += nbytes
+        else:
+            new += nbytes
+    if not new:
+        return {}
+    return {"kv_bytes_prompt_position": cross if cross else new, "kv_bytes_new_position": new}
+
+
+def torch_kv_bytes_per_position(model) -> dict:
+    """onnx_kv_bytes_per_position for a decoder-only torch causal LM: K and V of every layer's KV heads."""
+    c = model.config
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_position = c.num_hidden_layers * 2 * kv_heads * head_dim * next(model.parameters()).element_size()
+    return {"kv_bytes_prompt_position": per_position, "kv_bytes_new_position": per_position}
+
+
+def decode_bytes(weight_bytes: int, prompt_tokens: int, steps: int, kv_prompt: int, kv_new: int) -> float:
+    """Bytes `steps` decode steps read in all: the weights each step, and the KV cache of every position
+    before it (the prompt's, and the j-th step's j generated ones, its own included)."""
+    return steps * (weight_bytes + kv_prompt * prompt_tokens) + kv_new * steps * (steps + 1) / 2
+
+
 def torch_weight_bytes(model) -> int:
     """Parameter bytes of a torch causal LM, less the input embedding unless it is tied to the LM head."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())

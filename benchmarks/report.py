@@ -32,7 +32,8 @@ def _ratio(v, ref) -> str:
 COLUMNS = (  # (header, key, format, compare to the reference: "x" ratio, "d" difference in points, "" none)
     ("p50 ms", "p50_ms", "{:.0f}", "x"), ("p95 ms", "p95_ms", "{:.0f}", "x"), ("TTFT ms", "ttft_ms", "{:.0f}", "x"),
     ("prompt tok", "mean_prompt_tokens", "{:.0f}", "x"), ("prefill ms", "prefill_ms", "{:.0f}", "x"), ("prefill / floor", "prefill_x_floor", "{:.1f}", ""),
-    ("decode ms/tok", "decode_ms_per_token", "{:.1f}", "x"), ("decode / floor", "decode_x_floor", "{:.1f}", ""),
+    ("decode ms/tok", "decode_ms_per_token", "{:.1f}", "x"), ("decode / floor", "decode_x_floor", "{:.2f}", ""),
+    ("decode / floor w+KV", "decode_x_floor_with_kv", "{:.2f}", ""),
     ("tok/s", "tokens_per_second", "{:.1f}", "x"), ("peak RSS MB", "peak_rss_mb", "{:.0f}", "x"),
     ("cold start s", "cold_start_s", "{:.1f}", "x"), ("size MB", "size_mb", "{:.0f}", "x"),
     ("EM", "em", "{:.1f}", "d"), ("F1", "f1", "{:.1f}", "d"), ("recall@5", "recall@5", "{:.1f}", "d"),
@@ -112,7 +113,8 @@ def markdown(results: dict) -> str:
         "(encode + search + prompt + prefill + decode), median and 95th percentile; TTFT and prefill are medians. "
         "× floor: prefill against FLOPs / GEMM throughput (int8 GEMMs for int4/int8 ONNX, fp32 otherwise), "
         "decode against bytes of weights read per token / copy bandwidth, measured after each question (the "
-        "machine line's figure is the one before the systems ran). EM/F1 come from what each system read; "
+        "machine line's figure is the one before the systems ran); w+KV adds the KV cache each step reads (every "
+        "cached position's keys and values: the longer the prompt, the more). EM/F1 come from what each system read; "
         "recall@5 from each system's own retriever. Peak RSS is the worker process's maximum.",
         "",
         table(results["systems"]),

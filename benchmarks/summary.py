@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgerag.benchmarks.machine import decode_floor_ms, prefill_flops, prefill_floor_ms
+from edgerag.benchmarks.machine import decode_bytes, decode_floor_ms, prefill_flops, prefill_floor_ms
 
 INT8_COMPUTE = ("int4", "int8")  # MatMulNBits at accuracy level 4 and dynamic int8 both run int8 GEMMs
 
@@ -48,6 +48,14 @@ def system_row(r: dict, limits: dict) -> dict:
         decode_floor = sum(steps(x) * decode_floor_ms(r["weight_bytes"], x["bandwidth_gb_s"]) for x in probed) / probed_steps
     else:
         decode_floor = decode_floor_ms(r["weight_bytes"], limits["bandwidth_gb_s"])
+    # the same floor with the KV cache a step reads on top of the weights, where the worker knows its size
+    kv_prompt, kv_new = r.get("kv_bytes_prompt_position"), r.get("kv_bytes_new_position")
+    decode_floor_kv = None
+    if kv_prompt is not None and kv_new is not None and decode_tokens:
+        measured = probed if probed_steps else rows
+        bandwidth = lambda x: x.get("bandwidth_gb_s") or limits["bandwidth_gb_s"]  # noqa: E731
+        decode_floor_kv = sum(decode_floor_ms(decode_bytes(r["weight_bytes"], x["prompt_tokens"], steps(x), kv_prompt, kv_new),
+                                              bandwidth(x)) for x in measured) / sum(steps(x) for x in measured)
     prefill_floor = prefill_floor_ms(prefill_flops(r["matmul_params"], r["layers"], r["hidden"], prompt_tokens), gflops)
     prefill_ms = _pct(col("prefill_ms"), 50)
     row = {
@@ -67,6 +75,8 @@ def system_row(r: dict, limits: dict) -> dict:
         "prefill_floor_ms": prefill_floor, "prefill_gflops_used": gflops,
         "prefill_x_floor": prefill_ms / prefill_floor if prefill_floor else None,
         "decode_x_floor": decode_ms_per_token / decode_floor if decode_ms_per_token and decode_floor else None,
+        "decode_floor_with_kv_ms_per_token": decode_floor_kv,
+        "decode_x_floor_with_kv": decode_ms_per_token / decode_floor_kv if decode_ms_per_token and decode_floor_kv else None,
         "mean_prompt_tokens": prompt_tokens, "mean_new_tokens": float(col("new_tokens").mean()) if rows else 0.0,
         "load_s": r["load_s"], "weight_bytes_per_token": r["weight_bytes"], "n": len(rows),
         "rss_x_size": r["peak_rss_mb"] / r["size_mb"] if r["size_mb"] else None,

@@ -155,9 +155,10 @@ class BundleSystem:
                 "encode_ms": t["encode_ms"], "search_ms": t["search_ms"], "compress_ms": t.get("compress_ms", 0.0)}
 
     def floors(self) -> dict:
-        from edgerag.benchmarks.machine import onnx_weight_bytes
+        from edgerag.benchmarks.machine import onnx_kv_bytes_per_position, onnx_weight_bytes
 
-        return {"weight_bytes": onnx_weight_bytes(self.generator_onnx), **manifest_shape(self.p.manifest)}
+        return {"weight_bytes": onnx_weight_bytes(self.generator_onnx), **manifest_shape(self.p.manifest),
+                **onnx_kv_bytes_per_position(self.generator_onnx)}
 
 
 class TorchSystem:
@@ -248,7 +249,7 @@ class TorchSystem:
             return hf_generate(self.model, prompt, max_new_tokens, self.stop, self.tokenizer.decode, start)
 
     def floors(self) -> dict:
-        from edgerag.benchmarks.machine import torch_weight_bytes
+        from edgerag.benchmarks.machine import torch_kv_bytes_per_position, torch_weight_bytes
 
         c = self.model.config
         emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
@@ -256,7 +257,7 @@ class TorchSystem:
         if head is None or head.weight.data_ptr() != emb.weight.data_ptr():
             params -= emb.weight.numel()  # a gathered table, not a matmul
         return {"weight_bytes": torch_weight_bytes(self.model), "matmul_params": params,
-                "layers": c.num_hidden_layers, "hidden": c.hidden_size}
+                "layers": c.num_hidden_layers, "hidden": c.hidden_size, **torch_kv_bytes_per_position(self.model)}
 
 
 class RagTorchSystem:
@@ -387,9 +388,10 @@ class OptimumSystem:
         return hf_generate(self.model, prompt, max_new_tokens, self.stop, self.p.tokenizer.decode, start)
 
     def floors(self) -> dict:
-        from edgerag.benchmarks.machine import onnx_weight_bytes
+        from edgerag.benchmarks.machine import onnx_kv_bytes_per_position, onnx_weight_bytes
 
-        return {"weight_bytes": onnx_weight_bytes(self.onnx), **manifest_shape(self.p.manifest)}
+        return {"weight_bytes": onnx_weight_bytes(self.onnx), **manifest_shape(self.p.manifest),
+                **onnx_kv_bytes_per_position(self.onnx)}
 
 
 class OrtGenAISystem:
@@ -408,6 +410,8 @@ class OrtGenAISystem:
         self.stop = set(self.p.manifest.prompt.stop_token_ids)
         self.size_mb = dir_size_mb([f for f in folder.iterdir() if f.name.startswith("model.onnx")])
         self.onnx = folder / "model.onnx"
+        # the builder's graph leaves the KV head size symbolic; its config names it
+        self.head_size = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("head_size")
 
     def answer(self, question: str, passages: list[tuple[str, str]], max_new_tokens: int) -> dict:
         og = self.og
@@ -434,9 +438,10 @@ class OrtGenAISystem:
                 "ttft_ms": (first - start) * 1000, "generate_ms": (end - start) * 1000}
 
     def floors(self) -> dict:
-        from edgerag.benchmarks.machine import onnx_weight_bytes
+        from edgerag.benchmarks.machine import onnx_kv_bytes_per_position, onnx_weight_bytes
 
-        return {"weight_bytes": onnx_weight_bytes(self.onnx), **manifest_shape(self.p.manifest)}
+        return {"weight_bytes": onnx_weight_bytes(self.onnx), **manifest_shape(self.p.manifest),
+                **onnx_kv_bytes_per_position(self.onnx, self.head_size)}
 
 
 def _threaded_copy(folder: Path, threads: int, scratch: Path) -> Path:

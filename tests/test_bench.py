@@ -114,6 +114,13 @@ def test_each_question_is_measured_against_the_bandwidth_after_it(bench_out):
         assert bounds[0] * (1 - 1e-9) <= floor <= bounds[1] * (1 + 1e-9), row["name"]
 
 
+def test_every_decoder_only_system_has_a_floor_with_its_kv_cache(bench_out):
+    results = json.loads((bench_out / "results.json").read_text())["systems"]
+    for row in results:
+        assert row["decode_floor_with_kv_ms_per_token"] > row["decode_floor_ms_per_token"], row["name"]
+    assert "decode / floor w+KV" in (bench_out / "report.md").read_text()
+
+
 def test_rounds_pool_every_rounds_questions(bench_out):
     results = json.loads((bench_out / "results.json").read_text())
     assert results["setup"]["rounds"] == 2 and "2 rounds" in (bench_out / "report.md").read_text()
@@ -138,6 +145,61 @@ def test_decode_floor_weights_each_question_by_its_steps():
     assert row["decode_floor_ms_per_token"] == pytest.approx((3 * 100.0 + 1 * 50.0) / 4)  # not the limits' 1000 ms
     assert row["decode_x_floor"] == pytest.approx(10.0 / 87.5)
     assert row["bandwidth_gb_s"] == pytest.approx(15.0)
+
+
+def test_decode_floor_with_kv_adds_each_steps_cache():
+    """The w+KV floor reads, at the j-th decode step, the weights and the KV of the prompt's positions
+    and of j generated ones; with no cache it is the weights-only floor."""
+    from edgerag.benchmarks.summary import system_row
+
+    question = {"total_ms": 10.0, "ttft_ms": 5.0, "prefill_ms": 4.0, "encode_ms": 0.5, "search_ms": 0.5,
+                "prompt_tokens": 20, "new_tokens": 4, "em": 1.0, "f1": 1.0, "recall@5": 1.0}
+    raw = {"name": "b", "threads": 1, "kind": "bundle", "quant": "fp32", "weight_bytes": 1e9, "matmul_params": 1e6,
+           "layers": 2, "hidden": 64, "peak_rss_mb": 1.0, "cold_start_s": 1.0, "size_mb": 1.0, "load_s": 1.0,
+           "kv_bytes_prompt_position": 1e6, "kv_bytes_new_position": 2e6,
+           "per_question": [{**question, "decode_ms": 30.0, "decode_steps": 3, "bandwidth_gb_s": 10.0}]}
+    limits = {"bandwidth_gb_s": 1.0, "ort_matmul_gflops": {"1": {"fp32": 1.0, "int8": 1.0}}}
+    row = system_row(raw, limits)
+    read = 3 * (1e9 + 20 * 1e6) + 2e6 * (1 + 2 + 3)  # bytes over the three steps
+    assert row["decode_floor_with_kv_ms_per_token"] == pytest.approx(read / 10e9 * 1000 / 3)
+    assert row["decode_x_floor_with_kv"] == pytest.approx(10.0 / row["decode_floor_with_kv_ms_per_token"])
+    assert row["decode_x_floor_with_kv"] < row["decode_x_floor"]
+    no_cache = system_row({**raw, "kv_bytes_prompt_position": 0, "kv_bytes_new_position": 0}, limits)
+    assert no_cache["decode_floor_with_kv_ms_per_token"] == pytest.approx(no_cache["decode_floor_ms_per_token"])
+    assert system_row({k: v for k, v in raw.items() if not k.startswith("kv_")}, limits)["decode_x_floor_with_kv"] is None
+
+
+def test_kv_bytes_per_position_of_a_bundle_and_its_torch_model(tiny_models, tiny_bundle):
+    """The bundle's generator graph and the model it was exported from agree on the KV a position
+    costs: every layer's K and V over its KV heads, fp32."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    graph = machine.onnx_kv_bytes_per_position(tiny_bundle / manifest["generator"]["onnx"])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models[1]))
+    c = model.config
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    expected = c.num_hidden_layers * 2 * kv_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert graph == machine.torch_kv_bytes_per_position(model) == {
+        "kv_bytes_prompt_position": expected, "kv_bytes_new_position": expected}
+
+
+def test_kv_bytes_with_a_symbolic_head_size(tmp_path):
+    """onnxruntime-genai's builder leaves the KV head size symbolic: the caller names it, or there is no KV floor."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", dtype, ["batch", 2, "past", "kv_cache_dim"])
+              for i in range(3) for kv, dtype in (("key", TensorProto.FLOAT), ("value", TensorProto.FLOAT16))]
+    graph = helper.make_graph([helper.make_node("Identity", [inputs[0].name], ["out"])], "g", inputs,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    assert machine.onnx_kv_bytes_per_position(tmp_path / "model.onnx") == {}
+    per_position = 3 * 2 * 8 * (4 + 2)  # three layers, two heads of 8, an fp32 key and an fp16 value
+    assert machine.onnx_kv_bytes_per_position(tmp_path / "model.onnx", head_dim=8) == {
+        "kv_bytes_prompt_position": per_position, "kv_bytes_new_position": per_position}
 
 
 def test_cli_registers_bench():

@@ -205,3 +205,16 @@ def test_int8wo_weight_only_quantization(request, which, tmp_path):
     print(f"int8wo ({which}): max |delta logits| {max(deltas):.4f}, max |logit| {max(scales):.1f}, "
           f"greedy equal to fp32 on {sum(same)}/{len(same)} prompts")
     assert max(deltas) < 0.5
+
+
+def test_decoder_kv_bytes_per_position(bart):
+    """The bench's KV floor: the decoder reads the encoder's positions through the cross-attention
+    cache and the generated ones through its self-attention cache, K and V of every layer's heads."""
+    from edgerag.benchmarks.machine import onnx_kv_bytes_per_position
+
+    model, folder, _, _ = bart
+    c = model.config
+    per_position = c.decoder_layers * 2 * c.d_model * 4  # fp32 K and V over all heads
+    assert onnx_kv_bytes_per_position(folder / "decoder.onnx") == {
+        "kv_bytes_prompt_position": per_position, "kv_bytes_new_position": per_position}
+    assert onnx_kv_bytes_per_position(folder / "encoder.onnx") == {}  # no cache read: not a decoder step
