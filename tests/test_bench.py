@@ -260,3 +260,18 @@ def test_decode_profile_breaks_a_step_down(tiny_bundle, tiny_models, tmp_path, c
     assert 0 < figures["kernel_ms_per_step"] <= figures["run_ms_per_step"]
     assert figures["loop_ms_per_token"] >= figures["ort_run_ms_per_token"] > 0
     assert "ms/token" in capsys.readouterr().out
+
+
+def test_decode_parts_takes_the_fused_graph_apart(tiny_bundle_int8sq):
+    """The matmuls-only graph holds every matmul of the step and their weights; the three graphs run."""
+    import onnx
+
+    from edgerag.benchmarks import decode_parts
+
+    graph = tiny_bundle_int8sq / json.loads((tiny_bundle_int8sq / "manifest.json").read_text())["generator"]["onnx"]
+    model = onnx.load(str(graph))
+    result = decode_parts.measure(graph, threads=1, positions=(4, 12), rounds=1, repeats=3)
+    assert result["matmuls"] == sum(n.op_type in decode_parts.MATMULS for n in model.graph.node)
+    assert result["matmul_weight_bytes"] > 0
+    assert set(result["ms"]) == {"whole step, 4 cached positions", "whole step, 12 cached positions", "no attention", "matmuls only"}
+    assert all(ms > 0 for ms in result["ms"].values())
