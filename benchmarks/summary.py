@@ -43,19 +43,19 @@ def system_row(r: dict, limits: dict) -> dict:
     gflops = ort["int8"] if int8 else ort["fp32"]
     # each question's decode steps against the bandwidth measured right after it, where the worker had a probe
     probed = [x for x in rows if x.get("bandwidth_gb_s")]
-    probed_steps = sum(steps(x) for x in probed)
-    if probed_steps:
-        decode_floor = sum(steps(x) * decode_floor_ms(r["weight_bytes"], x["bandwidth_gb_s"]) for x in probed) / probed_steps
-    else:
-        decode_floor = decode_floor_ms(r["weight_bytes"], limits["bandwidth_gb_s"])
+    measured = probed if sum(steps(x) for x in probed) else rows
+    bandwidth = (lambda x: x["bandwidth_gb_s"]) if measured is probed else (lambda x: limits["bandwidth_gb_s"])  # noqa: E731
+    measured_steps = sum(steps(x) for x in measured)
+
+    def floor_per_token(kv_prompt: int, kv_new: int) -> float:
+        """ms a decode step must take to read the weights and, per cached position, this much KV cache."""
+        return sum(decode_floor_ms(decode_bytes(r["weight_bytes"], x["prompt_tokens"], steps(x), kv_prompt, kv_new), bandwidth(x))
+                   for x in measured) / measured_steps
+
+    decode_floor = floor_per_token(0, 0) if measured_steps else decode_floor_ms(r["weight_bytes"], limits["bandwidth_gb_s"])
     # the same floor with the KV cache a step reads on top of the weights, where the worker knows its size
     kv_prompt, kv_new = r.get("kv_bytes_prompt_position"), r.get("kv_bytes_new_position")
-    decode_floor_kv = None
-    if kv_prompt is not None and kv_new is not None and decode_tokens:
-        measured = probed if probed_steps else rows
-        bandwidth = lambda x: x.get("bandwidth_gb_s") or limits["bandwidth_gb_s"]  # noqa: E731
-        decode_floor_kv = sum(decode_floor_ms(decode_bytes(r["weight_bytes"], x["prompt_tokens"], steps(x), kv_prompt, kv_new),
-                                              bandwidth(x)) for x in measured) / sum(steps(x) for x in measured)
+    decode_floor_kv = floor_per_token(kv_prompt, kv_new) if kv_prompt is not None and kv_new is not None and measured_steps else None
     prefill_floor = prefill_floor_ms(prefill_flops(r["matmul_params"], r["layers"], r["hidden"], prompt_tokens), gflops)
     prefill_ms = _pct(col("prefill_ms"), 50)
     row = {
