@@ -70,8 +70,7 @@ class EncoderDecoderGenerator(GreedyDecoder):
             if step == 0:
                 result.prefill_ms = elapsed  # the encoder and the first decoder step
             else:
-                result.decode_ms += elapsed
-                result.decode_steps += 1
+                result.record_decode_step(elapsed)
             if token in self.stop:
                 result.stop_reason = "stop"
                 return

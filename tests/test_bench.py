@@ -275,3 +275,14 @@ def test_decode_parts_takes_the_fused_graph_apart(tiny_bundle_int8sq):
     assert result["matmul_weight_bytes"] > 0
     assert set(result["ms"]) == {"whole step, 4 cached positions", "whole step, 12 cached positions", "no attention", "matmuls only"}
     assert all(ms > 0 for ms in result["ms"].values())
+
+
+def test_generator_speed_reports_each_decode_step_in_order(tiny_bundle_int8sq, capsys):
+    """--per-step: a median per decode step after the prefill, as many as the steps taken."""
+    from edgerag.benchmarks import generator_speed
+
+    graph = tiny_bundle_int8sq / json.loads((tiny_bundle_int8sq / "manifest.json").read_text())["generator"]["onnx"]
+    speed = generator_speed.measure([graph], prompt_tokens=12, new_tokens=5, threads=1, rounds=2)[graph]
+    assert len(speed["step_ms"]) == 4 and all(ms > 0 for ms in speed["step_ms"])  # 5 new tokens: prefill + 4 steps
+    assert generator_speed.main([str(graph), "--prompt-tokens", "12", "--new-tokens", "5", "--rounds", "1", "--per-step"]) == 0
+    assert "ms per decode step" in capsys.readouterr().out

@@ -111,6 +111,9 @@ def test_decode_steps_count_every_forward_pass_after_the_prefill(tiny_bundle):
     stopped = stopping.greedy(prompt, 6)
     assert stopped.stop_reason == "stop"
     assert stopped.decode_steps == len(stopped.tokens)  # the stop token's step counted, the token not kept
+    for generation in (free, stopped):  # each step's time, in order, adds up to decode_ms
+        assert len(generation.step_ms) == generation.decode_steps and all(ms > 0 for ms in generation.step_ms)
+        assert sum(generation.step_ms) == pytest.approx(generation.decode_ms)
     if free.stop_reason == "length":
         assert free.decode_steps == len(free.tokens) - 1
     answer = pipeline.ask("Which team won Super Bowl 50?", max_new_tokens=6)
