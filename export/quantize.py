@@ -5,8 +5,9 @@
   int4      weight-only MatMulNBits, 4-bit blocks (activations stay fp32; accuracy level 4
             lets ORT compute in int8 where the CPU supports it).
   int8wo    weight-only MatMulNBits with 8-bit blocks.
-  int8sq    SmoothQuant: dynamic int8 for the QKV and gate/up projections of a smoothed fused Llama
-            graph (export/smoothquant.py), int8wo for the other MatMuls.
+  int8sq    SmoothQuant: dynamic int8 for the QKV, attention output and gate/up projections of a
+            smoothed fused Llama graph (export/smoothquant.py) and for its LM head, int8wo for the
+            down projections.
   int8swo   int8wo on the smoothed graph (smoothing is the caller's: export/bundle.py's
             smoothed_generator_graph): every MatMul 8-bit weight-only. Its activations are
             quantized per block at run time (accuracy level 4), so smoothing their outliers into
@@ -52,13 +53,13 @@ def _quantize(model, method, block_size, accuracy_level, is_generator):
         return _dynamic_int8(model), {"method": "int8", "kind": "dynamic", "per_channel": True}
     description = {}
     if method == "int8sq":
-        from edgerag.export.smoothquant import DYNAMIC_INT8_NODES
+        from edgerag.export.smoothquant import is_dynamic_int8
 
-        nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(DYNAMIC_INT8_NODES)]
+        nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and is_dynamic_int8(n.name)]
         if not nodes:
             raise ValueError("int8sq needs a fused Llama generator graph (export --graph fused)")
         model = _dynamic_int8(model, nodes)
-        description = {"kind": "SmoothQuant dynamic int8 (QKV, gate/up) + weight-only MatMulNBits",
+        description = {"kind": "SmoothQuant dynamic int8 (QKV, attention output, gate/up, LM head) + weight-only MatMulNBits (down)",
                        "dynamic_int8_matmuls": len(nodes)}
     if method == "int8swo":
         description = {"kind": "weight-only MatMulNBits on a SmoothQuant-smoothed graph"}

@@ -286,3 +286,25 @@ def test_generator_speed_reports_each_decode_step_in_order(tiny_bundle_int8sq, c
     assert len(speed["step_ms"]) == 4 and all(ms > 0 for ms in speed["step_ms"])  # 5 new tokens: prefill + 4 steps
     assert generator_speed.main([str(graph), "--prompt-tokens", "12", "--new-tokens", "5", "--rounds", "1", "--per-step"]) == 0
     assert "ms per decode step" in capsys.readouterr().out
+
+
+def test_matmul_kinds_compute_the_same_product():
+    """The two kinds' chains hold the same weights and scales, so they compute the same product (to the
+    activations' int8 rounding); both are timed at each number of rows."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgerag.benchmarks import matmul_kinds
+
+    outputs = {}
+    for kind in matmul_kinds.KINDS:
+        model, nbytes = matmul_kinds.chain(kind, rows=3, hidden=128, widths=[64], layers=1)
+        assert nbytes == 128 * 64
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(2).standard_normal((3, 128)).astype(np.float32)
+        outputs[kind] = session.run(None, {"x": x})[0]
+    a, b = outputs["DynamicQuantizeMatMul"], outputs["MatMulNBits"]
+    assert a.shape == b.shape == (3, 64)
+    assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(b)
+    result = matmul_kinds.measure(rows=(1, 4), hidden=128, widths=(64,), layers=2, threads=1, rounds=1, repeats=2)
+    assert set(result) == {(k, m) for k in matmul_kinds.KINDS for m in (1, 4)} and all(r["ms"] > 0 for r in result.values())

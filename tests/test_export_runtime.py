@@ -321,10 +321,13 @@ def test_smoothing_is_exact_in_fp32_and_moves_the_ranges(tiny_models):
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     norm, smoothed_norm = model.model.layers[0].input_layernorm.weight, smoothed.model.layers[0].input_layernorm.weight
     assert not torch.allclose(norm, smoothed_norm)  # the copy changed, the original did not
+    # the attention output's range moved into o_proj through V (4 query heads on 2 KV heads here)
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    assert not torch.allclose(model.model.layers[0].self_attn.v_proj.weight, smoothed.model.layers[0].self_attn.v_proj.weight)
     assert torch.equal(model.model.layers[0].input_layernorm.weight, norm)
 
 
-def test_int8sq_makes_the_normed_projections_dynamic_int8(tiny_bundle_int8sq):
+def test_int8sq_makes_the_smoothed_projections_and_the_lm_head_dynamic_int8(tiny_bundle_int8sq):
     import onnx
 
     manifest = read_manifest(tiny_bundle_int8sq)
@@ -333,8 +336,8 @@ def test_int8sq_makes_the_normed_projections_dynamic_int8(tiny_bundle_int8sq):
     ops = [n.op_type for n in onnx.load(str(tiny_bundle_int8sq / "generator.onnx")).graph.node]
     layers = manifest.generator.num_layers
     dynamic = sum(op in ("DynamicQuantizeMatMul", "MatMulInteger") for op in ops)
-    assert dynamic == 2 * layers  # QKV and gate/up in every layer
-    assert ops.count("MatMulNBits") == 2 * layers + 1  # attention output, down projection, LM head
+    assert dynamic == 3 * layers + 1  # QKV, attention output and gate/up in every layer, the LM head
+    assert ops.count("MatMulNBits") == layers  # the down projections
 
 
 def test_int8swo_is_weight_only_on_the_smoothed_graph(tiny_bundle_int8swo, tiny_bundle_int8wo):
