@@ -68,21 +68,22 @@ def smooth_llama(model, prompt_ids: list[list[int]], alpha: float = DEFAULT_ALPH
     for h in hooks:
         h.remove()
 
-    def scale(x_range, linears):
-        w_range = torch.cat([lin.weight.abs() for lin in linears], 0).amax(0)
-        return (x_range.clamp(min=1e-5) ** alpha / w_range.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
-
     with torch.no_grad():
         for i, layer in enumerate(layers):
             attention, mlp = layer.self_attn, layer.mlp
             for norm, linears, name in ((layer.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj), "qkv"),
                                         (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), "gate_up")):
-                s = scale(ranges[f"{i}.{name}"], linears)
+                s = smoothing_scale(ranges[f"{i}.{name}"], torch.cat([lin.weight.abs() for lin in linears], 0).amax(0), alpha)
                 norm.weight.div_(s)
                 for lin in linears:
                     lin.weight.mul_(s)
             smooth_attention_output(attention, ranges[f"{i}.o"], model.config, alpha)
     return model
+
+
+def smoothing_scale(x_range, w_range, alpha: float):
+    """SmoothQuant's per-channel s = max|x|^α / max|W|^(1-α), kept away from zero."""
+    return (x_range.clamp(min=1e-5) ** alpha / w_range.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
 
 
 def smooth_attention_output(attention, x_range, config, alpha: float) -> None:
@@ -96,7 +97,6 @@ def smooth_attention_output(attention, x_range, config, alpha: float) -> None:
     def per_kv_channel(values):
         return values.reshape(kv_heads, group, head_dim).amax(1)
 
-    w_range = per_kv_channel(attention.o_proj.weight.abs().amax(0))
-    s = (per_kv_channel(x_range).clamp(min=1e-5) ** alpha / w_range.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+    s = smoothing_scale(per_kv_channel(x_range), per_kv_channel(attention.o_proj.weight.abs().amax(0)), alpha)
     attention.v_proj.weight.div_(s.reshape(-1, 1))
     attention.o_proj.weight.mul_(s[:, None, :].expand(kv_heads, group, head_dim).reshape(1, -1))

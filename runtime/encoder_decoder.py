@@ -70,7 +70,7 @@ class EncoderDecoderGenerator(GreedyDecoder):
             if step == 0:
                 result.prefill_ms = elapsed  # the encoder and the first decoder step
             else:
-                result.record_decode_step(elapsed)
+                result.step_ms.append(elapsed)
             if token in self.stop:
                 result.stop_reason = "stop"
                 return

@@ -34,19 +34,20 @@ class Generation:
     def __init__(self, decode):
         self.tokens: list[int] = []
         self.prefill_ms = 0.0
-        self.decode_ms = 0.0
-        # forward passes after the prefill, the one that produced a stop token included: decode_ms is
-        # their time, so a token costs decode_ms / decode_steps
-        self.decode_steps = 0
-        self.step_ms: list[float] = []  # each of those passes, in order (the first ones after a prefill run slower)
+        # the time of each forward pass after the prefill, in order, the one that produced a stop
+        # token included (the first ones after a prefill run slower): a token costs decode_ms / decode_steps
+        self.step_ms: list[float] = []
         self.reused_prompt_tokens = 0
         self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end
         self._steps = decode(self)  # the decoding loop, which records its figures on this object
 
-    def record_decode_step(self, elapsed_ms: float) -> None:
-        self.decode_ms += elapsed_ms
-        self.decode_steps += 1
-        self.step_ms.append(elapsed_ms)
+    @property
+    def decode_ms(self) -> float:
+        return sum(self.step_ms)
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.step_ms)
 
     def __iter__(self) -> Iterator[int]:
         for token in self._steps:

@@ -431,7 +431,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
             if self.reuse_prefix == "previous":
                 self._cached = (list(prompt_ids), presents)  # copied out only when reused
         else:
-            result.record_decode_step(elapsed)
+            result.step_ms.append(elapsed)
 
     def _bind_in_place(self, binding, past: dict, reused: int, capacity: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Binds each layer's past and present to one buffer of `capacity` positions, which starts with
