@@ -55,6 +55,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--index-queries", default="squad-v1.1-dev.json.gz",
                    help="SQuAD file whose questions query the real corpus (200 of them, seeded)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the first bundle's")
+    p.add_argument("--prompt-lookup", default="",
+                   help="comma-separated tokens drafted per decode step by prompt lookup, each value a row of its "
+                        "own for every bundle, e.g. '4,0' (default: the runtime's)")
     p.add_argument("--k", type=int, default=3, help="passages read whole by systems without a path of their own "
                    "(the teacher, PyTorch students, other runtimes)")
     p.add_argument("--shared-passages", action="store_true",
@@ -112,16 +115,20 @@ def plan_systems(args, bundles: list[Path], manifests: list, cache: Path) -> tup
                              "note": "PyTorch fp32; its cold start includes embedding the bundle's passages "
                                      "for its own hnswlib index"})
             elif name == "bundle":
-                seen = set()
+                seen, bases = set(), set()
+                lookups = [int(v) for v in args.prompt_lookup.split(",") if v.strip()] or [None]
                 for b, m in zip(bundles, manifests):
-                    label = f"bundle-{quant_name(m)}"
-                    if label in seen and "block_size" in m.generator.quantization:
-                        label += f"-b{m.generator.quantization['block_size']}"  # the same option, other blocks
-                    while label in seen:
-                        label += "'"
-                    seen.add(label)
-                    plan.append({"name": label, "kind": "bundle", "bundle": str(b), "python": python,
-                                 "quant": quant_name(m)})
+                    base = f"bundle-{quant_name(m)}"
+                    if base in bases and "block_size" in m.generator.quantization:
+                        base += f"-b{m.generator.quantization['block_size']}"  # the same option, other blocks
+                    bases.add(base)
+                    for lookup in lookups:
+                        label = base if lookup is None else f"{base}-lookup{lookup}"
+                        while label in seen:
+                            label += "'"
+                        seen.add(label)
+                        plan.append({"name": label, "kind": "bundle", "bundle": str(b), "python": python,
+                                     "quant": quant_name(m), "prompt_lookup": lookup})
             elif name == "optimum-ort":
                 folder = baselines.optimum_folder(first, _first_resolvable(source_candidates), cache)
                 plan.append({"name": name, "kind": "optimum", "model_dir": str(folder), "python": python,

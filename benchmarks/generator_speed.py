@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgerag.runtime.manifest import LOGITS_TO_KEEP
 from edgerag.runtime.pipeline import DecoderOnlyGenerator, make_session
 
 
@@ -36,14 +37,16 @@ def appends_in_place(graph) -> bool:
 
     model = onnx.load(str(graph), load_external_data=False)
     logits = next(o for o in model.graph.output if o.name == "logits").type.tensor_type.shape.dim
-    return logits[1].dim_value == 1 and any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    last_positions = logits[1].dim_value == 1 or logits[1].dim_param == LOGITS_TO_KEEP
+    return last_positions and any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
 
 
 def measure(graphs, prompt_tokens: int = 600, new_tokens: int = 17, threads: int = 2, rounds: int = 3) -> dict:
     """{graph: {"prefill_ms", "decode_ms_per_token", "step_ms"}}, medians over interleaved rounds;
     step_ms: each decode step's, in order after the prefill."""
+    # one token a step (no prompt lookup): the step's own speed
     generators = {g: AnyGenerator(make_session(str(g), threads), [], reuse_prefix=False,
-                                  kv_in_place=appends_in_place(g)) for g in graphs}
+                                  kv_in_place=appends_in_place(g), prompt_lookup=0) for g in graphs}
     prompt = list(np.random.RandomState(0).randint(100, 20000, prompt_tokens))
     prefill = {g: [] for g in generators}
     decode = {g: [] for g in generators}

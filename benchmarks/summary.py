@@ -31,13 +31,17 @@ def merge_rounds(results: list[dict]) -> dict:
 def system_row(r: dict, limits: dict) -> dict:
     rows = r["per_question"]
     col = lambda key: np.array([x[key] for x in rows], dtype=float)  # noqa: E731
-    # every decode step counts, the one that produced the stop token too (its time is in decode_ms)
+    # every decode step counts, the one that produced the stop token too (its time is in decode_ms);
+    # a step that checked a prompt-lookup draft chose more than one token
     steps = lambda x: x.get("decode_steps", max(x["new_tokens"] - 1, 0))  # noqa: E731
-    decode_tokens = sum(steps(x) for x in rows)
+    decode_steps = sum(steps(x) for x in rows)
+    decode_tokens = sum(x.get("decode_tokens", steps(x)) for x in rows)
     decode_ms_per_token = float(col("decode_ms").sum() / decode_tokens) if decode_tokens else None
+    decode_ms_per_step = float(col("decode_ms").sum() / decode_steps) if decode_steps else None
     prompt_tokens = float(col("prompt_tokens").mean()) if rows else 0.0
 
-    # floors: decode reads every weight once per token; prefill is FLOPs at the best GEMM rate
+    # floors: decode reads every weight once per step, one token a step without drafts; prefill is
+    # FLOPs at the best GEMM rate
     ort = limits["ort_matmul_gflops"][str(r["threads"])]
     int8 = r["kind"] != "torch" and r.get("quant") in INT8_COMPUTE
     gflops = ort["int8"] if int8 else ort["fp32"]
@@ -75,6 +79,11 @@ def system_row(r: dict, limits: dict) -> dict:
         "prefill_floor_ms": prefill_floor, "prefill_gflops_used": gflops,
         "prefill_x_floor": prefill_ms / prefill_floor if prefill_floor else None,
         "decode_x_floor": decode_ms_per_token / decode_floor if decode_ms_per_token and decode_floor else None,
+        # a forward pass after the prefill against the same floor, and the tokens it chose: they
+        # differ from the per-token figures where prompt lookup drafts tokens
+        "decode_ms_per_step": decode_ms_per_step,
+        "decode_step_x_floor": decode_ms_per_step / decode_floor if decode_ms_per_step and decode_floor else None,
+        "tokens_per_step": decode_tokens / decode_steps if decode_steps else None,
         "decode_floor_with_kv_ms_per_token": decode_floor_kv,
         "decode_x_floor_with_kv": decode_ms_per_token / decode_floor_kv if decode_ms_per_token and decode_floor_kv else None,
         "mean_prompt_tokens": prompt_tokens, "mean_new_tokens": float(col("new_tokens").mean()) if rows else 0.0,

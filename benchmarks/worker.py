@@ -127,7 +127,7 @@ class BundleSystem:
         imported = time.time()
         self.stage_rss_mb = {"import": rss_mb()}
         # verified, as on a device: cold start includes the checksums
-        self.p = Pipeline.load(spec["bundle"], threads=spec["threads"])
+        self.p = Pipeline.load(spec["bundle"], threads=spec["threads"], prompt_lookup=spec.get("prompt_lookup"))
         self.start_phases_s = {"import": imported - started, "load": time.time() - imported}
         self.retriever = BundleRetriever(self.p)
         self.size_mb = self.p.manifest.megabytes
@@ -141,6 +141,7 @@ class BundleSystem:
         return {"answer": a.answer, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
                 "prefill_ms": t.get("prefill_ms", 0.0), "decode_ms": t.get("decode_ms", 0.0),
                 "decode_steps": t.get("decode_steps", max(a.new_tokens - 1, 0)),
+                "decode_tokens": t.get("decode_tokens", t.get("decode_steps", max(a.new_tokens - 1, 0))),
                 "ttft_ms": t.get("ttft_ms", t.get("total_ms", 0.0)), "generate_ms": t["total_ms"]}
 
     def own(self, question: str, max_new_tokens: int) -> dict:
@@ -151,6 +152,7 @@ class BundleSystem:
         return {"answer": a.answer, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
                 "prefill_ms": t.get("prefill_ms", 0.0), "decode_ms": t.get("decode_ms", 0.0),
                 "decode_steps": t.get("decode_steps", max(a.new_tokens - 1, 0)),
+                "decode_tokens": t.get("decode_tokens", t.get("decode_steps", max(a.new_tokens - 1, 0))),
                 "ttft_ms": t.get("ttft_ms", t["total_ms"]) - searched, "generate_ms": t["total_ms"] - searched,
                 "encode_ms": t["encode_ms"], "search_ms": t["search_ms"], "compress_ms": t.get("compress_ms", 0.0)}
 

@@ -34,7 +34,7 @@ def require_workstation(command: str) -> None:
 def cmd_ask(args) -> int:
     from edgerag.runtime import Pipeline
 
-    pipeline = Pipeline.load(args.bundle, threads=args.threads, check=not args.no_verify)
+    pipeline = Pipeline.load(args.bundle, threads=args.threads, check=not args.no_verify, prompt_lookup=args.prompt_lookup)
     if args.question is not None:
         questions = [args.question]
     else:
@@ -57,7 +57,8 @@ def cmd_ask(args) -> int:
         t = answer.timings
         print(f"  encode {t['encode_ms']:.1f} ms · search {t['search_ms']:.2f} ms · prefill {t.get('prefill_ms', 0):.0f} ms"
               f" ({answer.prompt_tokens} tokens) · decode {t.get('decode_ms', 0):.0f} ms ({answer.new_tokens} tokens,"
-              f" {answer.tokens_per_second:.1f} tok/s) · total {t['total_ms']:.0f} ms")
+              f" {t.get('decode_steps', 0)} steps after the prefill's, {answer.tokens_per_second:.1f} tok/s)"
+              f" · total {t['total_ms']:.0f} ms")
     return 0
 
 
@@ -65,7 +66,7 @@ def cmd_serve(args) -> int:
     from edgerag.runtime.serve import ServeOptions, serve
 
     options = ServeOptions(**{k: getattr(args, k) for k in ("host", "port", "threads", "concurrency", "max_queue",
-                                                           "api_key", "timeout_s")})
+                                                           "api_key", "timeout_s", "prompt_lookup")})
     serve(args.bundle, options)
     return 0
 
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("-k", type=int, default=None, help="passages to retrieve (default: the bundle's)")
     ask.add_argument("--max-new-tokens", type=int, default=None)
     ask.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    ask.add_argument("--prompt-lookup", type=int, default=None,
+                     help="tokens drafted per decode step from the prompt (prompt lookup; default: the runtime's, 0: none)")
     ask.add_argument("--no-verify", action="store_true", help="skip the checksum check at load")
     ask.set_defaults(func=cmd_ask)
 
@@ -178,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; any other needs --api-key)")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    srv.add_argument("--prompt-lookup", type=int, default=None,
+                     help="tokens drafted per decode step from the prompt (prompt lookup; default: the runtime's, 0: none)")
     srv.add_argument("--concurrency", type=int, default=1, help="answers computed at once (default: %(default)s)")
     srv.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond those; more get 503 (default: %(default)s)")
     srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")

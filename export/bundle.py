@@ -28,8 +28,8 @@ from edgerag.export import QUANTIZATIONS, SMOOTHED, ExportOptions, onnx_export, 
 from edgerag.export.quantize import quantize
 from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, normalizes, resolve
 from edgerag.runtime.compress import Compression, PieceVectors, split_pieces
-from edgerag.runtime.manifest import (KV_IN_PLACE_GRAPHS, CompressionSpec, GenerationSpec, GeneratorSpec, IndexSpec, Manifest, PassagesSpec,
-                                      PromptSpec, QueryEncoderSpec, file_record)
+from edgerag.runtime.manifest import (KV_IN_PLACE_GRAPHS, LOGITS_LAST_POSITIONS, CompressionSpec, GenerationSpec, GeneratorSpec,
+                                      IndexSpec, Manifest, PassagesSpec, PromptSpec, QueryEncoderSpec, file_record)
 from edgerag.runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
 from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
 
@@ -198,7 +198,7 @@ def measure_generator_parity(model, tokenizer, template, stop, prompts, onnx_pat
             same += generation.tokens == ref
             prefill.append(generation.prefill_ms)
             decode += generation.decode_ms
-            decode_tokens += max(len(generation.tokens) - 1, 0)
+            decode_tokens += generation.decode_tokens
         figures[name] = {
             "max_abs_logit_delta": delta,
             "greedy_exact_match": same / max(len(prompt_ids), 1),
@@ -457,7 +457,8 @@ def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, qu
                          hidden_size=config.hidden_size, vocab_size=config.vocab_size,
                          parameters=sum(p.numel() for p in gen_model.parameters()),
                          max_context=min(opts.max_context, getattr(config, "max_position_embeddings", opts.max_context)),
-                         graph=gen_builder, quantization=gen_quant, graph_optimization=gen_optimization)
+                         graph=gen_builder, quantization=gen_quant, graph_optimization=gen_optimization,
+                         logits=LOGITS_LAST_POSITIONS if gen_builder == "fused-llama" else "last-position")
     return spec, PromptSpec(template=template, stop_token_ids=stop), generator_parity
 
 

@@ -9,7 +9,9 @@ builder uses:
   QKV projection;
 - SkipSimplifiedLayerNormalization (residual add + RMSNorm);
 - packed gate/up projections, SiLU as Sigmoid * x;
-- logits for the last position only, through the tied embedding (stored once).
+- logits for the last position only, through the tied embedding (stored once); `logits_to_keep`,
+  an input with a default of 1, asks for more: a decode step that checks drafted tokens needs the
+  logits at each of their positions.
 
 Inputs and outputs keep Optimum's names (input_ids, attention_mask, past_key_values.N.key/value ->
 logits, present.N.key/value), so the runtime drives both graphs the same way. It needs no
@@ -23,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgerag.export.onnx_export import LOGITS
+from edgerag.runtime.manifest import LOGITS_TO_KEEP
 
 MS = "com.microsoft"
 
@@ -132,22 +135,26 @@ def build_llama_graph(model, max_positions: int | None = None) -> onnx.ModelProt
             "SkipSimplifiedLayerNormalization", [residual, f"layers.{i}.mlp_out", init(norm_name, norm_weight)],
             [f"layers.{i}.normed_out", "", "", f"layers.{i}.residual_out"], domain=MS, epsilon=eps)
 
-    node("Slice", [normed, init("last_pos_start", np.array([-1], dtype=np.int64)),
-                   init("last_pos_end", np.array([2**62], dtype=np.int64)),
-                   init("last_pos_axis", np.array([1], dtype=np.int64))], ["hidden_last_position"])
+    # an initializer that is also a graph input: 1 unless a run feeds it, so every caller that feeds
+    # only ids, mask and cache gets the last position's logits as before
+    keep = init(LOGITS_TO_KEEP, np.array([1], dtype=np.int64))
+    node("Neg", [keep], ["kept_positions_start"])
+    node("Slice", [normed, "kept_positions_start", init("kept_positions_end", np.array([2**62], dtype=np.int64)),
+                   init("kept_positions_axis", np.array([1], dtype=np.int64))], ["hidden_kept_positions"])
     if "lm_head.weight" in state and not config.tie_word_embeddings:
         head = init("lm_head.weight", weight("lm_head.weight"))
     else:
         # tied: the head reads the embedding through a Transpose that onnxruntime folds into the
         # MatMul (FusedMatMul transB), so the fp32 graph stores the matrix once
         head = node("Transpose", [embedding], ["embed_tokens.weight_transposed"], perm=[1, 0])[0]
-    node("MatMul", ["hidden_last_position", head], [LOGITS])
+    node("MatMul", ["hidden_kept_positions", head], [LOGITS])
 
     past_shape = ["batch_size", kv_heads, "past_sequence_length", head_dim]
     present_shape = ["batch_size", kv_heads, "total_sequence_length", head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", 1, config.vocab_size])]
+    inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", LOGITS_TO_KEEP, config.vocab_size])]
     for i in range(layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, past_shape))

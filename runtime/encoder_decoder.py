@@ -71,6 +71,7 @@ class EncoderDecoderGenerator(GreedyDecoder):
                 result.prefill_ms = elapsed  # the encoder and the first decoder step
             else:
                 result.step_ms.append(elapsed)
+                result.decode_tokens += 1
             if token in self.stop:
                 result.stop_reason = "stop"
                 return

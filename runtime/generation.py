@@ -28,6 +28,25 @@ def run_bound(session, binding, cpu_inputs: dict, ort_inputs: dict, outputs: lis
     return values
 
 
+def draft_by_lookup(context: np.ndarray, length: int, max_ngram: int, count: int) -> np.ndarray:
+    """Prompt lookup decoding's draft: up to `count` tokens that followed the first earlier occurrence
+    of the last n tokens of `context[:length]`, for the longest n up to `max_ngram` that occurs
+    (Saxena 2023; transformers' prompt_lookup_num_tokens). Empty where none does."""
+    tokens = context[:length]
+    if count <= 0:
+        return tokens[:0]
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        # starts i < length - n whose n tokens match the tail, so at least one token follows them
+        match = tokens[:length - n] == tokens[length - n]
+        for shift in range(1, n):
+            match &= tokens[shift:length - n + shift] == tokens[length - n + shift]
+        found = np.flatnonzero(match)
+        if len(found):
+            start = found[0] + n
+            return tokens[start:min(start + count, length)]
+    return tokens[:0]
+
+
 class Generation:
     """One greedy generation: iterate it for the new token ids; its figures fill in as it runs."""
 
@@ -35,8 +54,11 @@ class Generation:
         self.tokens: list[int] = []
         self.prefill_ms = 0.0
         # the time of each forward pass after the prefill, in order, the one that produced a stop
-        # token included (the first ones after a prefill run slower): a token costs decode_ms / decode_steps
+        # token included (the first ones after a prefill run slower)
         self.step_ms: list[float] = []
+        # the tokens those passes chose, their stop token included: more than the passes where prompt
+        # lookup drafts tokens that the model accepts
+        self.decode_tokens = 0
         self.reused_prompt_tokens = 0
         self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end
         self._steps = decode(self)  # the decoding loop, which records its figures on this object

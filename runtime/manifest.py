@@ -81,6 +81,10 @@ class QueryEncoderSpec(_Quantized):
 
 # generator graphs whose attention (GroupQueryAttention) appends to a KV cache buffer in place
 KV_IN_PLACE_GRAPHS = ("fused-llama",)
+# a generator input, with a default of 1, that asks for the logits of that many last positions;
+# graphs that have it are described as LOGITS_LAST_POSITIONS
+LOGITS_TO_KEEP = "logits_to_keep"
+LOGITS_LAST_POSITIONS = "last positions (logits_to_keep)"
 
 
 @dataclass

@@ -29,8 +29,8 @@ from tokenizers.decoders import DecodeStream
 
 from edgerag.runtime.compress import Compression, PieceVectors, compress_context, split_pieces
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
-from edgerag.runtime.generation import ORT_DTYPES, Generation, GreedyDecoder, run_bound
-from edgerag.runtime.manifest import KV_IN_PLACE_GRAPHS, BundleError, Manifest, check_in_bundle, read_manifest, verify
+from edgerag.runtime.generation import ORT_DTYPES, Generation, GreedyDecoder, draft_by_lookup, run_bound
+from edgerag.runtime.manifest import KV_IN_PLACE_GRAPHS, LOGITS_TO_KEEP, BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.prompt import PromptError, PromptTemplate, build_prompt_ids
 
 
@@ -303,13 +303,25 @@ class DecoderOnlyGenerator(GreedyDecoder):
     its KV cache in place. Each layer's past and present are then one buffer, sized for the whole
     generation and bound once: a step neither copies the cache nor allocates or rebinds it.
     Generation keeps no other state on the object, so threads may share a generator.
+
+    prompt_lookup: tokens drafted per step by prompt lookup decoding, in place and where the graph
+    takes `logits_to_keep` (0: one token per step). An extractive answer copies its tokens from the
+    passages: a step feeds the tokens that followed the latest n-gram's earlier occurrence after the
+    new token, and keeps those the model would have chosen itself, plus its own next one. One read
+    of the weights then yields several tokens. Greedy output is unchanged in exact arithmetic; with
+    dynamic int8 activations (int8sq) a row's quantization scale is shared with the rows fed beside
+    it, so answers move within the quantization error.
     """
 
     # reuse a previous prompt's KV only when it saves at least this many positions
     MIN_REUSED_TOKENS = 8
+    # the longest n-gram prompt lookup matches (it falls back to shorter ones)
+    LOOKUP_NGRAM = 3
+    PROMPT_LOOKUP = 4  # the default of tokens drafted per step (README, "Prompt lookup")
 
     def __init__(self, session: ort.InferenceSession, stop_token_ids: list[int], reuse_prefix="template",
-                 prefix_ids: list[int] = (), kv_in_place: bool = False, max_positions: int | None = None):
+                 prefix_ids: list[int] = (), kv_in_place: bool = False, max_positions: int | None = None,
+                 prompt_lookup: int | None = None):
         mode = {True: "template", False: "none"}.get(reuse_prefix, reuse_prefix)
         if mode not in REUSE_MODES:
             raise ValueError(f"reuse_prefix must be one of {', '.join(REUSE_MODES)}, not {reuse_prefix!r}")
@@ -323,9 +335,14 @@ class DecoderOnlyGenerator(GreedyDecoder):
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         self.vocab_size, self.logits_dtype = logits.shape[-1], ORT_DTYPES.get(logits.type, np.float32)
         self.max_positions = max_positions  # prompt + new tokens the graph allows (None: not checked here)
-        if kv_in_place and (logits.shape[1] != 1 or not isinstance(self.vocab_size, int) or "position_ids" in self.input_names):
+        keeps_positions = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
+        if kv_in_place and ((logits.shape[1] != 1 and not keeps_positions) or not isinstance(self.vocab_size, int)
+                            or "position_ids" in self.input_names):
             raise ValueError("kv_in_place needs a graph that computes the last position's logits, over a fixed "
                              "vocabulary, and finds positions from the attention mask")
+        self.prompt_lookup = self.PROMPT_LOOKUP if check_prompt_lookup(prompt_lookup) is None else prompt_lookup
+        if not (kv_in_place and keeps_positions):
+            self.prompt_lookup = 0  # a draft's rejected tokens are undone in place, and checked with their logits
         # (prompt ids, their KV as one array or OrtValue per past input), replaced as a whole so that a
         # reader in another thread always gets a matching pair
         self._cached: tuple[list[int], list] | None = None
@@ -395,36 +412,74 @@ class DecoderOnlyGenerator(GreedyDecoder):
         length, and a step writes the new token into its bound arrays. The attention mask has a slot
         per position of the cache, zero until a token fills it: the attention reads each sequence's
         length from the mask's sum, and with shapes that never change onnxruntime does no per-step
-        shape work (0.2-0.4 ms a token, measured)."""
+        shape work (0.2-0.4 ms a token, measured). A step that checks a draft feeds more positions;
+        those the model rejects are undone by clearing their mask slots, and later steps overwrite
+        their KV."""
         length, capacity = len(prompt_ids), len(prompt_ids) + max_new_tokens
         logits, kv_buffers = self._bind_in_place(binding, past, reused, capacity)
         mask = np.zeros((1, capacity), dtype=np.int64)
         mask[0, :length] = 1
+        answer_at = len(prompt_ids)
+        context = np.zeros(capacity, dtype=np.int64)  # the prompt and the answer so far: where drafts come from
+        context[:answer_at] = prompt_ids
         prompt = np.array([prompt_ids[reused:]], dtype=np.int64)
-        next_id = np.zeros((1, 1), dtype=np.int64)
+        keep = np.ones(1, dtype=np.int64)
         # the arrays must outlive the binding's OrtValues, which share their memory: all are locals here
         binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(mask))
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(prompt))
-        token = None
+        if self.prompt_lookup:
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(keep))
+        by_count = {1: (np.zeros((1, 1), dtype=np.int64), logits)}  # a step's fed ids and kept logits, by its positions
+        bound = {}  # the OrtValues of by_count's arrays
+        ids, kept, made = prompt, logits, 0
         for step in range(max_new_tokens):
+            if made == max_new_tokens:
+                break
             start = time.perf_counter()
-            if step == 1:
-                binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(next_id))
             if step:
-                next_id[0, 0] = token
-                mask[0, length] = 1
-                length += 1
-            self.session.run_with_iobinding(binding)  # writes `logits` and appends to kv_buffers
-            token = int(logits[0, -1].argmax())
-            self._record(result, step, start, prompt_ids, kv_buffers)
-            if token in self.stop:
-                result.stop_reason = "stop"
-                return
-            yield token
+                # the step yields its accepted drafts and one token more: no more than are still allowed
+                draft = draft_by_lookup(context, answer_at + made, self.LOOKUP_NGRAM,
+                                        min(self.prompt_lookup, max_new_tokens - made - 1))
+                count = 1 + len(draft)
+                if count not in by_count:
+                    by_count[count] = (np.zeros((1, count), dtype=np.int64),
+                                       np.zeros((1, count, self.vocab_size), dtype=self.logits_dtype))
+                if ids is not by_count[count][0]:
+                    ids, kept = by_count[count]
+                    if count not in bound:
+                        bound[count] = [ort.OrtValue.ortvalue_from_numpy(a) for a in (ids, kept)]
+                    binding.bind_ortvalue_input("input_ids", bound[count][0])
+                    binding.bind_ortvalue_output("logits", bound[count][1])
+                    keep[0] = count
+                ids[0, 0] = context[answer_at + made - 1]
+                ids[0, 1:] = draft
+                mask[0, length:length + count] = 1
+                length += count
+            self.session.run_with_iobinding(binding)  # writes the logits and appends to kv_buffers
+            chosen = kept[0].argmax(-1)
+            accepted = 0  # the leading drafts that the model chose itself
+            while accepted < len(chosen) - 1 and chosen[accepted] == ids[0, accepted + 1]:
+                accepted += 1
+            rejected = len(chosen) - 1 - accepted
+            mask[0, length - rejected:length] = 0  # their KV is overwritten by the next step
+            length -= rejected
+            new = [int(t) for t in chosen[:accepted + 1]]
+            stops = [i for i, t in enumerate(new) if t in self.stop]
+            new = new[:stops[0] + 1] if stops else new
+            self._record(result, step, start, prompt_ids, kv_buffers, tokens=len(new))
+            for token in new:
+                if token in self.stop:
+                    result.stop_reason = "stop"
+                    return
+                context[answer_at + made] = token
+                made += 1
+                yield token
         result.stop_reason = "length"
 
-    def _record(self, result: Generation, step: int, start: float, prompt_ids: list[int], presents: list) -> None:
-        """Books a step's time on `result`, and after the prefill keeps the prompt's KV for reuse."""
+    def _record(self, result: Generation, step: int, start: float, prompt_ids: list[int], presents: list,
+                tokens: int = 1) -> None:
+        """Books a step's time and the `tokens` it chose on `result`, and after the prefill keeps the
+        prompt's KV for reuse."""
         elapsed = (time.perf_counter() - start) * 1000
         if step == 0:
             result.prefill_ms = elapsed
@@ -432,6 +487,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
                 self._cached = (list(prompt_ids), presents)  # copied out only when reused
         else:
             result.step_ms.append(elapsed)
+            result.decode_tokens += tokens
 
     def _bind_in_place(self, binding, past: dict, reused: int, capacity: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Binds each layer's past and present to one buffer of `capacity` positions, which starts with
@@ -464,22 +520,24 @@ class DecoderOnlyGenerator(GreedyDecoder):
         return (common, kv) if common >= self.MIN_REUSED_TOKENS else (0, None)
 
 
-def _decoder_only(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids) -> DecoderOnlyGenerator:
+def _decoder_only(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids,
+                  prompt_lookup) -> DecoderOnlyGenerator:
     return DecoderOnlyGenerator(make_session(bundle / manifest.generator.onnx, threads),
                                 manifest.prompt.stop_token_ids, reuse_prefix, prefix_ids,
                                 kv_in_place=manifest.generator.graph in KV_IN_PLACE_GRAPHS,
-                                max_positions=manifest.generator.max_context)
+                                max_positions=manifest.generator.max_context, prompt_lookup=prompt_lookup)
 
 
-def _encoder_decoder(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids) -> EncoderDecoderGenerator:
+def _encoder_decoder(bundle: Path, manifest: Manifest, threads, reuse_prefix, prefix_ids,
+                     prompt_lookup) -> EncoderDecoderGenerator:
     # reuse_prefix has nothing to reuse here: the encoder reads the whole prompt at once, and the
-    # decoder's cache starts empty for every answer
+    # decoder's cache starts empty for every answer; its decoder graph drafts nothing (prompt_lookup)
     gen = manifest.generator
     return EncoderDecoderGenerator(make_session(bundle / gen.onnx, threads), make_session(bundle / gen.decoder_onnx, threads),
                                    manifest.prompt.stop_token_ids, gen.decoder_start_token_id, gen.forced_bos_token_id)
 
 
-# family -> (bundle, manifest, threads, reuse_prefix, prefix ids) -> its generator
+# family -> (bundle, manifest, threads, reuse_prefix, prefix ids, prompt_lookup) -> its generator
 GENERATORS = {"decoder-only": _decoder_only, "encoder-decoder": _encoder_decoder}
 
 
@@ -521,6 +579,13 @@ def check_count(name: str, value) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PromptError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
+def check_prompt_lookup(value) -> int | None:
+    """None (the default) or a count of tokens, 0 or more, else a ValueError."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"prompt_lookup must be a whole number of tokens, 0 or more, not {value!r}")
     return value
 
 
@@ -590,7 +655,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
-             reuse_prefix: str | bool = "template", retrieval_only: bool = False) -> "Pipeline":
+             reuse_prefix: str | bool = "template", retrieval_only: bool = False,
+             prompt_lookup: int | None = None) -> "Pipeline":
         """Load a bundle directory. Every file's checksum is verified (`check=False` skips that): the weight
         files' beside the loading, every other file's before it is parsed.
 
@@ -600,10 +666,14 @@ class Pipeline:
         opening, computed once here; "previous" from the part it shares with the previous prompt;
         "none" from scratch (see DecoderOnlyGenerator).
 
+        prompt_lookup: tokens drafted per decode step from the prompt, where the generator graph
+        takes them (None: DecoderOnlyGenerator.PROMPT_LOOKUP; 0: one token per step).
+
         Threads may share a Pipeline: ask, stream, ask_batch and retrieve keep no state between
         calls (with "previous", an answer depends on the previous prompt within the quantization
         error of int8sq), retrieval is serialized and generation runs concurrently.
         """
+        check_prompt_lookup(prompt_lookup)
         bundle = Path(bundle)
         manifest = read_manifest(bundle)
         for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
@@ -611,7 +681,7 @@ class Pipeline:
         weights = {n for n in (manifest.query_encoder.weights, manifest.generator.weights) if n}
         before = anonymous_regions()
         if not check:
-            pipeline = cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only)
+            pipeline = cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only, prompt_lookup)
             return cls._opened(pipeline, retrieval_only, [bundle / name for name in weights], before)
         # The graphs' weight files (most of a bundle's bytes) are hashed in a thread while onnxruntime
         # builds the sessions: both release the GIL, so the two overlap on two cores. Every other file
@@ -623,7 +693,7 @@ class Pipeline:
         with ThreadPoolExecutor(max_workers=1) as pool:
             weights_checked = pool.submit(verify, bundle, manifest, weights)
             try:
-                pipeline = cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only)
+                pipeline = cls._open(bundle, manifest, threads, reuse_prefix, retrieval_only, prompt_lookup)
             except Exception:
                 weights_checked.result()  # damaged weights are reported as damaged, not as the library's error
                 raise
@@ -654,7 +724,7 @@ class Pipeline:
 
     @classmethod
     def _open(cls, bundle: Path, manifest: Manifest, threads: int | None, reuse_prefix: str | bool,
-              retrieval_only: bool) -> "Pipeline":
+              retrieval_only: bool, prompt_lookup: int | None = None) -> "Pipeline":
         enc, gen, idx = manifest.query_encoder, manifest.generator, manifest.index
         with _reading(bundle, enc.onnx, enc.tokenizer, *filter(None, [enc.weights])):
             # the encoder runs once per question: spinning threads would then slow the generator's
@@ -688,7 +758,8 @@ class Pipeline:
             with _reading(bundle, gen.onnx, *filter(None, [gen.decoder_onnx, gen.weights])):
                 # read_manifest has refused families without a generation loop here
                 generator = GENERATORS[gen.family](bundle, manifest, threads, reuse_prefix,
-                                                   tokenizer.encode(template.prefix, add_special_tokens=False).ids)
+                                                   tokenizer.encode(template.prefix, add_special_tokens=False).ids,
+                                                   prompt_lookup)
             return_freed_memory()
         return cls(bundle, manifest, encoder, index, store, generator, tokenizer, template, idx.count, compression, pieces)
 
@@ -829,12 +900,13 @@ class Pipeline:
             if len(tokens) > sent:
                 yield "".join(pieces[sent:len(tokens)])
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
-                       decode_steps=generation.decode_steps, reused_prompt_tokens=generation.reused_prompt_tokens,
+                       decode_steps=generation.decode_steps, decode_tokens=generation.decode_tokens,
+                       reused_prompt_tokens=generation.reused_prompt_tokens,
                        total_ms=(time.perf_counter() - started) * 1000)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         decode_s = generation.decode_ms / 1000
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
-                      generation.decode_steps / decode_s if decode_s > 0 else 0.0, stop_reason or generation.stop_reason,
+                      generation.decode_tokens / decode_s if decode_s > 0 else 0.0, stop_reason or generation.stop_reason,
                       [{"title": title, "text": text} for title, text in context])
 
     def stream(self, question: str, k: int | None = None, max_new_tokens: int | None = None,

@@ -56,6 +56,7 @@ class ServeOptions:
     max_question_chars: int = 4000
     max_new_tokens: int = 256           # the most a request may ask for
     max_k: int = 20
+    prompt_lookup: int | None = None    # tokens drafted per decode step (None: the runtime's default; 0: none)
 
     def check(self) -> "ServeOptions":
         for name, value, low in (("concurrency", self.concurrency, 1), ("max_queue", self.max_queue, 0),
@@ -410,7 +411,7 @@ def serve(bundle: str | Path, options: ServeOptions | None = None) -> None:
     opts = (options or ServeOptions()).check()
     if not is_loopback(opts.host) and not opts.api_key:
         raise ValueError(f"binding to {opts.host} exposes the bundle beyond this machine: give --api-key KEY")
-    pipeline = Pipeline.load(bundle, threads=opts.threads)
+    pipeline = Pipeline.load(bundle, threads=opts.threads, prompt_lookup=opts.prompt_lookup)
     config = uvicorn.Config(build_app(pipeline, opts), host=opts.host, port=opts.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
     print(f"edgerag: serving {bundle} on http://{opts.host}:{opts.port}", flush=True)

@@ -220,7 +220,7 @@ def test_unavailable_baseline_is_recorded_as_skipped(tiny_bundle, monkeypatch, t
         raise baselines.Skip("pip install onnxruntime-genai failed: no network")
 
     monkeypatch.setattr(baselines, "genai_python", no_venv)
-    args = argparse.Namespace(systems="bundle,ortgenai-int4,teacher-torch", student=None, teacher=None)
+    args = argparse.Namespace(systems="bundle,ortgenai-int4,teacher-torch", student=None, teacher=None, prompt_lookup="")
     plan, skipped = bench.plan_systems(args, [tiny_bundle], [read_manifest(tiny_bundle)], tmp_path)
     assert [p["name"] for p in plan] == ["bundle-fp32"]
     reasons = {s["name"]: s["reason"] for s in skipped}
@@ -239,10 +239,39 @@ def test_bundles_of_one_option_are_told_apart_by_block_size(tiny_bundle_int8wo, 
     manifest = read_manifest(tiny_bundle_int8wo)
     other_blocks = copy.deepcopy(manifest)
     other_blocks.generator.quantization["block_size"] = 2 * manifest.generator.quantization["block_size"]
-    args = argparse.Namespace(systems="bundle", student=None, teacher=None)
+    args = argparse.Namespace(systems="bundle", student=None, teacher=None, prompt_lookup="")
     plan, _ = bench.plan_systems(args, [tiny_bundle_int8wo] * 3, [manifest, other_blocks, manifest], tmp_path)
     block = manifest.generator.quantization["block_size"]
     assert [p["name"] for p in plan] == ["bundle-int8wo", f"bundle-int8wo-b{2 * block}", f"bundle-int8wo-b{block}"]
+    assert [p["prompt_lookup"] for p in plan] == [None] * 3
+
+
+def test_each_prompt_lookup_setting_is_a_row_of_its_own(tiny_bundle_int8wo, tmp_path):
+    import argparse
+
+    from edgerag.benchmarks import bench
+    from edgerag.runtime.manifest import read_manifest
+
+    args = argparse.Namespace(systems="bundle", student=None, teacher=None, prompt_lookup="4,0")
+    plan, _ = bench.plan_systems(args, [tiny_bundle_int8wo], [read_manifest(tiny_bundle_int8wo)], tmp_path)
+    assert [(p["name"], p["prompt_lookup"]) for p in plan] == [("bundle-int8wo-lookup4", 4), ("bundle-int8wo-lookup0", 0)]
+
+
+def test_decode_per_token_and_per_step_differ_by_the_drafts_accepted():
+    from edgerag.benchmarks.summary import system_row
+
+    question = {"total_ms": 10.0, "ttft_ms": 5.0, "prefill_ms": 4.0, "encode_ms": 0.5, "search_ms": 0.5,
+                "prompt_tokens": 20, "new_tokens": 6, "em": 1.0, "f1": 1.0, "recall@5": 1.0, "bandwidth_gb_s": 10.0}
+    raw = {"name": "b", "threads": 1, "kind": "bundle", "quant": "fp32", "weight_bytes": 1e9, "matmul_params": 1e6,
+           "layers": 2, "hidden": 64, "peak_rss_mb": 1.0, "cold_start_s": 1.0, "size_mb": 1.0, "load_s": 1.0,
+           "per_question": [{**question, "decode_ms": 300.0, "decode_steps": 2, "decode_tokens": 6},
+                            {**question, "decode_ms": 100.0, "decode_steps": 2, "decode_tokens": 2}]}
+    row = system_row(raw, {"bandwidth_gb_s": 1.0, "ort_matmul_gflops": {"1": {"fp32": 1.0, "int8": 1.0}}})
+    assert row["decode_ms_per_token"] == pytest.approx(400 / 8)
+    assert row["decode_ms_per_step"] == pytest.approx(400 / 4)
+    assert row["tokens_per_step"] == pytest.approx(2.0)
+    # the floor reads the weights once per step: 100 ms at 10 GB/s
+    assert row["decode_x_floor"] == pytest.approx(0.5) and row["decode_step_x_floor"] == pytest.approx(1.0)
 
 
 def test_decode_profile_breaks_a_step_down(tiny_bundle, tiny_models, tmp_path, capsys):

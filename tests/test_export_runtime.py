@@ -265,13 +265,35 @@ def test_verify_passes_on_a_good_bundle(tiny_bundle):
     assert set(manifest.files) == {p.name for p in tiny_bundle.iterdir()} - {MANIFEST}
 
 
-def test_generator_logits_are_last_position_only(tiny_bundle):
+def test_generator_logits_are_the_last_positions_asked_for(tiny_bundle):
+    """The last position's logits unless a run asks for more with logits_to_keep; each kept row is the
+    logits that position would have as the last one."""
     import onnx
 
     graph = onnx.load(str(tiny_bundle / "generator.onnx")).graph
     logits = next(o for o in graph.output if o.name == "logits")
-    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    assert logits.type.tensor_type.shape.dim[1].dim_param == "logits_to_keep"
     pipeline = Pipeline.load(tiny_bundle)
+    feed_len = 20
+    ids = list(range(5, 5 + feed_len))
+    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, feed_len), dtype=np.int64),
+            **pipeline.generator.empty_cache()}
+    out = pipeline.generator.session.run(["logits"], feed)[0]
+    assert out.shape[1] == 1
+    np.testing.assert_allclose(out[0, -1], pipeline.generator.last_logits(ids))
+    kept = pipeline.generator.session.run(["logits"], {**feed, "logits_to_keep": np.array([3])})[0]
+    assert kept.shape[1] == 3
+    for row, end in zip(kept[0], range(feed_len - 2, feed_len + 1)):
+        np.testing.assert_allclose(row, pipeline.generator.last_logits(ids[:end]), rtol=1e-4, atol=1e-5)
+
+
+def test_optimum_generator_logits_are_last_position_only(tiny_bundle_optimum):
+    import onnx
+
+    graph = onnx.load(str(tiny_bundle_optimum / "generator.onnx")).graph
+    logits = next(o for o in graph.output if o.name == "logits")
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    pipeline = Pipeline.load(tiny_bundle_optimum)
     feed_len = 20
     ids = list(range(5, 5 + feed_len))
     feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, feed_len), dtype=np.int64),

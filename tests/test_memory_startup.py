@@ -100,8 +100,9 @@ def test_encoder_spinning_setting_gives_the_same_answers(tiny_bundle_int8sq, mon
 
 def test_decode_steps_count_every_forward_pass_after_the_prefill(tiny_bundle):
     """decode_ms is the time of every step after the prefill, the one that yields a stop token too: the
-    per-token figures divide by that count, not by the tokens kept."""
-    pipeline = Pipeline.load(tiny_bundle)
+    per-token figures divide by that count, not by the tokens kept. (One token a step here; with
+    prompt lookup's drafts, see tests/test_prompt_lookup.py.)"""
+    pipeline = Pipeline.load(tiny_bundle, prompt_lookup=0)
     prompt = pipeline.prompt_ids("Which team won Super Bowl 50?", [("Super Bowl", "Denver won.")])
     free = pipeline.generator.greedy(prompt, 6)
     assert free.stop_reason == "length" or free.decode_steps == len(free.tokens)
@@ -113,6 +114,7 @@ def test_decode_steps_count_every_forward_pass_after_the_prefill(tiny_bundle):
     assert stopped.decode_steps == len(stopped.tokens)  # the stop token's step counted, the token not kept
     for generation in (free, stopped):  # each step's time, in order, adds up to decode_ms
         assert len(generation.step_ms) == generation.decode_steps and all(ms > 0 for ms in generation.step_ms)
+        assert generation.decode_tokens == generation.decode_steps
         assert sum(generation.step_ms) == pytest.approx(generation.decode_ms)
     if free.stop_reason == "length":
         assert free.decode_steps == len(free.tokens) - 1
@@ -127,7 +129,7 @@ def test_kv_cache_in_place_gives_the_tokens_of_the_copying_loop(bundle_fixture, 
     appends to; the tokens are the ones of the loop that copies the cache into a new present each step,
     with every prefix-reuse mode (whose cached KV then comes from the shared buffers)."""
     bundle = request.getfixturevalue(bundle_fixture)
-    pipeline = Pipeline.load(bundle, reuse_prefix=reuse)
+    pipeline = Pipeline.load(bundle, reuse_prefix=reuse, prompt_lookup=0)  # drafts: tests/test_prompt_lookup.py
     in_place = pipeline.generator
     assert in_place.kv_in_place
     copying = DecoderOnlyGenerator(in_place.session, in_place.stop, reuse, in_place._cached[0] if in_place._cached else (),
