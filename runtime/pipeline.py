@@ -463,9 +463,11 @@ class DecoderOnlyGenerator(GreedyDecoder):
             rejected = len(chosen) - 1 - accepted
             mask[0, length - rejected:length] = 0  # their KV is overwritten by the next step
             length -= rejected
-            new = [int(t) for t in chosen[:accepted + 1]]
-            stops = [i for i, t in enumerate(new) if t in self.stop]
-            new = new[:stops[0] + 1] if stops else new
+            new = []  # the step's tokens, up to a stop token
+            for token in chosen[:accepted + 1]:
+                new.append(int(token))
+                if new[-1] in self.stop:
+                    break
             self._record(result, step, start, prompt_ids, kv_buffers, tokens=len(new))
             for token in new:
                 if token in self.stop:
