@@ -75,10 +75,11 @@ def main(argv=None) -> int:
                 method = name.split("-")[0]
                 model, _ = quantize(onnx.load(str(tmp / "none.onnx")), method, **VARIANTS[name])
                 onnx_export.save(model, path)
+            # one token a step: the options' own parity and speed, not prompt lookup's
             generators[name] = DecoderOnlyGenerator(make_session(path, args.threads), stop, reuse_prefix=False,
-                                                    kv_in_place=builder in KV_IN_PLACE_GRAPHS)
+                                                    kv_in_place=builder in KV_IN_PLACE_GRAPHS, prompt_lookup=0)
         reference = generators.get("none") or DecoderOnlyGenerator(make_session(tmp / "none.onnx", args.threads), stop,
-                                                                   reuse_prefix=False, kv_in_place=builder in KV_IN_PLACE_GRAPHS)
+                                                                   reuse_prefix=False, prompt_lookup=0, kv_in_place=builder in KV_IN_PLACE_GRAPHS)
         ref_logits = [reference.last_logits(p) for p in prompts]
         ref_answers = [reference.greedy(p, args.max_new_tokens).tokens for p in prompts]
 

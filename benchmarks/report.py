@@ -32,10 +32,10 @@ def _ratio(v, ref) -> str:
 COLUMNS = (  # (header, key, format, compare to the reference: "x" ratio, "d" difference in points, "" none)
     ("p50 ms", "p50_ms", "{:.0f}", "x"), ("p95 ms", "p95_ms", "{:.0f}", "x"), ("TTFT ms", "ttft_ms", "{:.0f}", "x"),
     ("prompt tok", "mean_prompt_tokens", "{:.0f}", "x"), ("prefill ms", "prefill_ms", "{:.0f}", "x"), ("prefill / floor", "prefill_x_floor", "{:.1f}", ""),
-    ("decode ms/tok", "decode_ms_per_token", "{:.1f}", "x"), ("decode / floor", "decode_x_floor", "{:.2f}", ""),
+    ("decode ms/tok", "decode_ms_per_token", "{:.1f}", "x"), ("ms/tok / floor", "decode_x_floor", "{:.2f}", ""),
     ("decode / floor w+KV", "decode_x_floor_with_kv", "{:.2f}", ""),
     ("ms/step", "decode_ms_per_step", "{:.1f}", "x"), ("step / floor", "decode_step_x_floor", "{:.2f}", ""),
-    ("tok/step", "tokens_per_step", "{:.2f}", ""),
+    ("tok/step", "tokens_per_step", "{:.2f}", ""), ("drafts", "prompt_lookup", "{}", ""),
     ("tok/s", "tokens_per_second", "{:.1f}", "x"), ("peak RSS MB", "peak_rss_mb", "{:.0f}", "x"),
     ("cold start s", "cold_start_s", "{:.1f}", "x"), ("size MB", "size_mb", "{:.0f}", "x"),
     ("EM", "em", "{:.1f}", "d"), ("F1", "f1", "{:.1f}", "d"), ("recall@5", "recall@5", "{:.1f}", "d"),

@@ -40,8 +40,9 @@ def system_row(r: dict, limits: dict) -> dict:
     decode_ms_per_step = float(col("decode_ms").sum() / decode_steps) if decode_steps else None
     prompt_tokens = float(col("prompt_tokens").mean()) if rows else 0.0
 
-    # floors: decode reads every weight once per step, one token a step without drafts; prefill is
-    # FLOPs at the best GEMM rate
+    # floors: decode reads every weight once per step, which is one token a step without drafts (the
+    # ms-per-token ratio is against that: drafts accepted take it below 1); prefill is FLOPs at the
+    # best GEMM rate. The KV floor counts one new position a step, a little low where drafts are accepted
     ort = limits["ort_matmul_gflops"][str(r["threads"])]
     int8 = r["kind"] != "torch" and r.get("quant") in INT8_COMPUTE
     gflops = ort["int8"] if int8 else ort["fp32"]
@@ -84,6 +85,7 @@ def system_row(r: dict, limits: dict) -> dict:
         "decode_ms_per_step": decode_ms_per_step,
         "decode_step_x_floor": decode_ms_per_step / decode_floor if decode_ms_per_step and decode_floor else None,
         "tokens_per_step": decode_tokens / decode_steps if decode_steps else None,
+        "prompt_lookup": r.get("prompt_lookup"),
         "decode_floor_with_kv_ms_per_token": decode_floor_kv,
         "decode_x_floor_with_kv": decode_ms_per_token / decode_floor_kv if decode_ms_per_token and decode_floor_kv else None,
         "mean_prompt_tokens": prompt_tokens, "mean_new_tokens": float(col("new_tokens").mean()) if rows else 0.0,

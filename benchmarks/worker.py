@@ -160,7 +160,9 @@ class BundleSystem:
         from edgerag.benchmarks.machine import onnx_kv_bytes_per_position, onnx_weight_bytes
 
         return {"weight_bytes": onnx_weight_bytes(self.generator_onnx), **manifest_shape(self.p.manifest),
-                **onnx_kv_bytes_per_position(self.generator_onnx)}
+                **onnx_kv_bytes_per_position(self.generator_onnx),
+                # what the generator drafts per step: 0 where its graph cannot check drafts, whatever was asked
+                "prompt_lookup": getattr(self.p.generator, "prompt_lookup", 0)}
 
 
 class TorchSystem:

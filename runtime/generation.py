@@ -56,8 +56,8 @@ class Generation:
         # the time of each forward pass after the prefill, in order, the one that produced a stop
         # token included (the first ones after a prefill run slower)
         self.step_ms: list[float] = []
-        # the tokens those passes chose, their stop token included: more than the passes where prompt
-        # lookup drafts tokens that the model accepts
+        # the tokens those passes handed out, a stop token included: more than the passes where the
+        # model accepts tokens that prompt lookup drafted
         self.decode_tokens = 0
         self.reused_prompt_tokens = 0
         self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end

@@ -396,6 +396,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
             logits, *presents = run_bound(self.session, binding, inputs, cache, ["logits", *self.present_outputs])
             token = int(logits.numpy()[0, -1].argmax())
             self._record(result, step, start, prompt_ids, presents)
+            result.decode_tokens += step > 0
             if token in self.stop:
                 result.stop_reason = "stop"
                 return
@@ -468,8 +469,11 @@ class DecoderOnlyGenerator(GreedyDecoder):
                 new.append(int(token))
                 if new[-1] in self.stop:
                     break
-            self._record(result, step, start, prompt_ids, kv_buffers, tokens=len(new))
+            self._record(result, step, start, prompt_ids, kv_buffers)
             for token in new:
+                # counted as handed out: a caller that stops early (a repetition cut, a deadline) has
+                # not taken the rest of a step's tokens
+                result.decode_tokens += step > 0
                 if token in self.stop:
                     result.stop_reason = "stop"
                     return
@@ -478,10 +482,8 @@ class DecoderOnlyGenerator(GreedyDecoder):
                 yield token
         result.stop_reason = "length"
 
-    def _record(self, result: Generation, step: int, start: float, prompt_ids: list[int], presents: list,
-                tokens: int = 1) -> None:
-        """Books a step's time and the `tokens` it chose on `result`, and after the prefill keeps the
-        prompt's KV for reuse."""
+    def _record(self, result: Generation, step: int, start: float, prompt_ids: list[int], presents: list) -> None:
+        """Books a step's time on `result`, and after the prefill keeps the prompt's KV for reuse."""
         elapsed = (time.perf_counter() - start) * 1000
         if step == 0:
             result.prefill_ms = elapsed
@@ -489,7 +491,6 @@ class DecoderOnlyGenerator(GreedyDecoder):
                 self._cached = (list(prompt_ids), presents)  # copied out only when reused
         else:
             result.step_ms.append(elapsed)
-            result.decode_tokens += tokens
 
     def _bind_in_place(self, binding, past: dict, reused: int, capacity: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Binds each layer's past and present to one buffer of `capacity` positions, which starts with

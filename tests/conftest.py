@@ -37,6 +37,16 @@ def _export(tiny_models, tmp_path_factory, quantize, graph="auto"):
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle_varied(tiny_models, tmp_path_factory):
+    """fp32, from a tiny generator whose greedy tokens vary (the other one repeats its last token)."""
+    from edgerag.train.tiny import make_tiny_generator, tiny_corpus_texts
+
+    generator = make_tiny_generator(tmp_path_factory.mktemp("tiny-varied") / "generator", tiny_corpus_texts() * 3,
+                                    layers=2, embedding_std=1.0, layer_scale=10.0)
+    return _export((tiny_models[0], generator, *tiny_models[2:]), tmp_path_factory, "none")
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny_models, tmp_path_factory):
     return _export(tiny_models, tmp_path_factory, "none")
 

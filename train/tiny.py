@@ -19,9 +19,12 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def make_tiny_generator(folder, texts, vocab_size: int = 400, layers: int = 4, hidden: int = 64, seed: int = 0,
-                        embedding_std: float | None = None) -> Path:
+                        embedding_std: float | None = None, layer_scale: float = 1.0) -> Path:
     """embedding_std: re-draw the embedding table with this spread. Random init gives near-uniform
-    logits, so greedy ties would make token-for-token parity checks flaky; a wide table breaks them."""
+    logits, so greedy ties would make token-for-token parity checks flaky; a wide table breaks them.
+    layer_scale: multiply the layers' projection weights. With a wide table and unscaled layers, the
+    residual stream is mostly the input embedding and greedy decoding repeats the last token; scaled
+    by 10, the layers change it and the greedy tokens vary."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -45,6 +48,11 @@ def make_tiny_generator(folder, texts, vocab_size: int = 400, layers: int = 4, h
     if embedding_std is not None:
         with torch.no_grad():
             model.model.embed_tokens.weight.normal_(0, embedding_std)
+    if layer_scale != 1.0:
+        with torch.no_grad():
+            for name, weight in model.model.layers.named_parameters():
+                if "norm" not in name:
+                    weight.mul_(layer_scale)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
