@@ -79,7 +79,8 @@ def main(argv=None) -> int:
             generators[name] = DecoderOnlyGenerator(make_session(path, args.threads), stop, reuse_prefix=False,
                                                     kv_in_place=builder in KV_IN_PLACE_GRAPHS, prompt_lookup=0)
         reference = generators.get("none") or DecoderOnlyGenerator(make_session(tmp / "none.onnx", args.threads), stop,
-                                                                   reuse_prefix=False, prompt_lookup=0, kv_in_place=builder in KV_IN_PLACE_GRAPHS)
+                                                                   reuse_prefix=False, kv_in_place=builder in KV_IN_PLACE_GRAPHS,
+                                                                   prompt_lookup=0)
         ref_logits = [reference.last_logits(p) for p in prompts]
         ref_answers = [reference.greedy(p, args.max_new_tokens).tokens for p in prompts]
 

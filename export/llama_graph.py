@@ -152,8 +152,8 @@ def build_llama_graph(model, max_positions: int | None = None) -> onnx.ModelProt
     past_shape = ["batch_size", kv_heads, "past_sequence_length", head_dim]
     present_shape = ["batch_size", kv_heads, "total_sequence_length", head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
-    inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1])]
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", LOGITS_TO_KEEP, config.vocab_size])]
     for i in range(layers):
         for kind in ("key", "value"):

@@ -430,8 +430,8 @@ class DecoderOnlyGenerator(GreedyDecoder):
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(prompt))
         if self.prompt_lookup:
             binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(keep))
-        by_count = {1: (np.zeros((1, 1), dtype=np.int64), logits)}  # a step's fed ids and kept logits, by its positions
-        bound = {}  # the OrtValues of by_count's arrays
+        # a step's fed ids and kept logits, and their OrtValues, by the positions it feeds
+        by_count = {}
         ids, kept, made = prompt, logits, 0
         for step in range(max_new_tokens):
             if made == max_new_tokens:
@@ -443,14 +443,13 @@ class DecoderOnlyGenerator(GreedyDecoder):
                                         min(self.prompt_lookup, max_new_tokens - made - 1))
                 count = 1 + len(draft)
                 if count not in by_count:
-                    by_count[count] = (np.zeros((1, count), dtype=np.int64),
-                                       np.zeros((1, count, self.vocab_size), dtype=self.logits_dtype))
+                    arrays = (np.zeros((1, count), dtype=np.int64),
+                              logits if count == 1 else np.zeros((1, count, self.vocab_size), dtype=self.logits_dtype))
+                    by_count[count] = (*arrays, *map(ort.OrtValue.ortvalue_from_numpy, arrays))
                 if ids is not by_count[count][0]:
-                    ids, kept = by_count[count]
-                    if count not in bound:
-                        bound[count] = [ort.OrtValue.ortvalue_from_numpy(a) for a in (ids, kept)]
-                    binding.bind_ortvalue_input("input_ids", bound[count][0])
-                    binding.bind_ortvalue_output("logits", bound[count][1])
+                    ids, kept, ids_value, kept_value = by_count[count]
+                    binding.bind_ortvalue_input("input_ids", ids_value)
+                    binding.bind_ortvalue_output("logits", kept_value)
                     keep[0] = count
                 ids[0, 0] = context[answer_at + made - 1]
                 ids[0, 1:] = draft
@@ -464,13 +463,8 @@ class DecoderOnlyGenerator(GreedyDecoder):
             rejected = len(chosen) - 1 - accepted
             mask[0, length - rejected:length] = 0  # their KV is overwritten by the next step
             length -= rejected
-            new = []  # the step's tokens, up to a stop token
-            for token in chosen[:accepted + 1]:
-                new.append(int(token))
-                if new[-1] in self.stop:
-                    break
             self._record(result, step, start, prompt_ids, kv_buffers)
-            for token in new:
+            for token in map(int, chosen[:accepted + 1]):
                 # counted as handed out: a caller that stops early (a repetition cut, a deadline) has
                 # not taken the rest of a step's tokens
                 result.decode_tokens += step > 0
