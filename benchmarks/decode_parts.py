@@ -135,7 +135,7 @@ def step_ms(session: ort.InferenceSession, positions: int | None, repeats: int) 
 def measure(graph: Path, threads: int = 2, positions=(20, 100, 300), rounds: int = 3, repeats: int = 50) -> dict:
     import onnx
 
-    from edgerag.runtime.pipeline import make_session
+    from edgerag.runtime import make_session
 
     model = onnx.load(str(graph))
     if not any(n.op_type == "GroupQueryAttention" for n in model.graph.node):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgerag.runtime.manifest import LOGITS_TO_KEEP
-from edgerag.runtime.pipeline import DecoderOnlyGenerator, make_session
+from edgerag.runtime import DecoderOnlyGenerator, make_session
 
 
 class AnyGenerator(DecoderOnlyGenerator):

@@ -113,7 +113,7 @@ def embedded(bundle: Path, texts: list[str], cache: Path, batch_size: int = 64) 
     from tokenizers import Tokenizer
 
     from edgerag.runtime import verify
-    from edgerag.runtime.pipeline import QueryEncoder, make_session
+    from edgerag.runtime import QueryEncoder, make_session
 
     manifest = verify(bundle)
     enc = manifest.query_encoder

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from tokenizers import Tokenizer
 
     from edgerag.runtime import Pipeline, read_manifest
-    from edgerag.runtime.pipeline import make_session, return_freed_memory
+    from edgerag.runtime import make_session, return_freed_memory
 
     rows.append(("imports", memory()))
     bundle = Path(args.bundle)

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from edgerag.runtime.pipeline import Pipeline
+from edgerag.runtime import Pipeline
 
 
 def read_paragraphs(path: str) -> list[dict]:

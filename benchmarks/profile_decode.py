@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     from edgerag.benchmarks.machine import bandwidth_gb_s, decode_floor_ms, onnx_weight_bytes
     from edgerag.data import data_path, read_questions
     from edgerag.runtime import Pipeline
-    from edgerag.runtime.pipeline import DecoderOnlyGenerator
+    from edgerag.runtime import DecoderOnlyGenerator
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("bundle")

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from edgerag.export import onnx_export
     from edgerag.export.quantize import quantize
     from edgerag.runtime.manifest import KV_IN_PLACE_GRAPHS
-    from edgerag.runtime.pipeline import DecoderOnlyGenerator, make_session
+    from edgerag.runtime import DecoderOnlyGenerator, make_session
     from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
     from edgerag.data import data_path, read_squad
 

@@ -192,7 +192,7 @@ class TorchSystem:
         import hnswlib
 
         from edgerag.runtime import read_manifest
-        from edgerag.runtime.pipeline import PassageStore
+        from edgerag.runtime import PassageStore
 
         p_folder = passage_encoder_folder(folder)
         p_enc = load_encoder(p_folder) if p_folder else (self.encoder, self.enc_tok, self.pooling, self.max_length)
@@ -274,7 +274,7 @@ class RagTorchSystem:
 
         from edgerag.models import load_encoder, read_info
         from edgerag.runtime import read_manifest
-        from edgerag.runtime.pipeline import PassageStore
+        from edgerag.runtime import PassageStore
         from edgerag.train import rag
         from edgerag.train.retrieval import embed
 
@@ -500,7 +500,7 @@ def run(spec: dict) -> dict:
     phases = {"process start": started - spec["launched"], **getattr(system, "start_phases_s", {"load": time.time() - started})}
     from edgerag.metrics import best_over_references, exact_match, f1, recall_at
     from edgerag.runtime import read_manifest
-    from edgerag.runtime.pipeline import PassageStore
+    from edgerag.runtime import PassageStore
 
     questions, shared, n_new = spec["questions"], spec.get("passages"), spec["max_new_tokens"]
     bundle = Path(spec["bundle"])

@@ -30,7 +30,7 @@ from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, normalize
 from edgerag.runtime.compress import Compression, PieceVectors, split_pieces
 from edgerag.runtime.manifest import (KV_IN_PLACE_GRAPHS, LOGITS_LAST_POSITIONS, CompressionSpec, GenerationSpec, GeneratorSpec,
                                       IndexSpec, Manifest, PassagesSpec, PromptSpec, QueryEncoderSpec, file_record)
-from edgerag.runtime.pipeline import DecoderOnlyGenerator, QueryEncoder, make_session
+from edgerag.runtime import DecoderOnlyGenerator, QueryEncoder, make_session
 from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
 
 # the graphs' weights, outside the graphs: onnxruntime memory-maps them (see optimize_offline)
@@ -215,7 +215,7 @@ def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path,
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from edgerag.export.bart_graph import export_encoder_decoder
-    from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
+    from edgerag.runtime import EncoderDecoderGenerator
     from edgerag.runtime.prompt import RAG_CONCAT
 
     model = AutoModelForSeq2SeqLM.from_pretrained(gen_folder).eval()

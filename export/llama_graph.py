@@ -24,10 +24,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgerag.export.onnx_export import LOGITS
 from edgerag.runtime.manifest import LOGITS_TO_KEEP
 
 MS = "com.microsoft"
+
+
+# the generator graph's output, which the export's graph surgery (onnx_export) and the runtime look up by name
+LOGITS = "logits"
 
 
 class UnsupportedModel(ValueError):

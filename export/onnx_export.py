@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgerag.export.llama_graph import LOGITS, UnsupportedModel, build_llama_graph
 from edgerag.models import resolve
 
 log = logging.getLogger(__name__)
 
 ENCODER_OUTPUT = "embedding"
-LOGITS = "logits"
 
 
 def materialize(name: str, workdir: Path, causal_lm: bool = False) -> Path:
@@ -134,8 +134,6 @@ def export_generator(folder: Path, model=None, graph: str = "auto") -> tuple[onn
     if graph not in GRAPHS:
         raise ValueError(f"unknown generator graph {graph!r}; choose from {', '.join(GRAPHS)}")
     if graph in ("auto", "fused"):
-        from edgerag.export.llama_graph import UnsupportedModel, build_llama_graph
-
         if model is None:
             from transformers import AutoModelForCausalLM
             model = AutoModelForCausalLM.from_pretrained(folder)

@@ -2,14 +2,20 @@
 
     from edgerag.runtime import Pipeline
     pipeline = Pipeline.load("bundle/")
+
+Everything that export/, benchmarks/ and the tests use from the runtime is named in `__all__`;
+the runtime's files below it may move, these names do not.
 """
 
+from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
 from edgerag.runtime.manifest import BundleError, Manifest, read_manifest, verify
-from edgerag.runtime.pipeline import Answer, Generation, Pipeline
+from edgerag.runtime.pipeline import (Answer, DecoderOnlyGenerator, Generation, PassageStore, Pipeline, QueryEncoder,
+                                      make_session, return_freed_memory)
 from edgerag.runtime.prompt import PromptError
 
-__all__ = ["Answer", "BundleError", "Generation", "Manifest", "Pipeline", "PromptError", "load", "read_manifest",
-           "verify"]
+__all__ = ["Answer", "BundleError", "DecoderOnlyGenerator", "EncoderDecoderGenerator", "Generation", "Manifest",
+           "PassageStore", "Pipeline", "PromptError", "QueryEncoder", "load", "make_session", "read_manifest",
+           "return_freed_memory", "verify"]
 
 
 load = Pipeline.load  # edgerag.runtime.load("bundle/") is Pipeline.load("bundle/")

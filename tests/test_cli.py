@@ -172,4 +172,4 @@ def test_wheel_has_one_top_level_package(tmp_path):
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"edgerag"}
     for package in ("runtime", "export", "train", "benchmarks"):
         assert f"edgerag/{package}/__init__.py" in names
-    assert "edgerag/runtime/pipeline.py" in names and "edgerag/train/pipeline.py" in names
+    assert "edgerag/runtime/pipeline.py" in names and "edgerag/cli.py" in names

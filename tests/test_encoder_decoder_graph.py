@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from edgerag.export.bart_graph import export_encoder_decoder  # noqa: E402
-from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator  # noqa: E402
+from edgerag.runtime import EncoderDecoderGenerator  # noqa: E402
 
 VOCAB, EOS, BOS, PAD = 300, 2, 0, 1
 

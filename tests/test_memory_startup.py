@@ -10,7 +10,7 @@ import pytest
 
 from edgerag.benchmarks.machine import onnx_weight_bytes
 from edgerag.runtime import Pipeline
-from edgerag.runtime.pipeline import DecoderOnlyGenerator
+from edgerag.runtime import DecoderOnlyGenerator
 from edgerag.runtime.manifest import MANIFEST, BundleError, dump_manifest, file_record
 
 QUESTIONS = ["Which team won Super Bowl 50?", "What is the capital of Poland?", "Where is Normandy?"]
@@ -160,7 +160,7 @@ def test_lm_head_in_slices_gives_the_same_logits(tiny_models, tmp_path, method):
 
     from edgerag.export import onnx_export
     from edgerag.export.quantize import quantize
-    from edgerag.runtime.pipeline import make_session
+    from edgerag.runtime import make_session
 
     graph, _ = onnx_export.export_generator(tiny_models[1])
     whole = onnx_export.untie_lm_head(graph)

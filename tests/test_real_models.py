@@ -31,7 +31,7 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 def test_real_minilm_onnx_matches_pytorch(tmp_path):
     from edgerag.export.bundle import embed_passages
     from edgerag.export.onnx_export import export_query_encoder, materialize, save
-    from edgerag.runtime.pipeline import QueryEncoder, make_session
+    from edgerag.runtime import QueryEncoder, make_session
     from tokenizers import Tokenizer
     from edgerag.models import load_encoder
 
