@@ -59,8 +59,8 @@ reliability: $(VENV)/.installed
 	  --questions-file $(DATA)/xquad-en.json.gz --distill-recipe recipes/demo.toml --threads 2
 
 # Hours on 2 cores, minutes on a GPU: the medium recipe, then three students from its teacher at about
-# 70%, 55% and 40% of its generator parameters (`make curve`: each run is seeded from medium's finished
-# stages that match, so the teacher is fine-tuned once), each exported to a bundle.
+# 70%, 55% and 40% of its generator parameters (`make curve`: recipes/experiments/curve-*.toml, each run
+# seeded from medium's finished stages that match, so the teacher is fine-tuned once), each exported to a bundle.
 medium: $(VENV)/.installed
 	$(VENV)/bin/edgerag distill recipes/medium.toml --out runs/medium $(if $(wildcard runs/medium/stages),--resume)
 
@@ -73,14 +73,15 @@ full: $(VENV)/.installed
 	$(VENV)/bin/python -m edgerag.benchmarks.curve runs/full --out runs/full/curve
 
 # The full run's curve: two more students of its teacher (about 69% and 40% of the generator's
-# parameters), each seeded from the full run (--seed-from: its finished stages whose settings and
-# inputs match, hard-linked: data, teacher, index, fine-tuning, encoder distillation, general-pass
-# cache, teacher logits, teacher evaluation), exported, and set beside the full run's own student.
+# parameters: recipes/experiments/full-70.toml and full-40.toml), each seeded from the full run
+# (--seed-from: its finished stages whose settings and inputs match, hard-linked: data, teacher, index,
+# fine-tuning, encoder distillation, general-pass cache, teacher logits, teacher evaluation), exported,
+# and set beside the full run's own student.
 FULL_CURVE ?= 70 40
 full-curve: full
 	for p in $(FULL_CURVE); do \
 	  run=runs/full-$$p; \
-	  $(VENV)/bin/edgerag distill recipes/full-$$p.toml --out $$run --seed-from runs/full $$([ -d $$run/stages ] && echo --resume) || exit 1; \
+	  $(VENV)/bin/edgerag distill recipes/experiments/full-$$p.toml --out $$run --seed-from runs/full $$([ -d $$run/stages ] && echo --resume) || exit 1; \
 	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
 	done
 	$(VENV)/bin/python -m edgerag.benchmarks.curve runs/full runs/full-70 runs/full-40 --out runs/full/curve
@@ -89,21 +90,22 @@ CURVE ?= 70 55 40
 curve: medium
 	for p in $(CURVE); do \
 	  run=runs/curve-$$p; \
-	  $(VENV)/bin/edgerag distill recipes/curve-$$p.toml --out $$run --seed-from runs/medium $$([ -d $$run/stages ] && echo --resume) || exit 1; \
+	  $(VENV)/bin/edgerag distill recipes/experiments/curve-$$p.toml --out $$run --seed-from runs/medium $$([ -d $$run/stages ] && echo --resume) || exit 1; \
 	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
 	done
 	[ -f runs/medium/teacher-bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/medium/teacher --passages runs/medium/data/corpus.jsonl --out runs/medium/teacher-bundle
 	[ -f runs/medium/bundle/manifest.json ] || $(VENV)/bin/edgerag export runs/medium/student --passages runs/medium/data/corpus.jsonl --out runs/medium/bundle
 	$(VENV)/bin/python -m edgerag.benchmarks.curve runs/medium $(foreach p,$(CURVE),runs/curve-$(p))
 
-# Variants of the curve's points: a general distillation pass first (-general), or 55% reached by
-# pruning the healed 70% student further (-progressive). Each is seeded from its base run
+# Variants of the curve's points (recipes/experiments/curve-*-general.toml, curve-55-progressive.toml):
+# a general distillation pass first (-general), or 55% reached by pruning the healed 70% student further
+# (-progressive). Each is seeded from its base run
 # (runs/curve-70 for curve-70-general, ...), so only what differs is computed.
 VARIANTS ?= 70-general 55-general 40-general 55-progressive
 curve-variants: curve
 	for v in $(VARIANTS); do \
 	  base=runs/curve-$${v%%-*}; run=runs/curve-$$v; \
-	  $(VENV)/bin/edgerag distill recipes/curve-$$v.toml --out $$run --seed-from $$base $$([ -d $$run/stages ] && echo --resume) || exit 1; \
+	  $(VENV)/bin/edgerag distill recipes/experiments/curve-$$v.toml --out $$run --seed-from $$base $$([ -d $$run/stages ] && echo --resume) || exit 1; \
 	  [ -f $$run/bundle/manifest.json ] || $(VENV)/bin/edgerag export $$run/student --passages $$run/data/corpus.jsonl --out $$run/bundle || exit 1; \
 	done
 	$(VENV)/bin/python -m edgerag.benchmarks.curve runs/medium runs/curve-70 runs/curve-70-general runs/curve-55 runs/curve-55-general \

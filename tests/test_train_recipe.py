@@ -24,7 +24,8 @@ def tiny_generator_folder(tmp_path, layers=4):
     return folder
 
 
-@pytest.mark.parametrize("name", [p.name for p in sorted((ROOT / "recipes").glob("*.toml"))])
+@pytest.mark.parametrize("name", [p.relative_to(ROOT / "recipes").as_posix()
+                                  for p in sorted((ROOT / "recipes").rglob("*.toml"))])
 def test_shipped_recipes_are_valid(name):
     recipe = load_recipe(ROOT / "recipes" / name)
     assert isinstance(recipe, Recipe)
