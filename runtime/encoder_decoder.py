@@ -13,7 +13,8 @@ from typing import Iterator
 import numpy as np
 import onnxruntime as ort
 
-from edgerag.runtime.generation import Generation, GreedyDecoder, run_bound
+from edgerag.runtime.generation import Generation, GreedyDecoder
+from edgerag.runtime.session import run_bound
 
 
 class EncoderDecoderGenerator(GreedyDecoder):
@@ -41,23 +42,24 @@ class EncoderDecoderGenerator(GreedyDecoder):
 
     def last_logits(self, prompt_ids: list[int]) -> np.ndarray:
         """The first decoder step's next-token logits [vocab] (for parity checks)."""
-        cross = dict(zip(self.cross_outputs, self.encoder.run(self.cross_outputs, self._encoder_feed(prompt_ids))))
+        cross = dict(zip(self.cross_outputs, self.encoder.run(self.cross_outputs, self.encoder_feed(prompt_ids))))
         feed = {"input_ids": np.array([self.start_ids], dtype=np.int64),
                 "encoder_attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64), **self.empty_cache(), **cross}
         return self.decoder.run(["logits"], feed)[0][0]
 
     @staticmethod
-    def _encoder_feed(prompt_ids: list[int]) -> dict[str, np.ndarray]:
+    def encoder_feed(prompt_ids: list[int]) -> dict[str, np.ndarray]:
+        """The encoder graph's inputs for a prompt."""
         return {"input_ids": np.array([prompt_ids], dtype=np.int64),
                 "attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64)}
 
-    def _steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
+    def steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
+        """The decoding loop (runtime.generation's step interface)."""
         if max_new_tokens <= 0:
-            result.stop_reason = "length"
             return
         start = time.perf_counter()
         cross = dict(zip(self.cross_outputs, run_bound(self.encoder, self.encoder.io_binding(),
-                                                        self._encoder_feed(prompt_ids), {}, self.cross_outputs)))
+                                                        self.encoder_feed(prompt_ids), {}, self.cross_outputs)))
         encoder_mask = np.ones((1, len(prompt_ids)), dtype=np.int64)
         cache = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self.empty_cache().items()}
         ids = np.array([self.start_ids], dtype=np.int64)
@@ -72,11 +74,7 @@ class EncoderDecoderGenerator(GreedyDecoder):
             else:
                 result.step_ms.append(elapsed)
                 result.decode_tokens += 1
-            if token in self.stop:
-                result.stop_reason = "stop"
-                return
             yield token
             start = time.perf_counter()
             cache = {i.name: p for i, p in zip(self.past_inputs, presents)}
             ids = np.array([[token]], dtype=np.int64)
-        result.stop_reason = "length"

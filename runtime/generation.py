@@ -1,56 +1,20 @@
-"""What both generation loops share (runtime.pipeline's decoder-only one and
-runtime.encoder_decoder's): the Generation a call returns, the greedy calls around a loop, and one
-step over an IOBinding."""
+"""What both generation loops share (runtime.decoder_only's and runtime.encoder_decoder's): the
+step interface a generator implements, the Generation a call returns (which holds the one stop
+check), the greedy calls around a loop, one step over an IOBinding, prompt lookup's draft, and the
+repetition cut that ends a looping answer."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Container, Iterator
 
 import numpy as np
 
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def run_bound(session, binding, cpu_inputs: dict, ort_inputs: dict, outputs: list[str]) -> list:
-    """One run of `session` over `binding`: numpy inputs copied in, OrtValue inputs (a KV cache from the
-    previous step) bound as they are, outputs left in onnxruntime's buffers. Returns the outputs as
-    OrtValues, in the order of `outputs`, with the binding cleared for the next step."""
-    for name, value in cpu_inputs.items():
-        binding.bind_cpu_input(name, value)
-    for name, value in ort_inputs.items():
-        binding.bind_ortvalue_input(name, value)
-    for name in outputs:
-        binding.bind_output(name)
-    session.run_with_iobinding(binding)
-    values = binding.get_outputs()
-    binding.clear_binding_inputs()
-    binding.clear_binding_outputs()
-    return values
-
-
-def draft_by_lookup(context: np.ndarray, length: int, max_ngram: int, count: int) -> np.ndarray:
-    """Prompt lookup decoding's draft: up to `count` tokens that followed the first earlier occurrence
-    of the last n tokens of `context[:length]`, for the longest n up to `max_ngram` that occurs
-    (Saxena 2023; transformers' prompt_lookup_num_tokens). Empty where none does."""
-    tokens = context[:length]
-    if count <= 0:
-        return tokens[:0]
-    for n in range(min(max_ngram, length - 1), 0, -1):
-        # starts i < length - n whose n tokens match the tail, so at least one token follows them
-        match = tokens[:length - n] == tokens[length - n]
-        for shift in range(1, n):
-            match &= tokens[shift:length - n + shift] == tokens[length - n + shift]
-        found = np.flatnonzero(match)
-        if len(found):
-            start = found[0] + n
-            return tokens[start:min(start + count, length)]
-    return tokens[:0]
-
+from edgerag.runtime.session import ORT_DTYPES
 
 class Generation:
     """One greedy generation: iterate it for the new token ids; its figures fill in as it runs."""
 
-    def __init__(self, decode):
+    def __init__(self, decode: Callable[["Generation"], Iterator[int]], stop_token_ids: Container[int]):
         self.tokens: list[int] = []
         self.prefill_ms = 0.0
         # the time of each forward pass after the prefill, in order, the one that produced a stop
@@ -61,6 +25,7 @@ class Generation:
         self.decode_tokens = 0
         self.reused_prompt_tokens = 0
         self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end
+        self._stop = stop_token_ids
         self._steps = decode(self)  # the decoding loop, which records its figures on this object
 
     @property
@@ -73,20 +38,37 @@ class Generation:
 
     def __iter__(self) -> Iterator[int]:
         for token in self._steps:
+            # every family's stop check: a stop token ends the answer, and is neither kept nor yielded
+            if token in self._stop:
+                self.stop_reason = "stop"
+                return
             self.tokens.append(token)
             yield token
+        self.stop_reason = "length"
 
 
 class GreedyDecoder:
-    """generate() and greedy() around a family's loop, `_steps(result, prompt_ids, max_new_tokens)`,
-    which yields token ids and records its figures on `result`; `past_inputs` are the graph's
-    KV-cache inputs, [batch, heads, past_length, head_dim]."""
+    """generate() and greedy() around a family's loop. The step interface that a generator implements:
 
+    steps(result, prompt_ids, max_new_tokens)
+        the decoding loop: yields the token ids the model chooses, at most `max_new_tokens`, a stop
+        token included (the Generation ends the answer there), and records its figures on `result`
+        (prefill_ms, step_ms, decode_tokens, reused_prompt_tokens).
+    stop
+        the stop token ids.
+    past_inputs
+        the graph's KV-cache inputs, [batch, heads, past_length, head_dim].
+    """
+
+    stop: set[int]
     past_inputs: list
+
+    def steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
+        raise NotImplementedError
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
         """Greedy decoding from `prompt_ids`, token by token as the result is iterated; the stop token is not yielded."""
-        return Generation(lambda result: self._steps(result, prompt_ids, max_new_tokens))
+        return Generation(lambda result: self.steps(result, prompt_ids, max_new_tokens), self.stop)
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
         """The whole generation at once."""
@@ -98,3 +80,36 @@ class GreedyDecoder:
     def empty_cache(self) -> dict[str, np.ndarray]:
         # heads and head_dim are fixed in the graph; the past is empty
         return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=ORT_DTYPES[i.type]) for i in self.past_inputs}
+
+
+def _periodic_run(tokens: list[int], period: int) -> int:
+    """Length of the longest tail of `tokens` in which every token equals the one `period` before it
+    (counting that first block)."""
+    i = len(tokens) - period - 1
+    while i >= 0 and tokens[i] == tokens[i + period]:
+        i -= 1
+    return len(tokens) - 1 - i
+
+
+def repetition_cut(tokens: list[int], window: int) -> int | None:
+    """Where to cut an answer whose last `window` tokens repeat one block (at least three times over):
+    after the first occurrence of the block in that run. None where they do not, or window is 0.
+
+    A small model decoding greedily can loop ("Angularananan..." up to the token limit); the run of
+    repeats is cut, its first block kept.
+    """
+    if window <= 0 or len(tokens) < window:
+        return None
+    for period in range(1, window // 3 + 1):
+        run = _periodic_run(tokens, period)
+        if run >= window:
+            return len(tokens) - run + period
+    return None
+
+
+def periodic_tail(tokens: list[int], max_period: int) -> int:
+    """Length of the longest tail of `tokens` that repeats one block of at most `max_period` tokens at
+    least twice: what a stream holds back while a loop may be starting (0 where none does)."""
+    runs = [_periodic_run(tokens, period) for period in range(1, max_period + 1)]
+    return max([run for period, run in enumerate(runs, start=1) if run >= 2 * period], default=0)
+

@@ -12,7 +12,7 @@ Format version 1 (every bundle edgerag has written so far):
                   family "encoder-decoder" (BART students of RAG checkpoints): `onnx` is the encoder
                   graph (it emits the cross-attention K/V), `decoder_onnx` the decoder graph that
                   serves the first and the cached steps; max_context counts encoder tokens.
-                  A new family adds its own generation loop in runtime.pipeline.GENERATORS.
+                  A new family adds its own generation loop in runtime.loading.GENERATORS.
   prompt          the template pieces (see runtime.prompt) and stop token ids.
   generation      defaults: passages per question (k), new tokens, and the repetition_window
                   over which a looping answer is cut (added within version 1; older bundles get 16).

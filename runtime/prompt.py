@@ -1,4 +1,5 @@
-"""The RAG prompt, shared by training (teacher fine-tuning, distillation) and the device.
+"""The RAG prompt, shared by training (teacher fine-tuning, distillation) and the device, and the
+checks of what a caller asks with it (question, counts).
 
 A prompt is built from pieces that are tokenized one by one and concatenated as token ids:
 
@@ -90,6 +91,46 @@ class PromptTemplate:
 
 class PromptError(ValueError):
     pass
+
+
+def check_count(name: str, value) -> int | None:
+    """None (the bundle's default) or a positive int, else a PromptError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PromptError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
+def check_prompt_lookup(value) -> int | None:
+    """None (the default) or a count of tokens, 0 or more, else a ValueError."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"prompt_lookup must be a whole number of tokens, 0 or more, not {value!r}")
+    return value
+
+
+def check_question(question) -> str:
+    """The question, or a PromptError saying why it cannot be asked."""
+    if not isinstance(question, str):
+        raise PromptError(f"the question must be text, not {type(question).__name__}")
+    if not question.strip():
+        raise PromptError("the question is empty")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError("the question is not valid Unicode (it holds a lone surrogate)") from None
+    return question
+
+
+class TokenIds:
+    """A `tokenizers.Tokenizer` as the `encode(text) -> list[int]` that build_prompt_ids and
+    runtime.compress take: the text's ids without special tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def build_prompt_ids(encode, template: PromptTemplate, question: str, passages, max_prompt_tokens: int) -> list[int]:

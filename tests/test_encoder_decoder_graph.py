@@ -112,7 +112,7 @@ def test_logits_match_hf_with_and_without_past(request, which):
     model, _, _, generator = request.getfixturevalue(which)
     decoder_ids = [EOS, BOS, 17, 45, 99, 123]
     for prompt in prompts(3):
-        enc = generator._encoder_feed(prompt)
+        enc = generator.encoder_feed(prompt)
         cross = dict(zip(generator.cross_outputs, generator.encoder.run(None, enc)))
         # first step, empty past (two tokens at once: the causal mask among new tokens matters)
         logits, past = run_decoder(generator.decoder, [decoder_ids[:2]], enc["attention_mask"],
@@ -176,7 +176,7 @@ def test_padded_batch_matches_each_alone(generator):
     batch_first, past = run_decoder(generator.decoder, [[EOS], [EOS]], mask, empty, cross)
     batch_second, _ = run_decoder(generator.decoder, [[BOS], [BOS]], mask, past, cross)
     for row, p in enumerate((a, b)):
-        enc = generator._encoder_feed(p)
+        enc = generator.encoder_feed(p)
         alone = dict(zip(generator.cross_outputs, generator.encoder.run(None, enc)))
         first, past = run_decoder(generator.decoder, [[EOS]], enc["attention_mask"], generator.empty_cache(), alone)
         second, _ = run_decoder(generator.decoder, [[BOS]], enc["attention_mask"], past, alone)

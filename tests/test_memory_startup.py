@@ -86,11 +86,11 @@ def test_decode_floor_leaves_out_gathered_tables(tiny_bundle, tiny_bundle_int8wo
 def test_encoder_spinning_setting_gives_the_same_answers(tiny_bundle_int8sq, monkeypatch):
     """The query encoder's threads do not spin between questions (start-up and latency setting); the
     answers are the ones a spinning encoder gives."""
-    import edgerag.runtime.pipeline as pipeline_module
+    import edgerag.runtime.loading as loading_module
 
     quiet = Pipeline.load(tiny_bundle_int8sq)
-    made = pipeline_module.make_session
-    monkeypatch.setattr(pipeline_module, "make_session",
+    made = loading_module.make_session
+    monkeypatch.setattr(loading_module, "make_session",
                         lambda path, threads, provider="CPUExecutionProvider", spinning=True: made(path, threads, provider, True))
     spinning = Pipeline.load(tiny_bundle_int8sq)
     for question in QUESTIONS:
@@ -132,7 +132,7 @@ def test_kv_cache_in_place_gives_the_tokens_of_the_copying_loop(bundle_fixture, 
     pipeline = Pipeline.load(bundle, reuse_prefix=reuse, prompt_lookup=0)  # drafts: tests/test_prompt_lookup.py
     in_place = pipeline.generator
     assert in_place.kv_in_place
-    copying = DecoderOnlyGenerator(in_place.session, in_place.stop, reuse, in_place._cached[0] if in_place._cached else (),
+    copying = DecoderOnlyGenerator(in_place.session, in_place.stop, reuse, in_place.cached_prompt_ids,
                                    kv_in_place=False)
     passages = [("Super Bowl 50", "The Denver Broncos defeated the Carolina Panthers."),
                 ("Warsaw", "Warsaw is the capital and largest city of Poland.")]
@@ -226,18 +226,18 @@ def test_huge_pages_wait_for_answers_and_keep_them(tiny_bundle_int8sq, monkeypat
     answers are the ones of a load that moves nothing."""
     import threading
 
-    import edgerag.runtime.pipeline as pipeline_module
+    import edgerag.runtime.memory as memory_module
 
-    if not pipeline_module.huge_pages_allowed():
+    if not memory_module.huge_pages_allowed():
         pytest.skip("transparent huge pages are off or absent here")
-    collapsed, made = [], pipeline_module.collapse_into_huge_pages
+    collapsed, made = [], memory_module.collapse_into_huge_pages
 
     def spy(regions):
         if threading.current_thread() is pipeline.huge_pages:  # other tests' pipelines may be collapsing too
             collapsed.append(pipeline.answers_in_flight.idle.is_set() and pipeline.answers_in_flight.answered.is_set())
         return made(regions)
 
-    monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", spy)
+    monkeypatch.setattr(memory_module, "collapse_into_huge_pages", spy)
     monkeypatch.setattr(Pipeline, "HUGE_PAGES_WITHOUT_QUESTION_S", 60.0)
     pipeline = Pipeline.load(tiny_bundle_int8sq)
     assert pipeline.huge_pages is not None
@@ -248,7 +248,7 @@ def test_huge_pages_wait_for_answers_and_keep_them(tiny_bundle_int8sq, monkeypat
     if not collapsed:
         pytest.skip("the load allocated no fully resident mapping of 2 MB or more")
     assert all(collapsed)
-    monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", lambda regions: 0)
+    monkeypatch.setattr(memory_module, "collapse_into_huge_pages", lambda regions: 0)
     plain = Pipeline.load(tiny_bundle_int8sq)
     for question in QUESTIONS:
         a, b = pipeline.ask(question, max_new_tokens=8), plain.ask(question, max_new_tokens=8)
@@ -264,7 +264,7 @@ def test_collapse_moves_a_resident_mapping_to_huge_pages():
 
     import numpy as np
 
-    from edgerag.runtime.pipeline import HUGE_PAGE, collapse_into_huge_pages
+    from edgerag.runtime.memory import HUGE_PAGE, collapse_into_huge_pages
 
     size = 5 * HUGE_PAGE
     memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory is not collapsed
@@ -294,8 +294,8 @@ def test_collapse_waits_for_the_first_answer_and_between_answers(monkeypatch):
 
     import numpy as np
 
-    import edgerag.runtime.pipeline as pipeline_module
-    from edgerag.runtime.pipeline import FULLY_RESIDENT, HUGE_PAGE, AnswersInFlight, anonymous_regions, collapse_when_idle
+    import edgerag.runtime.memory as memory_module
+    from edgerag.runtime.memory import FULLY_RESIDENT, HUGE_PAGE, AnswersInFlight, anonymous_regions, collapse_when_idle
 
     before = anonymous_regions()
     memory = mmap.mmap(-1, 5 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -313,7 +313,7 @@ def test_collapse_waits_for_the_first_answer_and_between_answers(monkeypatch):
             calls.append((answers.idle.is_set(), blocks))
         return 0
 
-    monkeypatch.setattr(pipeline_module, "collapse_into_huge_pages", spy)
+    monkeypatch.setattr(memory_module, "collapse_into_huge_pages", spy)
     thread = threading.Thread(target=collapse_when_idle, args=(list(before), answers, 60.0))
     thread.start()
     time.sleep(0.2)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from edgerag.runtime import Pipeline
-from edgerag.runtime.generation import draft_by_lookup
+from edgerag.runtime.decoder_only import draft_by_lookup
 
 PASSAGES = [("Super Bowl 50", "The Denver Broncos defeated the Carolina Panthers 24-10 to win Super Bowl 50."),
             ("Warsaw", "Warsaw is the capital and largest city of Poland, on the Vistula river.")]
@@ -40,7 +40,7 @@ def test_drafts_leave_the_greedy_tokens_unchanged(bundle_fixture, reuse, request
     """fp32: a step that checks a draft chooses the tokens of one token a step. One tiny model repeats
     itself, so drafts from its own answer are accepted; the other's tokens vary, so its drafts (from
     1-gram matches in the prompt) are mostly rejected and undone."""
-    from edgerag.runtime import pipeline as runtime_pipeline
+    from edgerag.runtime import decoder_only
 
     bundle = request.getfixturevalue(bundle_fixture)
     drafting = Pipeline.load(bundle, reuse_prefix=reuse)
@@ -53,7 +53,7 @@ def test_drafts_leave_the_greedy_tokens_unchanged(bundle_fixture, reuse, request
         drafted.append(len(draft))
         return draft
 
-    monkeypatch.setattr(runtime_pipeline, "draft_by_lookup", watched)
+    monkeypatch.setattr(decoder_only, "draft_by_lookup", watched)
     several = 0
     for question in QUESTIONS + QUESTIONS[:1]:
         prompt = drafting.prompt_ids(question, PASSAGES)
@@ -113,7 +113,7 @@ def test_accepted_and_rejected_drafts_give_the_tokens_of_one_token_a_step(tiny_b
             draft[len(draft) // 2:] += 1
         return draft
 
-    monkeypatch.setattr("edgerag.runtime.pipeline.draft_by_lookup", replay)
+    monkeypatch.setattr("edgerag.runtime.decoder_only.draft_by_lookup", replay)
     drafting = _unstopped(pipeline, 4).greedy(prompt, 24)
     assert (drafting.tokens, drafting.stop_reason, drafting.decode_tokens) == (reference.tokens, "length", 23)
     expected_steps = {"right": 5, "wrong": 23}  # 23 tokens after the prefill's: 5 a step, or 1
@@ -129,7 +129,7 @@ def test_a_stop_token_inside_an_accepted_draft_ends_the_answer(tiny_bundle_varie
     reference = _unstopped(pipeline, 0).greedy(prompt, 12)
     at = next(i for i in (3, 4, 2) if reference.tokens[i] not in reference.tokens[:i])  # the first step's draft covers 1-4
     answer = np.array(prompt + reference.tokens)
-    monkeypatch.setattr("edgerag.runtime.pipeline.draft_by_lookup",
+    monkeypatch.setattr("edgerag.runtime.decoder_only.draft_by_lookup",
                         lambda context, length, max_ngram, count: answer[length:length + count])
     stopped = _unstopped(pipeline, 4, stop=[reference.tokens[at]]).greedy(prompt, 12)
     assert (stopped.tokens, stopped.stop_reason) == (reference.tokens[:at], "stop")
@@ -138,7 +138,7 @@ def test_a_stop_token_inside_an_accepted_draft_ends_the_answer(tiny_bundle_varie
 
 def test_quantized_answers_draft_and_keep_their_accounting(tiny_bundle_int8sq):
     """int8sq shares a dynamic quantization scale across the rows a step feeds, so its tokens may move
-    within the quantization error (README, "Prompt lookup"); it drafts all the same, and the counts
+    within the quantization error (docs/bundle.md, "Decoding"); it drafts all the same, and the counts
     add up."""
     pipeline = Pipeline.load(tiny_bundle_int8sq)
     assert pipeline.generator.prompt_lookup > 0

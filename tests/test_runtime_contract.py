@@ -10,7 +10,7 @@ import pytest
 
 from edgerag.runtime import BundleError, Pipeline, PromptError
 from edgerag.runtime.manifest import MANIFEST, dump_manifest, file_record
-from edgerag.runtime.pipeline import repetition_cut
+from edgerag.runtime.generation import repetition_cut
 
 QUESTIONS = ["Which team won Super Bowl 50?", "What is the capital of Poland?", "Where is Victoria?",
              "What is the atomic number of oxygen?", "Who were the Normans?", "What is geology?",
