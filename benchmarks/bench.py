@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -228,8 +227,7 @@ def _existing_data(name: str | None) -> str | None:
 def run_bench(args) -> dict:
     from edgerag.benchmarks import machine, summary
     from edgerag.runtime.manifest import read_manifest
-    from edgerag.data import read_squad
-    from edgerag.evaluation import sample_questions
+    from edgerag.data import read_squad, sample_questions
 
     started = time.time()
     bundles = [Path(b).resolve() for b in args.bundle]

@@ -5,8 +5,8 @@
 Every run folder holds an `eval.json` from `edgerag distill` (the same eval questions for all of
 them); the first run's teacher is the reference, and students are listed largest first. Where a
 run has `bundle/` (or the first run has `teacher-bundle/`), the generator graphs are timed together
-in this process, rounds interleaved (benchmarks/generator_speed.py), so a noisy machine slows them
-alike. Writes curve.json, curve.md and curve.png into --out.
+in this process, rounds interleaved (`measure_speed` of benchmarks/probes/generator.py), so a noisy
+machine slows them alike. Writes curve.json, curve.md and curve.png into --out.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgerag.benchmarks.generator_speed import graph_megabytes, measure
+from edgerag.benchmarks.probes.generator import graph_megabytes, measure_speed
 from edgerag.runtime.manifest import MANIFEST, read_manifest
 
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     rows = collect(args.runs)
     graphs = {r["name"]: r["bundle"] / read_manifest(r["bundle"]).generator.onnx for r in rows
               if (r["bundle"] / MANIFEST).exists()}
-    speed = measure(list(graphs.values()), args.prompt_tokens, 17, args.threads, args.rounds) if graphs else {}
+    speed = measure_speed(list(graphs.values()), args.prompt_tokens, 17, args.threads, args.rounds) if graphs else {}
     for row in rows:
         graph = graphs.get(row["name"])
         if graph is not None:

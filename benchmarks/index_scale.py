@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgerag.benchmarks.process_memory import rss_mb
+
 EFS = (10, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -43,12 +45,6 @@ def exact_top(data: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
         best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
     order = np.argsort(-best_scores, axis=1)[:, :k]
     return np.take_along_axis(best_ids, order, axis=1)
-
-
-def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2 ** 20
 
 
 def measure(data: np.ndarray, queries: np.ndarray, vectors: str, m: int = 32, ef_construction: int = 200,
@@ -138,8 +134,7 @@ def embedded(bundle: Path, texts: list[str], cache: Path, batch_size: int = 64) 
 
 def measure_corpus(bundle: Path, corpus: str, queries_file: str, cache: Path, m: int = 32,
                    ef_construction: int = 200, queries: int = 200, seed: int = 0) -> dict:
-    from edgerag.data import read_questions
-    from edgerag.evaluation import sample_questions
+    from edgerag.data import read_questions, sample_questions
 
     data_texts = corpus_texts(corpus)
     query_texts = [q.question for q in sample_questions(read_questions(queries_file), queries, seed)]

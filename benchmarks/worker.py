@@ -17,38 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from edgerag.benchmarks.process_memory import peak_rss_mb, rss_mb, status_mb
+
 RECALL_K = 5
-
-
-def status_mb(field: str, source: str = "status") -> float | None:
-    """A memory field of /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile), or of another /proc/self
-    file of the same form (`source="smaps_rollup"`: AnonHugePages), in MB; None where there is none."""
-    try:
-        for line in Path(f"/proc/self/{source}").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """This process's high-water RSS. VmHWM, because ru_maxrss survives fork+exec on Linux and would
-    report the (larger) parent's peak for a small child."""
-    peak = status_mb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def rss_mb() -> float:
-    """This process's resident memory now."""
-    return status_mb("VmRSS") or 0.0
 
 
 def dir_size_mb(paths) -> float:
@@ -210,7 +187,7 @@ class TorchSystem:
         self.retriever = self
         if self.compression is not None:
             # a compressed student's piece vectors, computed before it answers (a bundle ships them)
-            from edgerag.train.compress import PieceEmbedder
+            from edgerag.train.compression_fit import PieceEmbedder
 
             self.pieces = PieceEmbedder(p_folder or folder / "query_encoder", self.compression.max_piece_words)
             self.pieces([(t, x) for _, t, x in self.corpus])
@@ -275,17 +252,17 @@ class RagTorchSystem:
         from edgerag.models import load_encoder, read_info
         from edgerag.runtime import read_manifest
         from edgerag.runtime import PassageStore
-        from edgerag.train import rag
-        from edgerag.train.retrieval import embed
+        from edgerag.train import rag_model
+        from edgerag.train.retrieval import DPR_PASSAGE_FORMAT, embed
 
         torch.set_num_threads(spec["threads"])
         torch.set_flush_denormal(True)
-        self.torch, self.rag, self.embed = torch, rag, embed
+        self.torch, self.rag, self.embed = torch, rag_model, embed
         folder = Path(spec["folder"])
         info = read_info(folder)
         self.encoder, self.enc_tok, self.pooling, self.max_length = load_encoder(folder / "query_encoder")
         if (folder / "rag").is_dir():
-            self.model, tokenizer = rag.load_rag(folder / "rag")
+            self.model, tokenizer = rag_model.load_rag(folder / "rag")
             self.generator, self.tokenizer, self.reading = self.model.generator, tokenizer.generator, "teacher"
             sized = [folder / "rag"]
         else:
@@ -300,7 +277,7 @@ class RagTorchSystem:
         bundle = Path(spec["bundle"])
         manifest = read_manifest(bundle)
         self.corpus = list(PassageStore(bundle / manifest.passages.file))
-        fmt = info.get("passage_format", rag.DPR_PASSAGE_FORMAT)
+        fmt = info.get("passage_format", DPR_PASSAGE_FORMAT)
         self.vectors = torch.from_numpy(embed(p_enc[0], p_enc[1], [fmt.format(title=t, text=x) for _, t, x in self.corpus],
                                               p_enc[2], p_enc[3], normalize=False))
         self.row_of = {(t, x): i for i, (_, t, x) in enumerate(self.corpus)}

@@ -277,11 +277,11 @@ def test_decode_per_token_and_per_step_differ_by_the_drafts_accepted():
 def test_decode_profile_breaks_a_step_down(tiny_bundle, tiny_models, tmp_path, capsys):
     """The decode profiler runs onnxruntime's profiler on a real bundle and accounts for a step: its
     operators' times add up to the kernel time, which lies inside the run, which lies inside the loop."""
-    from edgerag.benchmarks import profile_decode
+    from edgerag.benchmarks.probes import decode
 
     _, _, _, squad = tiny_models
     out = tmp_path / "profile.json"
-    assert profile_decode.main([str(tiny_bundle), "--questions", str(squad), "--threads", "1", "--new-tokens", "6",
+    assert decode.profile_command([str(tiny_bundle), "--questions", str(squad), "--threads", "1", "--new-tokens", "6",
                                 "--rounds", "2", "--out", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["steps"] == 5 and figures["ops_ms_per_step"]
@@ -295,12 +295,12 @@ def test_decode_parts_takes_the_fused_graph_apart(tiny_bundle_int8sq):
     """The matmuls-only graph holds every matmul of the step and their weights; the three graphs run."""
     import onnx
 
-    from edgerag.benchmarks import decode_parts
+    from edgerag.benchmarks.probes import decode
 
     graph = tiny_bundle_int8sq / json.loads((tiny_bundle_int8sq / "manifest.json").read_text())["generator"]["onnx"]
     model = onnx.load(str(graph))
-    result = decode_parts.measure(graph, threads=1, positions=(4, 12), rounds=1, repeats=3)
-    assert result["matmuls"] == sum(n.op_type in decode_parts.MATMULS for n in model.graph.node)
+    result = decode.measure_parts(graph, threads=1, positions=(4, 12), rounds=1, repeats=3)
+    assert result["matmuls"] == sum(n.op_type in decode.MATMULS for n in model.graph.node)
     assert result["matmul_weight_bytes"] > 0
     assert set(result["ms"]) == {"whole step, 4 cached positions", "whole step, 12 cached positions", "no attention", "matmuls only"}
     assert all(ms > 0 for ms in result["ms"].values())
@@ -308,12 +308,12 @@ def test_decode_parts_takes_the_fused_graph_apart(tiny_bundle_int8sq):
 
 def test_generator_speed_reports_each_decode_step_in_order(tiny_bundle_int8sq, capsys):
     """--per-step: a median per decode step after the prefill, as many as the steps taken."""
-    from edgerag.benchmarks import generator_speed
+    from edgerag.benchmarks.probes import generator
 
     graph = tiny_bundle_int8sq / json.loads((tiny_bundle_int8sq / "manifest.json").read_text())["generator"]["onnx"]
-    speed = generator_speed.measure([graph], prompt_tokens=12, new_tokens=5, threads=1, rounds=2)[graph]
+    speed = generator.measure_speed([graph], prompt_tokens=12, new_tokens=5, threads=1, rounds=2)[graph]
     assert len(speed["step_ms"]) == 4 and all(ms > 0 for ms in speed["step_ms"])  # 5 new tokens: prefill + 4 steps
-    assert generator_speed.main([str(graph), "--prompt-tokens", "12", "--new-tokens", "5", "--rounds", "1", "--per-step"]) == 0
+    assert generator.speed_command([str(graph), "--prompt-tokens", "12", "--new-tokens", "5", "--rounds", "1", "--per-step"]) == 0
     assert "ms per decode step" in capsys.readouterr().out
 
 
@@ -323,11 +323,11 @@ def test_matmul_kinds_compute_the_same_product():
     import numpy as np
     import onnxruntime as ort
 
-    from edgerag.benchmarks import matmul_kinds
+    from edgerag.benchmarks.probes import decode
 
     outputs = {}
-    for kind in matmul_kinds.KINDS:
-        model, nbytes = matmul_kinds.chain(kind, rows=3, hidden=128, widths=[64], layers=1)
+    for kind in decode.MATMUL_KINDS:
+        model, nbytes = decode.matmul_chain(kind, rows=3, hidden=128, widths=[64], layers=1)
         assert nbytes == 128 * 64
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(2).standard_normal((3, 128)).astype(np.float32)
@@ -335,5 +335,5 @@ def test_matmul_kinds_compute_the_same_product():
     a, b = outputs["DynamicQuantizeMatMul"], outputs["MatMulNBits"]
     assert a.shape == b.shape == (3, 64)
     assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(b)
-    result = matmul_kinds.measure(rows=(1, 4), hidden=128, widths=(64,), layers=2, threads=1, rounds=1, repeats=2)
-    assert set(result) == {(k, m) for k in matmul_kinds.KINDS for m in (1, 4)} and all(r["ms"] > 0 for r in result.values())
+    result = decode.measure_matmul_kinds(rows=(1, 4), hidden=128, widths=(64,), layers=2, threads=1, rounds=1, repeats=2)
+    assert set(result) == {(k, m) for k in decode.MATMUL_KINDS for m in (1, 4)} and all(r["ms"] > 0 for r in result.values())

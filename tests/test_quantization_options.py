@@ -4,13 +4,13 @@ import json
 
 
 def test_quantization_options_rows(tiny_models, tmp_path):
-    from edgerag.benchmarks import quantization_options
+    from edgerag.benchmarks.probes.generator import quantization_options_command
 
     _, generator, _, squad = tiny_models
     out = tmp_path / "rows.json"
-    assert quantization_options.main(["--generator", str(generator), "--questions", str(squad), "--n", "2",
-                                      "--rounds", "1", "--max-new-tokens", "4", "--threads", "1",
-                                      "--variants", "none,int8wo,int8sq,int8swo", "--out", str(out)]) == 0
+    assert quantization_options_command(["--generator", str(generator), "--questions", str(squad), "--n", "2",
+                                         "--rounds", "1", "--max-new-tokens", "4", "--threads", "1",
+                                         "--variants", "none,int8wo,int8sq,int8swo", "--out", str(out)]) == 0
     rows = {r["quantize"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"none", "int8wo", "int8sq", "int8swo"}
     assert rows["none"]["max_abs_logit_delta"] == 0

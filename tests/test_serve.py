@@ -12,9 +12,10 @@ import pytest
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from edgerag.benchmarks.reliability import request, server  # noqa: E402
+from live_server import request, server  # noqa: E402
 from edgerag.runtime import Pipeline  # noqa: E402
-from edgerag.runtime.serve import Admission, ApiError, ServeOptions, build_app, serve  # noqa: E402
+from edgerag.runtime.http_answers import Admission, ApiError, ServeOptions  # noqa: E402
+from edgerag.runtime.serve import build_app, serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_VENV = ROOT / ".venv-base"
@@ -205,7 +206,7 @@ def test_openai_client_against_the_server(tiny_bundle):
 
 
 def test_concurrent_clients_get_the_sequential_answers(tiny_bundle):
-    from edgerag.benchmarks.reliability import load
+    from edgerag.benchmarks.reliability.load_and_soak import load
 
     pipeline = Pipeline.load(tiny_bundle)
     questions = QUESTIONS * 2

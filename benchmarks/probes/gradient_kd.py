@@ -1,5 +1,5 @@
 """What output-and-gradient distillation costs per step, against plain logit KD, on a run's own
-student and cached KD examples: `python -m edgerag.benchmarks.gradient_kd RUN [--steps 6]`.
+student and cached KD examples: `python -m edgerag.benchmarks.probes.gradient_kd RUN [--steps 6]`.
 
 Each mode trains a fresh copy of the run's starting student for a few steps in its own process (so
 its peak RSS is its own), on the same examples: "plain" (the recipe's loss), "gradient" (the same
@@ -17,12 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from edgerag.benchmarks.process_memory import peak_rss_mb
 
 
 def worker(run_dir: str, mode: str, steps: int, weight: float, projections: int) -> dict:
@@ -31,7 +26,7 @@ def worker(run_dir: str, mode: str, steps: int, weight: float, projections: int)
     from edgerag.models import load_generator
     from edgerag.train.distill import KDExample, disable_dropout, generator_loss_fn, teacher_cache
     from edgerag.train.gradient import projection
-    from edgerag.train.pipeline import Run
+    from edgerag.train.run import Run
     from edgerag.train.recipe import load_recipe
     from edgerag.train.teacher import Example
 
@@ -59,7 +54,7 @@ def worker(run_dir: str, mode: str, steps: int, weight: float, projections: int)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-    loaded = _rss_mb()
+    loaded = peak_rss_mb()
     loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, cfg.alpha, cfg.hidden_weight,
                                 weight if mode == "gradient" else 0.0, P)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr)
@@ -76,7 +71,7 @@ def worker(run_dir: str, mode: str, steps: int, weight: float, projections: int)
         times.append(time.perf_counter() - start)
     warm = times[1:] or times
     return {"mode": mode, "steps": steps, "batch_size": cfg.batch_size, "seconds_per_step": sum(warm) / len(warm),
-            "loaded_rss_mb": loaded, "peak_rss_mb": _rss_mb(), "training_rss_mb": _rss_mb() - loaded}
+            "loaded_rss_mb": loaded, "peak_rss_mb": peak_rss_mb(), "training_rss_mb": peak_rss_mb() - loaded}
 
 
 def main(argv=None) -> int:
@@ -92,7 +87,7 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for mode in ("plain", "gradient"):
-        out = subprocess.run([sys.executable, "-m", "edgerag.benchmarks.gradient_kd", args.run, "--steps", str(args.steps),
+        out = subprocess.run([sys.executable, "-m", "edgerag.benchmarks.probes.gradient_kd", args.run, "--steps", str(args.steps),
                               "--weight", str(args.weight), "--projections", str(args.projections), "--worker", mode],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
