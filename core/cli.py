@@ -121,7 +121,7 @@ def cmd_export(args) -> int:
 
 def cmd_distill(args) -> int:
     require_workstation("distill")
-    from edgerag.train.pipeline import distill
+    from edgerag.train.driver import distill
 
     distill(args.recipe, args.out, resume=args.resume, seed_from=args.seed_from)
     return 0
@@ -130,8 +130,8 @@ def cmd_distill(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from edgerag.evaluation import evaluate_model, format_table
-
+    from edgerag.evaluation import evaluate_model
+    from edgerag.metrics import format_table
     from edgerag.runtime.manifest import MANIFEST
 
     if not (Path(args.model) / MANIFEST).exists():

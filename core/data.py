@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,3 +173,10 @@ def split_into_passages(passages: list[Passage], tokenizer, max_tokens: int = 20
             if start + max_tokens >= len(offsets):
                 break
     return out
+
+
+def sample_questions(questions: list[Question], n: int | None, seed: int = 0) -> list[Question]:
+    """A seeded random sample of n questions; all of them, in file order, when n is None or 0."""
+    if not n:
+        return list(questions)
+    return random.Random(seed).sample(list(questions), min(n, len(questions)))

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     run = Path(args.run)
     timings = {}
 
-    from edgerag.train.pipeline import distill
+    from edgerag.train.driver import distill
 
     t = time.time()
     distill(args.recipe, run, resume=True)

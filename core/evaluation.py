@@ -5,68 +5,17 @@ Per question: retrieve top-k from the whole corpus and answer greedily with the 
 passage given (EM/F1 gold). Scores are SQuAD v1.1 EM/F1 (best over the references), in 0-100.
 
 A bundle (manifest.json) is run here with the device runtime, which needs no torch; a model
-folder (query_encoder/ + generator/) with torch, by edgerag.train.evaluate.
+folder (query_encoder/ + generator/) with torch, by edgerag.train.folder_eval. The scores and the
+results table are edgerag.metrics, which imports no model code.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import random
 import time
 from pathlib import Path
 
-from edgerag.data import Passage, Question, data_path, read_passages, read_questions
-from edgerag.metrics import best_over_references, exact_match, f1, recall_at
-
-METRICS = ("em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20")
-RECALL_DEPTH = 20
-
-
-def sample_questions(questions: list[Question], n: int | None, seed: int = 0) -> list[Question]:
-    """A seeded random sample of n questions; all of them, in file order, when n is None or 0."""
-    if not n:
-        return list(questions)
-    return random.Random(seed).sample(list(questions), min(n, len(questions)))
-
-
-def score(questions, open_answers, ranked_ids, gold_answers) -> dict:
-    rows = []
-    for q, answer, ranked, gold in zip(questions, open_answers, ranked_ids, gold_answers):
-        rows.append({
-            "em": best_over_references(exact_match, answer, q.answers),
-            "f1": best_over_references(f1, answer, q.answers),
-            "em_gold": best_over_references(exact_match, gold, q.answers),
-            "f1_gold": best_over_references(f1, gold, q.answers),
-            "recall@1": recall_at(ranked, q.passage_id, 1),
-            "recall@5": recall_at(ranked, q.passage_id, 5),
-            "recall@20": recall_at(ranked, q.passage_id, 20),
-        })
-    n = max(len(rows), 1)
-    return {m: round(100.0 * sum(r[m] for r in rows) / n, 2) for m in METRICS}
-
-
-def context_figures(questions, prompts_text: list[str], prompt_lengths: list[int]) -> dict:
-    """prompt_tokens: the mean prompt length in tokens; answer_in_context: the share (0-100) of
-    questions whose prompt, as the model reads it (after truncation), holds a gold answer string."""
-    from edgerag.metrics import normalize_answer
-
-    contains = [any(normalize_answer(a) in normalize_answer(text) for a in q.answers)
-                for q, text in zip(questions, prompts_text)]
-    n = max(len(prompt_lengths), 1)
-    return {"prompt_tokens": round(sum(prompt_lengths) / n, 1), "answer_in_context": round(100.0 * sum(contains) / n, 2)}
-
-
-def write_answers(path, questions, open_answers, gold_answers, ranked_ids) -> None:
-    """Every question's answers and retrieved passage ids, as JSONL (written whole, then renamed)."""
-    path = Path(path)
-    rows = [{"id": q.id, "question": q.question, "references": list(q.answers), "answer": a, "answer_gold": g,
-             "retrieved": r[:5], "gold_passage": q.passage_id}
-            for q, a, g, r in zip(questions, open_answers, gold_answers, ranked_ids)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+from edgerag.data import Passage, Question, data_path, read_passages, read_questions, sample_questions
+from edgerag.metrics import RECALL_DEPTH, context_figures, score, write_answers
 
 
 def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Passage] | None, k: int = 3,
@@ -129,27 +78,12 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
         if k is None:  # the passages the model was trained to read: a compressed student looks at more
             k = (read_info(model_path).get("compression") or {}).get("passages", 3)
         if read_info(model_path).get("family") == "encoder-decoder":  # a hf-rag run's teacher or student
-            from edgerag.train.rag import evaluate_rag_folder
+            from edgerag.train.folder_eval import evaluate_rag_folder
 
             metrics = evaluate_rag_folder(model_path, questions, passages, k, batch_size=batch_size, answers_out=answers_out)
         else:
-            from edgerag.train.evaluate import evaluate_folder
+            from edgerag.train.folder_eval import evaluate_folder
 
             metrics = evaluate_folder(model_path, questions, passages, k, batch_size=batch_size, answers_out=answers_out)
     return {"dataset": str(data_path(str(questions_path))), "n_questions": len(questions), "k": k,
             "model": str(model_path), **metrics}
-
-
-def format_table(columns: dict[str, dict]) -> str:
-    """A plain-text table: one row per metric, one column per model."""
-    names = list(columns)
-    keys = list(METRICS) + [k for k in ("prompt_tokens", "answer_in_context") if any(k in c for c in columns.values())]
-    keys += ["generator_params", "encoder_params", "seconds_per_question"]
-    lines = [f"{'':22}" + "".join(f"{n:>14}" for n in names)]
-    for key in keys:
-        cells = []
-        for n in names:
-            v = columns[n].get(key)
-            cells.append(f"{v:>14,}" if isinstance(v, int) else f"{v:>14.2f}" if isinstance(v, float) else f"{str(v):>14}")
-        lines.append(f"{key:22}" + "".join(cells))
-    return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""SQuAD v1.1 answer metrics (the official normalization) and retrieval recall.
+"""SQuAD v1.1 answer metrics (the official normalization) and retrieval recall, and what every
+evaluation (bundle or model folder) reports with them: the averaged scores, the context figures, the
+answers file and the plain-text results table.
 
 No torch here: the bundle evaluation path uses these on the base install.
 """
@@ -6,10 +8,17 @@ No torch here: the bundle evaluation path uses these on the base install.
 from __future__ import annotations
 
 import collections
+import json
+import os
 import re
 import string
+from pathlib import Path
 
 _PUNCT = set(string.punctuation)
+
+# what every evaluation reports, and how deep it ranks passages (for recall@20)
+METRICS = ("em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20")
+RECALL_DEPTH = 20
 
 
 def normalize_answer(s: str) -> str:
@@ -49,3 +58,57 @@ def aggregate(rows: list[dict]) -> dict:
         return {}
     keys = rows[0].keys()
     return {k: 100.0 * sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+# ---------------------------------------------------------------- an evaluation's report
+
+def score(questions, open_answers, ranked_ids, gold_answers) -> dict:
+    rows = []
+    for q, answer, ranked, gold in zip(questions, open_answers, ranked_ids, gold_answers):
+        rows.append({
+            "em": best_over_references(exact_match, answer, q.answers),
+            "f1": best_over_references(f1, answer, q.answers),
+            "em_gold": best_over_references(exact_match, gold, q.answers),
+            "f1_gold": best_over_references(f1, gold, q.answers),
+            "recall@1": recall_at(ranked, q.passage_id, 1),
+            "recall@5": recall_at(ranked, q.passage_id, 5),
+            "recall@20": recall_at(ranked, q.passage_id, 20),
+        })
+    n = max(len(rows), 1)
+    return {m: round(100.0 * sum(r[m] for r in rows) / n, 2) for m in METRICS}
+
+
+def context_figures(questions, prompts_text: list[str], prompt_lengths: list[int]) -> dict:
+    """prompt_tokens: the mean prompt length in tokens; answer_in_context: the share (0-100) of
+    questions whose prompt, as the model reads it (after truncation), holds a gold answer string."""
+    contains = [any(normalize_answer(a) in normalize_answer(text) for a in q.answers)
+                for q, text in zip(questions, prompts_text)]
+    n = max(len(prompt_lengths), 1)
+    return {"prompt_tokens": round(sum(prompt_lengths) / n, 1), "answer_in_context": round(100.0 * sum(contains) / n, 2)}
+
+
+def write_answers(path, questions, open_answers, gold_answers, ranked_ids) -> None:
+    """Every question's answers and retrieved passage ids, as JSONL (written whole, then renamed)."""
+    path = Path(path)
+    rows = [{"id": q.id, "question": q.question, "references": list(q.answers), "answer": a, "answer_gold": g,
+             "retrieved": r[:5], "gold_passage": q.passage_id}
+            for q, a, g, r in zip(questions, open_answers, gold_answers, ranked_ids)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    """A plain-text table: one row per metric, one column per model."""
+    names = list(columns)
+    keys = list(METRICS) + [k for k in ("prompt_tokens", "answer_in_context") if any(k in c for c in columns.values())]
+    keys += ["generator_params", "encoder_params", "seconds_per_question"]
+    lines = [f"{'':22}" + "".join(f"{n:>14}" for n in names)]
+    for key in keys:
+        cells = []
+        for n in names:
+            v = columns[n].get(key)
+            cells.append(f"{v:>14,}" if isinstance(v, int) else f"{v:>14.2f}" if isinstance(v, float) else f"{str(v):>14}")
+        lines.append(f"{key:22}" + "".join(cells))
+    return "\n".join(lines)

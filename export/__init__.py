@@ -23,7 +23,7 @@ class ExportOptions:
     """How a bundle is made. `edgerag export` has one flag per field (--block-size for block_size, ...).
 
     Quantization: `auto` (the default) is int8sq where the generator is written as the fused Llama
-    graph and int8wo otherwise. Measured on the 2-core development machine (README, "Quantization"),
+    graph and int8wo otherwise. Measured on the 2-core development machine (docs/quantization.md),
     on the `make demo` student: int8sq ran end to end in 0.78x the time of int8wo with the F1 of fp32
     (30 XQuAD questions); int8wo is half the size of fp32 and decodes faster. int8swo (int8wo on the
     smoothed graph) kept fp32's F1 on 200 questions and decodes faster than int8sq, but prefills slower. 4-bit weights (any
@@ -32,7 +32,7 @@ class ExportOptions:
     smaller than fp32 with the same recall on all 1190 XQuAD questions (recall@5 96.6 both, @1 79.9
     vs 79.7). Blocks of 64 rather than 32: on the demo student, int8sq's F1 on all 1190 XQuAD questions
     is fp32's (33.72 against 33.71; 33.67 at 32), in a 4% smaller bundle with a 3-6% lower peak RSS;
-    decode speed within run-to-run noise (README, "Memory and start-up"). Re-measure on your device
+    decode speed within run-to-run noise (docs/bundle.md, "Memory and start-up"). Re-measure on your device
     with `edgerag bench`.
     """
 

@@ -26,7 +26,8 @@ from transformers import AutoConfig
 from edgerag.data import Passage, data_path, is_squad, read_passages, read_squad
 from edgerag.export import QUANTIZATIONS, SMOOTHED, ExportOptions, onnx_export, resolve_quantization
 from edgerag.export.quantize import quantize
-from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, normalizes, resolve
+from edgerag.model_files import normalizes
+from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, resolve
 from edgerag.runtime.compress import Compression, PieceVectors, split_pieces
 from edgerag.runtime.manifest import (KV_IN_PLACE_GRAPHS, LOGITS_LAST_POSITIONS, CompressionSpec, GenerationSpec, GeneratorSpec,
                                       IndexSpec, Manifest, PassagesSpec, PromptSpec, QueryEncoderSpec, file_record)
@@ -81,13 +82,13 @@ def build_index(vectors: np.ndarray, path: Path, m: int, ef_construction: int) -
 def optimize_offline(src: Path, dst: Path, weights: str = "") -> tuple[str, str]:
     """Save onnxruntime's portable (EXTENDED level) graph optimizations, so the device does not redo them.
 
-    Loading the SmolLM2 generator took 1.4 s as exported and 0.75 s optimized (README). Hardware
+    Loading the SmolLM2 generator took 1.4 s as exported and 0.75 s optimized (docs/results-history.md). Hardware
     specific rewrites (level ALL) still happen at load. Where folding would store a weight twice
     (a tied embedding read through a Transpose), the graph is shipped as exported.
 
     weights: a file name beside `dst` for the weights, outside the graph. onnxruntime memory-maps such
     a file instead of copying the weights out of a parsed graph: the compressed demo bundle's peak RSS
-    in `edgerag bench` went from 330 to 312 MB (README, "Memory and start-up").
+    in `edgerag bench` went from 330 to 312 MB (docs/bundle.md, "Memory and start-up").
 
     Returns (what was optimized, the weights file written: `weights`, or "" where no tensor was large
     enough to leave the graph).

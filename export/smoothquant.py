@@ -12,8 +12,8 @@ folds into the V projection (attention averages V rows, so scaling a V channel s
 channel of the attention output, for every query head that shares the KV head). The graph is
 unchanged and exact in fp32. The LM head, after the final norm, is dynamic int8 without smoothing.
 The down projection's input has the largest outliers: smoothed into the up projection and made
-dynamic int8 it lost 1.1-1.9 F1 points on 1190 XQuAD questions (α 0.5 and 0.8; README,
-"Quantization"), so it stays 8-bit weight-only.
+dynamic int8 it lost 1.1-1.9 F1 points on 1190 XQuAD questions (α 0.5 and 0.8;
+docs/results-history.md), so it stays 8-bit weight-only.
 """
 
 from __future__ import annotations

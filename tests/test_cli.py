@@ -173,3 +173,4 @@ def test_wheel_has_one_top_level_package(tmp_path):
     for package in ("runtime", "export", "train", "benchmarks"):
         assert f"edgerag/{package}/__init__.py" in names
     assert "edgerag/runtime/pipeline.py" in names and "edgerag/cli.py" in names
+    assert {"edgerag/model_files.py", "edgerag/train/driver.py", "edgerag/train/run.py"} <= set(names)

@@ -88,7 +88,7 @@ def test_piece_vectors_roundtrip_through_int8(tmp_path):
 @pytest.fixture(scope="module")
 def compressed_run(tmp_path_factory):
     pytest.importorskip("torch")
-    from edgerag.train.pipeline import distill
+    from edgerag.train.driver import distill
     from edgerag.train.tiny import make_tiny_project
 
     root = tmp_path_factory.mktemp("compressed")
@@ -132,7 +132,7 @@ def test_kl_across_contexts_decreases(compressed_run):
 
     from edgerag.models import load_generator
     from edgerag.train.distill import KDExample, generator_loss_fn
-    from edgerag.train.pipeline import Run
+    from edgerag.train.run import Run
     from edgerag.train.recipe import load_recipe
     from edgerag.train.teacher import Example
 
@@ -165,8 +165,8 @@ def test_teacher_positives_are_the_pieces_the_teacher_scores_highest(compressed_
     """RECOMP's positives: batched scores equal one-at-a-time scores (padding changes nothing), and
     each question's positive is its own piece with the highest score."""
     from edgerag.models import load_generator
-    from edgerag.train.compress import answer_logprobs, positive_share, teacher_positives
-    from edgerag.train.pipeline import Run
+    from edgerag.train.compression_fit import answer_logprobs, positive_share, teacher_positives
+    from edgerag.train.run import Run
     from edgerag.train.recipe import load_recipe
     from edgerag.train.teacher import Prompter
 
@@ -196,9 +196,11 @@ def test_selector_fitted_on_teacher_positives(compressed_run, monkeypatch):
     on keeping those pieces (the shares are the positives', not answer containment's)."""
     import dataclasses
 
-    import edgerag.train.compress as compress
-    from edgerag.train.pipeline import Run, fitted_compression, retrieve_for, student_piece_embedder, \
-        student_prompter, student_query_vectors
+    import edgerag.train.compression_fit as compress
+    from edgerag.train.compressed_student import fitted_compression, student_piece_embedder, student_prompter, \
+        student_query_vectors
+    from edgerag.train.retrieval import retrieve_for
+    from edgerag.train.run import Run
     from edgerag.train.recipe import load_recipe
 
     _, out, _ = compressed_run
@@ -236,7 +238,7 @@ def test_bundle_prompt_equals_the_training_prompt(compressed_run, compressed_bun
     from edgerag.data import read_passages, read_questions
     from edgerag.models import load_tokenizer
     from edgerag.runtime import Pipeline
-    from edgerag.train.compress import PieceEmbedder, compressed_contexts
+    from edgerag.train.compression_fit import PieceEmbedder, compressed_contexts
     from edgerag.train.teacher import Prompter
 
     tiny, out, _ = compressed_run
@@ -253,7 +255,7 @@ def test_bundle_prompt_equals_the_training_prompt(compressed_run, compressed_bun
         rows, _ = pipeline.search(vector[None], compression.passages)
         found = [(d["title"], d["text"]) for d in pipeline.passages_at(rows[0])]
         device = pipeline.prompt_ids(q.question, pipeline.context(q.question, vector, found,
-                                                                  pipeline._piece_vectors(rows[0])))
+                                                                  pipeline.piece_vectors(rows[0])))
         trained = prompter.prompt(q.question, compressed_contexts(compression, [q.question], [vector], [found],
                                                                   embedder, prompter.encode)[0])
         assert device == trained, q.question
@@ -269,8 +271,8 @@ def test_bundle_answers_from_the_compressed_context(compressed_bundle, compresse
     assert pipeline.manifest.compression is not None and pipeline.manifest.generation.k == 4
     answer = pipeline.ask("What was the purpose of the Third Crusade?")
     assert answer.context and "compress_ms" in answer.timings
-    full = sum(len(pipeline._encode(p["text"])) for p in answer.passages)
-    kept = sum(len(pipeline._encode(c["text"])) for c in answer.context)
+    full = sum(len(pipeline.token_ids(p["text"])) for p in answer.passages)
+    kept = sum(len(pipeline.token_ids(c["text"])) for c in answer.context)
     assert kept < full
     for piece in answer.context:  # every kept piece comes from a retrieved passage of that title
         assert any(p["title"] == piece["title"] for p in answer.passages)

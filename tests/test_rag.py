@@ -57,7 +57,7 @@ def _contexts(tokenizer, n, seed=0):
 
 
 def test_marginal_equals_rag_tokens_own(tiny_rag):
-    from edgerag.train.rag import load_rag, rag_marginal
+    from edgerag.train.rag_model import load_rag, rag_marginal
 
     model, tok = load_rag(tiny_rag["rag"])
     n, batch = 3, 2
@@ -81,7 +81,7 @@ def test_marginal_equals_rag_tokens_own(tiny_rag):
 
 
 def test_same_marginal_serves_rag_sequence(tiny_rag):
-    from edgerag.train.rag import load_rag, rag_marginal
+    from edgerag.train.rag_model import load_rag, rag_marginal
 
     token, tok = load_rag(tiny_rag["rag"])
     sequence, _ = load_rag(tiny_rag["sequence"])
@@ -97,7 +97,7 @@ def test_same_marginal_serves_rag_sequence(tiny_rag):
 
 def test_marginal_greedy_agrees_with_rag_generate(tiny_rag):
     from edgerag.data import Passage, Question
-    from edgerag.train.rag import load_rag, make_rag_examples, marginal_generate, rag_generate
+    from edgerag.train.rag_model import load_rag, make_rag_examples, marginal_generate, rag_generate
 
     import random
 
@@ -202,7 +202,7 @@ def test_tiny_recipe_distills_toward_the_marginal(rag_run):
     from transformers import BartForConditionalGeneration
 
     from edgerag.train.distill import kl_to_topk
-    from edgerag.train.rag import RagExample, answer_logits
+    from edgerag.train.rag_model import RagExample, answer_logits
 
     run = rag_run["run"]
     saved = torch.load(run / "stages" / "teacher_logits" / "cache.pt", weights_only=False)
@@ -232,7 +232,7 @@ def test_encoder_decoder_bundle_gives_pytorchs_greedy_tokens(rag_run):
     from transformers import AutoTokenizer, BartForConditionalGeneration
 
     from edgerag.runtime import Pipeline
-    from edgerag.train.rag import context_ids, encode_with
+    from edgerag.train.rag_model import context_ids, encode_with
 
     run, bundle = rag_run["run"], rag_run["bundle_fp32"]
     pipeline = Pipeline.load(bundle)
@@ -330,7 +330,7 @@ def test_a_forced_bos_is_read_not_predicted(tiny_rag, tmp_path):
     from transformers import BartForConditionalGeneration
 
     from edgerag.data import Passage, Question
-    from edgerag.train.rag import answer_logits, concatenated_generate, decoder_prefix, load_rag, make_rag_examples
+    from edgerag.train.rag_model import answer_logits, concatenated_generate, decoder_prefix, load_rag, make_rag_examples
 
     model, tok = load_rag(tiny_rag["rag"])
     generator = model.generator

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR, ROOT
-from edgerag.models import DEFAULT_GENERATOR, DEFAULT_QUERY_ENCODER, resolve
+from edgerag.model_files import DEFAULT_GENERATOR, DEFAULT_QUERY_ENCODER
+from edgerag.models import resolve
 
 XQUAD = DATA_DIR / "xquad-en.json.gz"
 needs_data = pytest.mark.skipif(not XQUAD.exists(), reason=f"{XQUAD} not found (set EDGERAG_DATA)")

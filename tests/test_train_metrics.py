@@ -47,6 +47,6 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, edgerag.train, edgerag.data, edgerag.metrics, edgerag.train.evaluate, edgerag.train.recipe; print('torch' in sys.modules)"
+    code = "import sys, edgerag.train, edgerag.data, edgerag.metrics, edgerag.train.folder_eval, edgerag.train.recipe; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

