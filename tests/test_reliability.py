@@ -6,7 +6,7 @@ pytest.importorskip("hypothesis")
 pytest.importorskip("starlette")
 
 from edgerag.benchmarks.reliability import damage, fuzzing, kills, load_and_soak  # noqa: E402
-from live_server import server  # noqa: E402
+from edgerag.benchmarks.reliability.server import server  # noqa: E402
 from edgerag.runtime import Pipeline  # noqa: E402
 
 QUESTIONS = ["Which team won Super Bowl 50?", "What is the capital of Poland?", "Where is Victoria?"]

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from live_server import request, server  # noqa: E402
+from edgerag.benchmarks.reliability.server import request, server  # noqa: E402
 from edgerag.runtime import Pipeline  # noqa: E402
 from edgerag.runtime.http_answers import Admission, ApiError, ServeOptions  # noqa: E402
 from edgerag.runtime.serve import build_app, serve  # noqa: E402

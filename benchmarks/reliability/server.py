@@ -1,5 +1,5 @@
 """`edgerag serve` in its own process on a free loopback port, and a plain HTTP client's request to it:
-what the suite's HTTP fuzzing, load and soak sections drive."""
+what the suite's HTTP fuzzing, load and soak sections drive, and the tests' server (one definition for both)."""
 
 from __future__ import annotations
 
