@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -24,6 +26,18 @@ from edgerag.runtime.pipeline import Answer, Pipeline
 from edgerag.runtime.prompt import PromptError, check_question
 
 log = logging.getLogger("edgerag.serve")
+
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(body: bytes) -> int:
+    """How deep the body's arrays and objects nest, brackets inside strings not counted. Checked
+    before parsing, so the answer does not hang on the interpreter's recursion limit, which
+    libraries raise (torch's compiler sets it to 2,000) and the parser obeys."""
+    brackets = np.frombuffer(_JSON_STRING.sub(b"", body), dtype=np.uint8)
+    steps = np.isin(brackets, (ord("["), ord("{"))).astype(np.int32) - np.isin(brackets, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
 
 
 @dataclass
@@ -198,6 +212,8 @@ class AnswerService:
             body += chunk
             if len(body) > self.opts.max_body_bytes:
                 raise ApiError(413, "request_too_large", f"the body is over {self.opts.max_body_bytes} bytes")
+        if json_depth(bytes(body)) > MAX_JSON_DEPTH:
+            raise ApiError(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             data = json.loads(bytes(body))
         except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a number too long to read

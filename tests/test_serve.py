@@ -3,6 +3,7 @@
 import asyncio
 import json
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -110,6 +111,19 @@ def test_bad_requests_are_json_errors_and_the_server_goes_on(client, body, statu
     assert response.status_code == status, response.text
     assert response.json()["error"]["type"] == kind and response.json()["error"]["message"]
     assert client.get("/health").status_code == 200
+
+
+def test_nesting_is_refused_whatever_the_recursion_limit(client):
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(5000)  # as torch's compiler leaves it; json.loads then parses 1,500 levels
+    try:
+        nested = b'{"question": "ok?", "k": ' + b"[" * 70 + b"]" * 70 + b"}"
+        response = client.post("/v1/ask", content=nested)
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_json"
+        in_a_string = client.post("/v1/ask", json={"question": "[" * 100 + "?", "max_new_tokens": 2})
+        assert in_a_string.status_code == 200, in_a_string.text
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def test_a_number_too_long_to_read_is_bad_json(pipeline):
