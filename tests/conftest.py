@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,14 @@ def tiny_bundle_int8sq(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle_int8swo(tiny_models, tmp_path_factory):
     return _export(tiny_models, tmp_path_factory, "int8swo")
+
+
+@pytest.fixture
+def live_server(tiny_bundle):
+    """`live_server(*serve_args, bundle=tiny_bundle, python=...)`: `edgerag serve` in its own process on a
+    free loopback port, as a context manager yielding (url, pid). The reliability suite drives the same one."""
+    from edgerag.benchmarks.reliability.server import server
+
+    def start(*args, bundle=tiny_bundle, python=sys.executable):
+        return server(bundle, *args, python=python)
+    return start

@@ -6,7 +6,6 @@ pytest.importorskip("hypothesis")
 pytest.importorskip("starlette")
 
 from edgerag.benchmarks.reliability import damage, fuzzing, kills, load_and_soak  # noqa: E402
-from edgerag.benchmarks.reliability.server import server  # noqa: E402
 from edgerag.runtime import Pipeline  # noqa: E402
 
 QUESTIONS = ["Which team won Super Bowl 50?", "What is the capital of Poland?", "Where is Victoria?"]
@@ -30,10 +29,10 @@ def test_fuzzed_passage_files_read_or_are_refused():
     assert outcome["refused"] > 0 and outcome["read"] > 0
 
 
-def test_server_under_fuzz_load_and_soak(tiny_bundle, tmp_path):
+def test_server_under_fuzz_load_and_soak(tiny_bundle, live_server, tmp_path):
     pipeline = Pipeline.load(tiny_bundle)
     reference = [pipeline.ask(q, max_new_tokens=6).answer for q in QUESTIONS]
-    with server(tiny_bundle, "--max-queue", "16") as (url, pid):
+    with live_server("--max-queue", "16") as (url, pid):
         fuzz = fuzzing.fuzz_http(url, examples=150)
         assert fuzz["inputs"] == 150 and fuzz["server_error"] == 0 and fuzz["unreadable"] == 0, fuzz
         assert fuzz["client_error"] > 0 and fuzz["ok"] > 0 and fuzz["health_after"] == 200

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from edgerag.benchmarks.reliability.server import request, server  # noqa: E402
+from edgerag.benchmarks.reliability.server import request  # noqa: E402
 from edgerag.runtime import Pipeline  # noqa: E402
 from edgerag.runtime.http_answers import Admission, ApiError, ServeOptions  # noqa: E402
 from edgerag.runtime.serve import build_app, serve  # noqa: E402
@@ -202,10 +202,10 @@ def test_admission_refuses_beyond_the_queue_and_serves_in_order():
     asyncio.run(scenario())
 
 
-def test_openai_client_against_the_server(tiny_bundle):
+def test_openai_client_against_the_server(tiny_bundle, live_server):
     openai = pytest.importorskip("openai")
     pipeline = Pipeline.load(tiny_bundle)
-    with server(tiny_bundle) as (url, _):
+    with live_server() as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="edgerag", max_tokens=6,
                                                messages=[{"role": "user", "content": QUESTIONS[0]}])
@@ -219,24 +219,24 @@ def test_openai_client_against_the_server(tiny_bundle):
         assert "".join(pieces).strip() == expected
 
 
-def test_concurrent_clients_get_the_sequential_answers(tiny_bundle):
+def test_concurrent_clients_get_the_sequential_answers(tiny_bundle, live_server):
     from edgerag.benchmarks.reliability.load_and_soak import load
 
     pipeline = Pipeline.load(tiny_bundle)
     questions = QUESTIONS * 2
     sequential = [pipeline.ask(q, max_new_tokens=10).answer for q in questions]
-    with server(tiny_bundle, "--max-queue", "16") as (url, _):
+    with live_server("--max-queue", "16") as (url, _):
         row, = load(url, questions, [8], 10, sequential)
     assert row["errors"] == 0 and row["identical_to_sequential"] == 8 * len(questions)
 
 
 @pytest.mark.skipif(not (BASE_VENV / ".installed").exists(), reason="make install-base builds the base-install venv")
-def test_serve_runs_on_the_base_install_with_its_extra(tiny_bundle):
+def test_serve_runs_on_the_base_install_with_its_extra(live_server):
     python = BASE_VENV / "bin" / "python"
     probe = subprocess.run([python, "-c", "import sys, edgerag.runtime.serve; "
                             "print([m for m in ('torch', 'transformers', 'optimum') if m in sys.modules])"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
-    with server(tiny_bundle, python=python) as (url, _):
+    with live_server(python=python) as (url, _):
         status, reply = request(url + "/v1/ask", {"question": QUESTIONS[0], "max_new_tokens": 3})
         assert status == 200 and reply["passages"]

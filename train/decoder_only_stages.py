@@ -78,17 +78,25 @@ def rag_examples(run: Run, questions, prompter, k: int, gold_probability: float,
     return make_examples(prompter, questions, contexts, answers), contexts
 
 
-def stage_teacher_finetune(run: Run) -> dict:
+def load_for_stage(run: Run, folder, cfg):
+    """A generator on the training device, its tokenizer, the prompter of a stage's settings, and the
+    stage's training questions."""
     from edgerag.models import load_generator
 
+    from .teacher import Prompter
+
+    model, tok = load_generator(folder)
+    model.to(loop.device())
+    return model, tok, Prompter(tok, cfg.max_prompt_tokens, run.recipe.prompt.max_answer_tokens), \
+        run.questions("train")[:cfg.examples]
+
+
+def stage_teacher_finetune(run: Run) -> dict:
     from .student import train_top_layers
-    from .teacher import Prompter, answer_loss
+    from .teacher import answer_loss
 
     cfg = run.recipe.teacher_finetune
-    model, tok = load_generator(run.teacher_base_generator)
-    model.to(loop.device())
-    prompter = Prompter(tok, cfg.max_prompt_tokens, run.recipe.prompt.max_answer_tokens)
-    questions = run.questions("train")[:cfg.examples]
+    model, tok, prompter, questions = load_for_stage(run, run.teacher_base_generator, cfg)
     examples, _ = rag_examples(run, questions, prompter, cfg.k, cfg.gold_probability, seed_offset=1)
     train_top_layers(model, cfg.train_layers)
     log = loop.train(model, examples, lambda m, b: (answer_loss(m, b, tok.pad_token_id), {}),
@@ -233,16 +241,11 @@ def stage_distill_general(run: Run) -> dict:
 
 
 def stage_teacher_logits(run: Run) -> dict:
-    from edgerag.models import load_generator
-
     from .distill import teacher_cache
-    from .teacher import Prompter, generate, make_examples
+    from .teacher import generate, make_examples
 
     cfg = run.recipe.distill_generator
-    teacher, tok = load_generator(run.teacher_generator)
-    teacher.to(loop.device())
-    prompter = Prompter(tok, cfg.max_prompt_tokens, run.recipe.prompt.max_answer_tokens)
-    questions = run.questions("train")[:cfg.examples]
+    teacher, tok, prompter, questions = load_for_stage(run, run.teacher_generator, cfg)
     compress = run.recipe.compress
     # one retrieval for the teacher's top k and the compressed student's wider look
     ranked = retrieve_for(run, questions, max(cfg.k, compress.passages if compress.enabled else 0))

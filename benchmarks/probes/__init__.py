@@ -6,3 +6,14 @@
 
 benchmarks/README.md lists each command.
 """
+
+import argparse
+
+
+def run_command(prog: str, doc: str, commands: dict, argv=None) -> int:
+    """A probe module's entry point: its first argument names the command, the rest are the command's."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("command", choices=commands)
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="the command's own (COMMAND --help)")
+    args = parser.parse_args(argv)
+    return commands[args.command](args.arguments)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgerag.benchmarks.probes import run_command
+
 PROG = "python -m edgerag.benchmarks.probes.decode"
 
 
@@ -426,11 +428,7 @@ COMMANDS = {"parts": parts_command, "profile": profile_command, "matmul-kinds": 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="the command's own (COMMAND --help)")
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command](args.arguments)
+    return run_command(PROG, __doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgerag.runtime.manifest import LOGITS_TO_KEEP
+from edgerag.benchmarks.probes import run_command
 from edgerag.runtime import DecoderOnlyGenerator, Pipeline, make_session
+from edgerag.runtime.manifest import LOGITS_TO_KEEP
 
 PROG = "python -m edgerag.benchmarks.probes.generator"
 
@@ -263,11 +264,7 @@ COMMANDS = {"speed": speed_command, "prefix-reuse": prefix_reuse_command,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="the command's own (COMMAND --help)")
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command](args.arguments)
+    return run_command(PROG, __doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

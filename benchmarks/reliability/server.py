@@ -1,5 +1,5 @@
 """`edgerag serve` in its own process on a free loopback port, and a plain HTTP client's request to it:
-what the suite's HTTP fuzzing, load and soak sections drive, and the tests' server (one definition for both)."""
+what the suite's HTTP fuzzing, load and soak sections drive, and what the tests' live_server fixture (tests/conftest.py) starts."""
 
 from __future__ import annotations
 
