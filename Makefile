@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 $(BASE_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BASE_VENV)
 	$(BASE_VENV)/bin/pip install -q --upgrade pip
-	$(BASE_VENV)/bin/pip install -q -e '.[serve]'
+	$(BASE_VENV)/bin/pip install -q -e '.[serve,docs]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,8 +1,8 @@
 """The `edgerag` command.
 
-Device subcommands (`ask`, `verify`, `eval` of a bundle) run on the base install. Workstation
-subcommands (`export`, `distill`, `eval` of a model folder, `bench`) need the `[train]` extra
-and say so in one line when it is missing. Every subcommand is defined here, from modules that
+Device subcommands (`ask`, `serve`, `verify`, `add`, `remove`, `sync`, `eval` of a bundle) run on
+the base install. Workstation subcommands (`export`, `distill`, `eval` of a model folder, `bench`)
+need the `[train]` extra and say so in one line when it is missing. Every subcommand is defined here, from modules that
 import nothing heavy, so `edgerag --help` lists all of them on any install.
 """
 
@@ -77,6 +77,24 @@ def cmd_verify(args) -> int:
     manifest = verify(args.bundle)
     print(f"{args.bundle}: {len(manifest.files)} files verified, {manifest.megabytes:.1f} MB")
     return 0
+
+
+def cmd_documents(args) -> int:
+    """edgerag add / remove / sync: the bundle's documents, changed on the device."""
+    from edgerag.runtime.corpus import ChangeOptions, add_documents, remove_documents, sync_documents
+
+    options = ChangeOptions(max_tokens=args.max_tokens, compact_share=args.compact_share)
+    if args.command == "add":
+        change = add_documents(args.bundle, args.paths, options)
+    elif args.command == "remove":
+        change = remove_documents(args.bundle, args.sources, options)
+    else:
+        change = sync_documents(args.bundle, args.folder, options)
+    for line in change.lines():
+        print(line)
+    # skipping some files is not a failure; skipping all of them, with nothing in the bundle already, is
+    kept = change.changed or (change.unchanged and args.command != "remove")
+    return 1 if change.skipped and not kept else 0
 
 
 def cmd_export(args) -> int:
@@ -193,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("bundle")
     check.set_defaults(func=cmd_verify)
 
+    for name, what in (("add", "add files and folders of .txt, .md, .html, .pdf to a bundle (device)"),
+                       ("remove", "remove a bundle's documents by source (device)"),
+                       ("sync", "make a bundle's documents those of a folder: add, replace, remove (device)")):
+        docs = sub.add_parser(name, help=what)
+        docs.add_argument("bundle")
+        if name == "add":
+            docs.add_argument("paths", nargs="+", help="files and folders; a document's source is its path in the "
+                              "folder given, or its name for a file given itself")
+        elif name == "remove":
+            docs.add_argument("sources", nargs="+", help="sources as `add` printed them; a folder removes all under it")
+        else:
+            docs.add_argument("folder")
+        docs.add_argument("--max-tokens", type=int, default=None,
+                          help="a passage's most tokens (default: 192, less where the passage encoder reads fewer)")
+        docs.add_argument("--compact-share", type=float, default=0.25,
+                          help="rebuild the index once removed passages' slots pass this share (default: %(default)s)")
+        docs.set_defaults(func=cmd_documents)
+
     from edgerag.export import ExportOptions  # the package's top level imports nothing heavy
 
     exp = sub.add_parser("export", help="query encoder + generator + passages -> bundle (workstation)")
@@ -200,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--query-encoder", help="folder, hub id or .gguf")
     exp.add_argument("--generator", help="folder, hub id or .gguf")
     exp.add_argument("--passage-encoder", help="embed passages with this encoder (default: the folder's, or the query encoder)")
-    exp.add_argument("--passages", required=True, help="JSONL (id, title, text) or SQuAD JSON, optionally .gz")
+    exp.add_argument("--passages", required=True, nargs="+",
+                     help="JSONL (id, title, text) or SQuAD JSON, optionally .gz; or files and folders of documents "
+                          "(.txt, .md, .html, .pdf), cut into passages")
     exp.add_argument("--out", required=True)
     add_options(exp, ExportOptions)
     exp.set_defaults(func=cmd_export)

@@ -9,6 +9,7 @@ not exist.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -29,6 +30,8 @@ from edgerag.export.quantize import quantize
 from edgerag.model_files import normalizes
 from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, resolve
 from edgerag.runtime.compress import Compression, PieceVectors, split_pieces
+from edgerag.runtime.corpus import create_store, document_rows, passage_rows
+from edgerag.runtime.documents import SUFFIXES as DOCUMENT_SUFFIXES, Document, cut_passages, read_documents
 from edgerag.runtime.manifest import (KV_IN_PLACE_GRAPHS, LOGITS_LAST_POSITIONS, CompressionSpec, GenerationSpec, GeneratorSpec,
                                       IndexSpec, Manifest, PassagesSpec, PromptSpec, QueryEncoderSpec, file_record)
 from edgerag.runtime import DecoderOnlyGenerator, QueryEncoder, make_session
@@ -36,7 +39,6 @@ from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
 
 # the graphs' weights, outside the graphs: onnxruntime memory-maps them (see optimize_offline)
 GENERATOR_WEIGHTS = "generator.onnx.data"
-QUERY_ENCODER_WEIGHTS = "query_encoder.onnx.data"
 PASSAGE_FORMAT = IndexSpec.passage_format  # how a passage is embedded; the device embeds added passages alike
 
 
@@ -59,15 +61,31 @@ def embed_passages(model, tokenizer, pooling: str, max_length: int, texts: list[
     return np.concatenate(out).astype(np.float32)
 
 
-def write_passage_store(path: Path, passages: list[Passage]) -> None:
+def write_passage_store(path: Path, passages: list, documents: list | None = None) -> None:
+    """The sqlite store (runtime.corpus's schema). Passages read from files (runtime.documents) keep
+    their source and character offsets, and their documents are listed, so that `edgerag sync` knows them."""
+    rows = passage_rows(passages) if documents else [(row, p.id, p.title, p.text, None, None, None)
+                                                     for row, p in enumerate(passages)]
+    create_store(path, rows, document_rows(documents, passages) if documents else ())
     db = sqlite3.connect(path)
-    db.execute("CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT NOT NULL, title TEXT, text TEXT NOT NULL)")
-    db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)",
-                   ((row, p.id, p.title, p.text) for row, p in enumerate(passages)))
-    db.execute("CREATE INDEX passages_id ON passages (id)")
-    db.commit()
     db.execute("VACUUM")
     db.close()
+
+
+def read_corpus(paths: list[str | Path]) -> tuple[list[Document] | None, list[Passage], list, int]:
+    """(documents or None, passages, questions, skipped files) of --passages: SQuAD JSON or a JSONL corpus
+    (one path), or files and folders of documents, whose passages are cut once the encoder is known."""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and not paths[0].is_dir() and paths[0].suffix.lower() not in DOCUMENT_SUFFIXES:
+        path = data_path(str(paths[0]))
+        passages, questions, _ = read_squad(path) if is_squad(path) else (read_passages(path), [], 0)
+        return None, passages, questions, 0
+    documents, skipped = read_documents(paths)
+    for s in skipped:
+        print(f"skipped {s.path}: {s.reason}")
+    if not documents:
+        raise ValueError(f"no document could be read from {', '.join(map(str, paths))}")
+    return documents, [], [], len(skipped)
 
 
 def build_index(vectors: np.ndarray, path: Path, m: int, ef_construction: int) -> None:
@@ -283,6 +301,40 @@ def export_encoder_decoder_generator(gen_folder: Path, bundle: Path, work: Path,
     return spec, PromptSpec(template=template, stop_token_ids=stop), parity
 
 
+@dataclasses.dataclass
+class ExportedEncoder:
+    spec: QueryEncoderSpec
+    model: object
+    tokenizer: object
+    pooling: str
+    max_length: int
+    normalized: bool
+
+
+def export_encoder(name: str, stem: str, tokenizer_file: str, work: Path, bundle: Path,
+                   opts: ExportOptions) -> ExportedEncoder:
+    """An encoder (pooling and normalization inside the graph) into the bundle as STEM.onnx, its weights
+    beside it, quantized as --quantize-encoder says; work/STEM.fp32.onnx is kept for the parity check."""
+    folder = onnx_export.materialize(name, work / stem)
+    model, tokenizer, pooling, max_length = load_encoder(str(folder))
+    normalized = normalizes(folder)
+    graph = onnx_export.export_query_encoder(folder, pooling, normalized)
+    onnx_export.save(graph, work / f"{stem}.fp32.onnx")
+    graph, quantization = quantize(graph, opts.quantize_encoder, opts.block_size, opts.accuracy_level, is_generator=False)
+    onnx_export.save(graph, work / f"{stem}.onnx")
+    optimization, weights = optimize_offline(work / f"{stem}.onnx", bundle / f"{stem}.onnx", f"{stem}.onnx.data")
+    shutil.copy(folder / "tokenizer.json", bundle / tokenizer_file)
+    spec = QueryEncoderSpec(onnx=f"{stem}.onnx", tokenizer=tokenizer_file, pooling=pooling, weights=weights,
+                            max_length=max_length, dim=int(model.config.hidden_size), normalized=normalized,
+                            quantization=quantization, parameters=sum(p.numel() for p in model.parameters()),
+                            graph_optimization=optimization)
+    return ExportedEncoder(spec, model, tokenizer, pooling, max_length, normalized)
+
+
+def same_model(a: str, b: str) -> bool:
+    return a == b or Path(str(resolve(a).path)).resolve() == Path(str(resolve(b).path)).resolve()
+
+
 def export_bundle(query_encoder: str, generator: str, passages_file: str | Path, out: str | Path,
                   passage_encoder: str | None = None, options: ExportOptions | None = None,
                   passage_format: str | None = None, max_prompt_tokens: int | None = None,
@@ -306,11 +358,11 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
     for name in (query_encoder, generator, passage_encoder):
         if name:
             resolve(name)  # a typo in a model name fails here, before minutes of work
-    passages_path = data_path(str(passages_file))
+    passages_paths = [passages_file] if isinstance(passages_file, (str, Path)) else list(passages_file)
     # bad lines fail here, before any model loads; a SQuAD file is parsed once, for passages and questions
-    passages, questions, _ = read_squad(passages_path) if is_squad(passages_path) else (read_passages(passages_path), [], 0)
-    if not passages:
-        raise ValueError(f"{passages_path} holds no passages")
+    documents, passages, questions, _ = read_corpus(passages_paths)
+    if not passages and documents is None:
+        raise ValueError(f"{passages_file} holds no passages")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_work(out)
     started = time.time()
@@ -321,30 +373,28 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         work.mkdir()
 
         stages.set_postfix_str("query encoder")
-        enc_folder = onnx_export.materialize(query_encoder, work / "query_encoder")
-        enc_model, enc_tokenizer, pooling, max_length = load_encoder(str(enc_folder))
-        normalized = normalizes(enc_folder)
-        enc_graph = onnx_export.export_query_encoder(enc_folder, pooling, normalized)
-        onnx_export.save(enc_graph, work / "query_encoder.fp32.onnx")
-        enc_graph, enc_quant = quantize(enc_graph, opts.quantize_encoder, opts.block_size, opts.accuracy_level,
-                                        is_generator=False)
-        onnx_export.save(enc_graph, work / "query_encoder.onnx")
-        enc_optimization, enc_weights = optimize_offline(work / "query_encoder.onnx", bundle / "query_encoder.onnx",
-                                                         QUERY_ENCODER_WEIGHTS)
-        shutil.copy(enc_folder / "tokenizer.json", bundle / "query_tokenizer.json")
+        enc = export_encoder(query_encoder, "query_encoder", "query_tokenizer.json", work, bundle, opts)
+        enc_model, enc_tokenizer, pooling, max_length, normalized = enc.model, enc.tokenizer, enc.pooling, enc.max_length, enc.normalized
         stages.update()
 
         stages.set_postfix_str("passage embeddings")
-        if passage_encoder:
-            p_model, p_tokenizer, p_pooling, p_max = load_encoder(passage_encoder)
-            p_folder = resolve(passage_encoder).path
-            if Path(p_folder).is_dir() and normalizes(p_folder) != normalized:
+        passage_spec = None
+        if passage_encoder and not same_model(passage_encoder, query_encoder):
+            # shipped, so that the device embeds the passages it adds as these were (edgerag add, sync)
+            p_enc = export_encoder(passage_encoder, "passage_encoder", "passage_tokenizer.json", work, bundle, opts)
+            if p_enc.normalized != normalized:
                 raise ValueError(f"the query encoder {'normalizes' if normalized else 'does not normalize'} its vectors and "
                                  f"the passage encoder {passage_encoder} {'does' if not normalized else 'does not'}: "
                                  "their inner products would not rank passages")
+            p_model, p_tokenizer, p_pooling, p_max = p_enc.model, p_enc.tokenizer, p_enc.pooling, p_enc.max_length
+            passage_spec = p_enc.spec
         else:
             p_model, p_tokenizer, p_pooling, p_max = enc_model, enc_tokenizer, pooling, max_length
         passage_format = passage_format or PASSAGE_FORMAT
+        if documents is not None:
+            def count_tokens(text: str) -> int:
+                return len(p_tokenizer(text, add_special_tokens=False)["input_ids"])
+            passages = [p for d in documents for p in cut_passages(d, count_tokens, min(192, p_max - 32))]
         vectors = embed_passages(p_model, p_tokenizer, p_pooling, p_max,
                                  [passage_format.format(title=p.title, text=p.text) for p in passages], opts.batch_size,
                                  normalized)
@@ -352,7 +402,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
 
         stages.set_postfix_str("index + passage store")
         build_index(vectors, bundle / "index.hnsw", opts.hnsw_m, opts.ef_construction)
-        write_passage_store(bundle / "passages.sqlite", passages)
+        write_passage_store(bundle / "passages.sqlite", passages, documents)
         compression_spec = None
         if compression is not None:
             settings = Compression.from_dict(compression)
@@ -377,8 +427,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
             onnx_encoder = QueryEncoder(make_session(path, None), Tokenizer.from_file(str(bundle / "query_tokenizer.json")),
                                         max_length)
             embedding_parity[name] = float(np.abs(onnx_encoder.encode(sample_questions) - reference).max())
-        encoder_parameters = sum(p.numel() for p in enc_model.parameters())
-        del enc_model
+        enc.model = p_model = enc_model = None  # the generator's turn: free the encoders
         stages.update()
 
         stages.set_postfix_str("generator")
@@ -396,12 +445,10 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
             created_unix=int(time.time()),
             versions=_versions(),
             sources={"query_encoder": str(query_encoder), "generator": str(generator),
-                     "passage_encoder": str(passage_encoder or query_encoder), "passages": str(passages_file)},
-            query_encoder=QueryEncoderSpec(onnx="query_encoder.onnx", tokenizer="query_tokenizer.json", pooling=pooling,
-                                           weights=enc_weights,
-                                           max_length=max_length, dim=int(vectors.shape[1]), normalized=normalized,
-                                           quantization=enc_quant, parameters=encoder_parameters,
-                                           graph_optimization=enc_optimization),
+                     "passage_encoder": str(passage_encoder or query_encoder),
+                     "passages": ", ".join(map(str, passages_paths))},
+            query_encoder=dataclasses.replace(enc.spec, dim=int(vectors.shape[1])),
+            passage_encoder=passage_spec and dataclasses.replace(passage_spec, dim=int(vectors.shape[1])),
             generator=gen_spec,
             prompt=prompt_spec,
             generation=GenerationSpec(k=opts.k, max_new_tokens=opts.max_new_tokens,

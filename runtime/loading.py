@@ -72,24 +72,8 @@ def _open(bundle: Path, manifest: Manifest, threads: int | None, reuse_prefix: s
         # prefill (the compressed demo bundle's p50 162 -> 105 ms on 2 cores; docs/bundle.md, "Memory and start-up")
         encoder = QueryEncoder(make_session(bundle / enc.onnx, threads, spinning=False),
                                Tokenizer.from_file(str(bundle / enc.tokenizer)), enc.max_length)
-    with _reading(bundle, idx.file):
-        index = hnswlib.Index(space=idx.space, dim=idx.dim)
-        index.load_index(str(bundle / idx.file), max_elements=idx.count)
-    if index.get_current_count() != idx.count:
-        raise BundleError(f"{idx.file} in bundle {bundle} holds {index.get_current_count()} vectors, "
-                          f"the manifest says {idx.count}")
-    index.set_ef(idx.ef)
-    with _reading(bundle, manifest.passages.file):
-        store = PassageStore(bundle / manifest.passages.file)
-        stored = store.count()
-    if stored != manifest.passages.count or manifest.passages.count != idx.count:
-        raise BundleError(f"{manifest.passages.file} in bundle {bundle} holds {stored} passages for "
-                          f"{idx.count} index vectors, the manifest says {manifest.passages.count}")
-    compression = pieces = None
-    if manifest.compression is not None:
-        with _reading(bundle, manifest.compression.file):
-            compression = manifest.compression.settings()
-            pieces = PieceVectors.load(bundle / manifest.compression.file, idx.count, manifest.compression.pieces, idx.dim)
+    index, store, pieces = open_corpus(bundle, manifest)
+    compression = manifest.compression.settings() if manifest.compression is not None else None
     template = manifest.prompt.template
     with _reading(bundle, gen.tokenizer):
         tokenizer = Tokenizer.from_file(str(bundle / gen.tokenizer))
@@ -124,6 +108,30 @@ def _encoder_decoder(bundle: Path, manifest: Manifest, threads, reuse_prefix, pr
 
 # family -> (bundle, manifest, threads, reuse_prefix, prefix ids, prompt_lookup) -> its generator
 GENERATORS = {"decoder-only": _decoder_only, "encoder-decoder": _encoder_decoder}
+
+
+def open_corpus(bundle: Path, manifest: Manifest) -> tuple[hnswlib.Index, PassageStore, PieceVectors | None]:
+    """The corpus files the manifest names, opened: the index, the passage store, the piece vectors."""
+    idx = manifest.index
+    with _reading(bundle, idx.file):
+        index = hnswlib.Index(space=idx.space, dim=idx.dim)
+        index.load_index(str(bundle / idx.file), max_elements=idx.count + idx.deleted)
+    if index.get_current_count() != idx.count + idx.deleted:
+        raise BundleError(f"{idx.file} in bundle {bundle} holds {index.get_current_count()} vectors, "
+                          f"the manifest says {idx.count} and {idx.deleted} deleted")
+    index.set_ef(idx.ef)
+    with _reading(bundle, manifest.passages.file):
+        store = PassageStore(bundle / manifest.passages.file)
+        stored = store.count()
+    if stored != manifest.passages.count or manifest.passages.count != idx.count:
+        raise BundleError(f"{manifest.passages.file} in bundle {bundle} holds {stored} passages for "
+                          f"{idx.count} index vectors, the manifest says {manifest.passages.count}")
+    pieces = None
+    if manifest.compression is not None:
+        with _reading(bundle, manifest.compression.file):
+            pieces = PieceVectors.load(bundle / manifest.compression.file, idx.labels or idx.count,
+                                       manifest.compression.pieces, idx.dim)
+    return index, store, pieces
 
 
 class _reading:

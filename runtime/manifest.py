@@ -16,7 +16,13 @@ Format version 1 (every bundle edgerag has written so far):
   prompt          the template pieces (see runtime.prompt) and stop token ids.
   generation      defaults: passages per question (k), new tokens, and the repetition_window
                   over which a looping answer is cut (added within version 1; older bundles get 16).
-  index/passages  hnswlib index (inner product) and the sqlite passage store.
+  index/passages  hnswlib index (inner product) and the sqlite passage store; an index label is
+                  the passage's store row. Within version 1, a corpus changed on the device
+                  (runtime.corpus) gets index.labels (labels used so far) and index.deleted (slots of
+                  removed passages still in the file), and the store's passages a source and their
+                  character offsets in it, with a table of documents.
+  passage_encoder optional (added within version 1): the graph that embeds passages, where it is not
+                  the query encoder; absent, the query encoder embeds them.
   compression     optional (added within version 1): a student that reads a compressed context
                   (runtime.compress). `file` holds every passage's piece vectors as raw little-endian
                   arrays: offsets [passages + 1] (int64, index row order), a scale per piece (float32),
@@ -132,6 +138,8 @@ class IndexSpec:
     M: int
     ef_construction: int
     ef: int                           # hnswlib does not save the query-time ef
+    labels: int = 0                   # labels (passage store rows) used so far: below it (0: count)
+    deleted: int = 0                  # slots of removed passages, marked deleted, in the index file
     library: str = "hnswlib"
     space: str = "ip"
     passage_format: str = "{title}: {text}"
@@ -169,6 +177,7 @@ class Manifest:
     index: IndexSpec
     passages: PassagesSpec
     compression: CompressionSpec | None = None
+    passage_encoder: QueryEncoderSpec | None = None   # where passages are embedded otherwise than questions
     files: dict[str, FileRecord] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
@@ -217,7 +226,8 @@ class Manifest:
                     "generation.repetition_window": (manifest.generation.repetition_window, 0),
                     "index.dim": (manifest.index.dim, 1), "index.count": (manifest.index.count, 0),
                     "index.M": (manifest.index.M, 2), "index.ef_construction": (manifest.index.ef_construction, 1),
-                    "index.ef": (manifest.index.ef, 1), "passages.count": (manifest.passages.count, 0)}
+                    "index.ef": (manifest.index.ef, 1), "index.labels": (manifest.index.labels, 0),
+                    "index.deleted": (manifest.index.deleted, 0), "passages.count": (manifest.passages.count, 0)}
         for key, (value, low) in at_least.items():
             if value < low:
                 raise BundleError(f"{where}: {key} is {value}; it must be at least {low}")
@@ -230,6 +240,13 @@ class Manifest:
                 c.settings()
             except (KeyError, TypeError, ValueError) as e:
                 raise BundleError(f"{where}: compression.selector must hold numbers dense and lexical ({e})") from None
+        if manifest.index.labels and manifest.index.labels < manifest.index.count:
+            raise BundleError(f"{where}: index.labels ({manifest.index.labels}) is below index.count "
+                              f"({manifest.index.count})")
+        p = manifest.passage_encoder
+        if p is not None and p.dim != manifest.query_encoder.dim:
+            raise BundleError(f"{where}: passage_encoder.dim ({p.dim}) differs from query_encoder.dim "
+                              f"({manifest.query_encoder.dim})")
         if manifest.index.dim != manifest.query_encoder.dim:
             raise BundleError(f"{where}: index.dim ({manifest.index.dim}) differs from query_encoder.dim "
                               f"({manifest.query_encoder.dim})")
@@ -246,6 +263,11 @@ class Manifest:
             named["compression.file"] = self.compression.file
         if self.query_encoder.weights:
             named["query_encoder.weights"] = self.query_encoder.weights
+        if self.passage_encoder is not None:
+            named["passage_encoder.onnx"] = self.passage_encoder.onnx
+            named["passage_encoder.tokenizer"] = self.passage_encoder.tokenizer
+            if self.passage_encoder.weights:
+                named["passage_encoder.weights"] = self.passage_encoder.weights
         if self.generator.weights:
             named["generator.weights"] = self.generator.weights
         return named
@@ -257,7 +279,10 @@ class Manifest:
         """manifest.json into `bundle`, written whole and then renamed into place."""
         path = Path(bundle) / MANIFEST
         tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_bytes(self.to_bytes())
+        with open(tmp, "wb") as f:
+            f.write(self.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the bytes it names
         tmp.replace(path)
 
 

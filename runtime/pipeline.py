@@ -28,8 +28,10 @@ from edgerag.runtime.compress import Compression, PieceVectors, compress_context
 from edgerag.runtime.decoder_only import DecoderOnlyGenerator
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
 from edgerag.runtime.generation import periodic_tail, repetition_cut
-from edgerag.runtime.loading import open_parts, weight_files
-from edgerag.runtime.manifest import Manifest, check_in_bundle, read_manifest
+from edgerag.runtime.corpus import (ChangeOptions, CorpusChange, PassageEmbedder, add_documents, corpus_files,
+                                    remove_documents, sync_documents)
+from edgerag.runtime.loading import open_corpus, open_parts, weight_files
+from edgerag.runtime.manifest import BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.memory import (AnswersInFlight, anonymous_regions, collapse_when_idle, huge_pages_allowed,
                                     read_weights_on_demand)
 from edgerag.runtime.prompt import (PromptError, PromptTemplate, TokenIds, build_prompt_ids, check_count,
@@ -89,9 +91,11 @@ class Pipeline:
     answers_in_flight: AnswersInFlight = field(default_factory=AnswersInFlight, repr=False)
     # the generator's tokenizer as `encode(text) -> ids` (no special tokens): the prompt's and the compressed context's
     token_ids: TokenIds = field(init=False, repr=False)
+    _next_label: int = field(init=False, repr=False)
 
     def __post_init__(self):
         self.token_ids = TokenIds(self.tokenizer)
+        self._next_label = self.manifest.index.labels or self.size  # the label add_passages gives next
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
@@ -115,11 +119,18 @@ class Pipeline:
         """
         check_prompt_lookup(prompt_lookup)
         bundle = Path(bundle)
-        manifest = read_manifest(bundle)
-        for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
-            check_in_bundle(bundle, name)
         before = anonymous_regions()
-        parts = open_parts(bundle, manifest, threads, reuse_prefix, retrieval_only, prompt_lookup, check)
+        for attempt in range(3):
+            manifest = read_manifest(bundle)
+            try:
+                for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
+                    check_in_bundle(bundle, name)
+                parts = open_parts(bundle, manifest, threads, reuse_prefix, retrieval_only, prompt_lookup, check)
+                break
+            except BundleError:
+                # a corpus change (runtime.corpus) may replace the files the manifest named meanwhile
+                if attempt == 2 or read_manifest(bundle).to_bytes() == manifest.to_bytes():
+                    raise
         pipeline = cls(bundle, manifest, **parts._asdict())
         return cls._opened(pipeline, retrieval_only, [bundle / name for name in weight_files(manifest)], before)
 
@@ -149,21 +160,45 @@ class Pipeline:
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, scores) of the k nearest passages for each embedding."""
         with self._retrieval_lock:
-            k = min(k, self.size)
-            self.index.set_ef(max(self.manifest.index.ef, k))
+            return self._search(embeddings, k)
+
+    def _search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.size)
+        if k == 0:
+            return np.zeros((len(embeddings), 0), np.uint64), np.zeros((len(embeddings), 0), np.float32)
+        self.index.set_ef(max(self.manifest.index.ef, k))
+        try:
+            rows, distances = self.index.knn_query(embeddings, k=k)
+        except RuntimeError:
+            # removed passages' slots still sit in the graph: a small ef may then find fewer than
+            # k live ones (hnswlib's "Cannot return the results in a contiguous 2D array")
+            self.index.set_ef(self.index.get_current_count())
             rows, distances = self.index.knn_query(embeddings, k=k)
         return rows, 1.0 - distances  # hnswlib's 'ip' distance is 1 - dot product
 
+    def _look_up(self, embeddings: np.ndarray, k: int) -> list[tuple[list[dict], list | None]]:
+        """For each embedding, its top-k passages and their piece vectors (None where the bundle does
+        not compress), taken in one step: a corpus reloaded meanwhile is seen whole or not at all."""
+        with self._retrieval_lock:
+            rows, scores = self._search(embeddings, k)
+            return [(self._passages_at(r, s), self.piece_vectors(r) if self.compression is not None else None)
+                    for r, s in zip(rows, scores)]
+
     def retrieve(self, question: str, k: int | None = None) -> list[dict]:
         check_question(question)
-        rows, scores = self.search(self.encoder.encode([question]), self._k(k))
-        return self.passages_at(rows[0], scores[0])
+        vector = self.encoder.encode([question])
+        with self._retrieval_lock:
+            rows, scores = self._search(vector, self._k(k))
+            return self._passages_at(rows[0], scores[0])
 
     def passages_at(self, rows, scores=None) -> list[dict]:
         """The passages at index rows, as {"id", "title", "score", "text"}."""
-        scores = [None] * len(rows) if scores is None else [float(s) for s in scores]
         with self._retrieval_lock:
-            found = self.store.get(rows)
+            return self._passages_at(rows, scores)
+
+    def _passages_at(self, rows, scores=None) -> list[dict]:
+        scores = [None] * len(rows) if scores is None else [float(s) for s in scores]
+        found = self.store.get(rows)
         return [{"id": pid, "title": title, "score": score, "text": text}
                 for (pid, title, text), score in zip(found, scores)]
 
@@ -188,15 +223,61 @@ class Pipeline:
                 keep = [i for i, p in enumerate(chunk) if p[0] not in known]
                 if not keep:
                     continue
-                rows = np.arange(self.size, self.size + len(keep))
-                self.index.resize_index(self.size + len(keep))
+                rows = np.arange(self._next_label, self._next_label + len(keep))
+                self.index.resize_index(self.index.get_current_count() + len(keep))
                 self.index.add_items(vectors[keep], rows)
+                self._next_label += len(keep)
                 self.store.add(rows, [chunk[i] for i in keep])
                 if self.compression is not None:
                     self._added_pieces.update(zip(rows.tolist(), self._embed_pieces([chunk[i][1:] for i in keep])))
                 self.size += len(keep)
             added += len(keep)
         return added
+
+    # the bundle's documents, changed on disk (runtime.corpus) --------------------------------
+    def add_documents(self, paths, options: ChangeOptions | None = None) -> CorpusChange:
+        """Add files and folders to the bundle on disk (runtime.corpus.add_documents), then answer from it."""
+        return self._changed(add_documents(self.path, paths, options, self._passage_embedder()))
+
+    def remove_documents(self, sources, options: ChangeOptions | None = None) -> CorpusChange:
+        return self._changed(remove_documents(self.path, sources, options))
+
+    def sync_documents(self, folder, options: ChangeOptions | None = None) -> CorpusChange:
+        return self._changed(sync_documents(self.path, folder, options, self._passage_embedder()))
+
+    def _passage_embedder(self) -> PassageEmbedder:
+        # the query encoder's session serves where it also embeds passages; a passage encoder loads per change
+        shared = self.encoder if self.manifest.passage_encoder is None else None
+        return PassageEmbedder(self.path, self.manifest, shared)
+
+    def _changed(self, change: CorpusChange) -> CorpusChange:
+        if change.changed:
+            self.reload_corpus()
+        return change
+
+    def reload_corpus(self) -> bool:
+        """Answer from the bundle's corpus as it is on disk now, if it changed (another process's
+        `edgerag sync`, say). Questions in flight finish on the corpus they started with; passages
+        added in memory (add_passages) are dropped. Returns whether it changed."""
+        for attempt in range(3):
+            manifest = read_manifest(self.path)
+            if manifest.to_bytes() == self.manifest.to_bytes():
+                return False
+            try:
+                verify(self.path, manifest, corpus_files(manifest))
+                index, store, pieces = open_corpus(self.path, manifest)
+                break
+            except BundleError:
+                if attempt == 2 or read_manifest(self.path).to_bytes() == manifest.to_bytes():
+                    raise
+                # a change replaced the files between reading the manifest and opening them: read again
+        with self._retrieval_lock:
+            old_store = self.store
+            self.manifest, self.index, self.store, self.pieces = manifest, index, store, pieces
+            self.size, self._next_label = manifest.index.count, manifest.index.labels or manifest.index.count
+            self._added_pieces = {}
+            old_store.close()
+        return True
 
     # the compressed context --------------------------------------------------------------
     def context(self, question: str, query_vector: np.ndarray, passages: list[tuple[str, str]],
@@ -304,18 +385,14 @@ class Pipeline:
         vector = self.encoder.encode([question])
         timings["encode_ms"] = (time.perf_counter() - started) * 1000
         t = time.perf_counter()
-        rows, scores = self.search(vector, k)
+        (passages, piece_vectors), = self._look_up(vector, k)
         timings["search_ms"] = (time.perf_counter() - t) * 1000
-        passages = self.passages_at(rows[0], scores[0])
-        context = self._context_timed(question, vector[0], passages, rows[0], timings)
+        context = self._context_timed(question, vector[0], passages, piece_vectors, timings)
         return (yield from self._answer(question, passages, context, max_new_tokens, timings, started, deadline, cancel))
 
-    def _context_timed(self, question: str, vector, passages: list[dict], rows, timings: dict) -> list[tuple[str, str]]:
+    def _context_timed(self, question: str, vector, passages: list[dict], piece_vectors, timings: dict) -> list[tuple[str, str]]:
         t = time.perf_counter()
-        pairs = [(p["title"], p["text"]) for p in passages]
-        with self._retrieval_lock:  # added passages' piece vectors change with add_passages
-            vectors = self.piece_vectors(rows) if self.compression is not None else None
-        context = self.context(question, vector, pairs, vectors)
+        context = self.context(question, vector, [(p["title"], p["text"]) for p in passages], piece_vectors)
         timings["compress_ms"] = (time.perf_counter() - t) * 1000
         return context
 
@@ -353,14 +430,13 @@ class Pipeline:
         vectors = self.encoder.encode(questions)
         encode_ms = (time.perf_counter() - started) * 1000 / max(len(questions), 1)
         t = time.perf_counter()
-        rows, scores = self.search(vectors, k)
+        found = self._look_up(vectors, k)
         search_ms = (time.perf_counter() - t) * 1000 / max(len(questions), 1)
         answers = []
-        for q, vector, r, s in zip(questions, vectors, rows, scores):
+        for q, vector, (passages, piece_vectors) in zip(questions, vectors, found):
             timings = {"encode_ms": encode_ms, "search_ms": search_ms}
             started = time.perf_counter()
-            passages = self.passages_at(r, s)
-            context = self._context_timed(q, vector, passages, r, timings)
+            context = self._context_timed(q, vector, passages, piece_vectors, timings)
             answers.append(_drain(self._answer(q, passages, context, max_new_tokens, timings, started)))
         return answers
 

@@ -40,6 +40,9 @@ class PassageStore:
         self.db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
         self.extra: dict[int, tuple[str, str, str]] = {}  # passages added in memory, by index row
 
+    def close(self) -> None:
+        self.db.close()
+
     def count(self) -> int:
         """Passages in the bundle's store (added ones aside)."""
         return self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]

@@ -4,6 +4,8 @@
                                or server-sent events: `token` events, then one `answer` event
     POST /v1/chat/completions  OpenAI's chat format (streaming chunks too); the last user message is
                                the question, the passages come back in an extra `passages` field
+    POST /v1/reload            answer from the bundle's documents as they are on disk now (after
+                               `edgerag add`, `remove` or `sync`), without a restart
     GET  /health, GET /v1/info
 
 Starlette on uvicorn: a small, well-kept ASGI stack (routing, streaming responses, a production
@@ -22,6 +24,7 @@ runtime.openai_api, and what both share (options, admission, a request's answer)
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import threading
 import time
@@ -84,6 +87,14 @@ class AskApi:
         pieces = await service.start(question, k, max_new, deadline, cancel)
         return StreamingResponse(answer_events(pieces, cancel), media_type="text/event-stream")
 
+    async def reload(self, request: Request):
+        """Answer from the bundle's corpus as it is on disk now (after `edgerag sync`, say); questions
+        in flight finish on the one they started with."""
+        self.service.authorize(request)
+        pipeline = self.service.pipeline
+        changed = await asyncio.to_thread(pipeline.reload_corpus)
+        return JSONResponse({"reloaded": changed, "passages": pipeline.size})
+
     async def info(self, request: Request):
         service, opts, pipeline = self.service, self.service.opts, self.service.pipeline
         service.authorize(request)
@@ -129,7 +140,8 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
     own, chat = AskApi(service), ChatCompletions(service)
     routes = [Route("/v1/ask", own.ask, methods=["POST"]),
               Route("/v1/chat/completions", chat.endpoint, methods=["POST"]),
-              Route("/health", health, methods=["GET"]), Route("/v1/info", own.info, methods=["GET"])]
+              Route("/health", health, methods=["GET"]), Route("/v1/info", own.info, methods=["GET"]),
+              Route("/v1/reload", own.reload, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, PromptError: on_prompt_error,
                                                         HTTPException: on_http_error, Exception: on_error})
 
