@@ -127,7 +127,7 @@ def test_workstation_command_on_base_install_names_the_extra(tiny_models, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-SUBCOMMANDS = ("ask", "serve", "verify", "export", "distill", "eval", "bench")
+SUBCOMMANDS = ("ask", "serve", "verify", "add", "remove", "sync", "export", "distill", "eval", "bench")
 
 
 def _listed(help_text: str) -> set[str]:

@@ -281,3 +281,52 @@ def test_real_encoder_finds_an_added_file_first(tiny_models, tmp_path, capsys):
     assert pipeline.retrieve("When does the island ferry leave?", k=1)[0]["id"].startswith("ferry.pdf#")
     assert main(["ask", str(bundle), "When was the Cape Morrow lighthouse built?", "--max-new-tokens", "2"]) == 0
     assert "[1] lighthouse" in capsys.readouterr().out
+
+
+def test_a_passage_encoder_is_shipped_and_embeds_what_is_added(tiny_models, tmp_path):
+    """Where passages are embedded by another encoder than questions, the bundle carries it, and a
+    passage added on the device gets the vector that encoder gives, not the query encoder's."""
+    pytest.importorskip("torch")
+    from tokenizers import Tokenizer
+
+    from edgerag.export import ExportOptions
+    from edgerag.export.bundle import export_bundle
+    from edgerag.runtime import QueryEncoder, make_session
+    from edgerag.train.tiny import make_tiny_encoder, tiny_corpus_texts
+
+    encoder, generator, _, squad = tiny_models
+    other = make_tiny_encoder(tmp_path / "passage-encoder", tiny_corpus_texts(), heads=4, max_length=64,
+                              initializer_range=0.02, seed=1)
+    bundle = export_bundle(str(encoder), str(generator), squad, tmp_path / "bundle", passage_encoder=str(other),
+                           options=ExportOptions(quantize="none", quantize_encoder="none", max_new_tokens=4,
+                                                 max_context=256, parity_questions=2))
+    manifest = verify(bundle)
+    assert manifest.passage_encoder is not None and manifest.passage_encoder.onnx in manifest.files
+    folder = write_documents(tmp_path / "docs")
+    sync_documents(bundle, folder)
+    pipeline = check_consistent(bundle)
+    row, pid, _ = next(r for r in store_rows(bundle) if r[2] == "notes.txt")
+    _, title, text = pipeline.store.get([row])[0]
+    stored = np.asarray(pipeline.index.get_items([row]))[0]
+    formatted = [manifest.index.passage_format.format(title=title, text=text)]
+
+    def embedding(spec):
+        return QueryEncoder(make_session(bundle / spec.onnx, 1), Tokenizer.from_file(str(bundle / spec.tokenizer)),
+                            spec.max_length).encode(formatted)[0]
+    np.testing.assert_allclose(stored, embedding(manifest.passage_encoder), atol=1e-5)
+    assert np.abs(stored - embedding(manifest.query_encoder)).max() > 1e-2
+
+
+@pytest.mark.skipif(not (ROOT / ".venv-base" / ".installed").exists(), reason="make install-base builds the base venv")
+def test_documents_change_on_the_base_install(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path)
+    folder = write_documents(tmp_path / "docs")
+    python = ROOT / ".venv-base" / "bin" / "python"
+    code = ("import sys; from edgerag.cli import main; status = main(sys.argv[1:]); "
+            "heavy = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]; "
+            "print('heavy', heavy); sys.exit(status)")
+    for args in (["sync", str(bundle), str(folder)], ["remove", str(bundle), "notes.txt"]):
+        result = subprocess.run([python, "-c", code, *args], capture_output=True, text=True)
+        assert result.returncode == 0 and "heavy []" in result.stdout, result.stdout + result.stderr
+    assert set(stored_documents(bundle)) == {"lighthouse.md", "sub/page.html"}
+    check_consistent(bundle)
