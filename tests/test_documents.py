@@ -1,4 +1,5 @@
-"""edgerag.runtime.documents: a user's files -> Documents -> passages, on real files (PDFs built here)."""
+"""edgerag.runtime.documents: a user's files -> Documents -> passages, on real files (PDFs written by
+edgerag.benchmarks.documents.write_pdf)."""
 
 import random
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from edgerag.benchmarks.documents import write_pdf as make_pdf
 from edgerag.runtime.documents import (Document, DocumentError, Skipped, cut_passages, find_files, read_document,
                                        read_documents)
 
@@ -30,29 +32,6 @@ def minilm_tokens():
     tokenizer.no_truncation()  # the file truncates to 128 and pads, which would hide long passages
     tokenizer.no_padding()
     return lambda text: len(tokenizer.encode(text).ids)
-
-
-def make_pdf(path: Path, pages: list[str]) -> Path:
-    """A minimal valid PDF: one Helvetica text line per page, with its xref table."""
-    n = len(pages)
-    kids = " ".join(f"{3 + 2 * i} 0 R" for i in range(n))
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", f"<< /Type /Pages /Kids [{kids}] /Count {n} >>".encode()]
-    for i, text in enumerate(pages):
-        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
-        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {4 + 2 * i} 0 R "
-                       f"/Resources << /Font << /F1 {3 + 2 * n} 0 R >> >> >>".encode())
-        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
-    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    path.write_bytes(bytes(out))
-    return path
 
 
 def check_passages(document: Document, passages, count, max_tokens):
