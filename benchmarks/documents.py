@@ -132,7 +132,9 @@ def write_squad(path: Path, articles: dict[str, list[str]], squad_path) -> None:
     """A SQuAD file of the given articles, their questions kept (export samples its parity prompts from them)."""
     raw = gzip.open(squad_path).read() if str(squad_path).endswith(".gz") else Path(squad_path).read_bytes()
     data = json.loads(raw)
-    path.write_text(json.dumps({"version": "1.1", "data": [a for a in data["data"] if a["title"] in articles]}))
+    kept = [a for a in data["data"] if a.get("title", "").replace("_", " ") in articles]  # read_squad's titles
+    assert len(kept) == len(articles), "every article written"
+    path.write_text(json.dumps({"version": "1.1", "data": kept}))
 
 
 def updated_vs_fresh(student: Path, squad_path, n: int, work: Path, seed: int = 0) -> dict:

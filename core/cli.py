@@ -34,7 +34,8 @@ def require_workstation(command: str) -> None:
 def cmd_ask(args) -> int:
     from edgerag.runtime import Pipeline
 
-    pipeline = Pipeline.load(args.bundle, threads=args.threads, check=not args.no_verify, prompt_lookup=args.prompt_lookup)
+    pipeline = Pipeline.load(args.bundle, threads=args.threads, check=not args.no_verify, prompt_lookup=args.prompt_lookup,
+                             answers=args.answers)
     if args.question is not None:
         questions = [args.question]
     else:
@@ -154,7 +155,9 @@ def cmd_eval(args) -> int:
 
     if not (Path(args.model) / MANIFEST).exists():
         require_workstation("eval")  # a model folder runs in torch; a bundle needs the base install only
-    result = evaluate_model(args.model, args.questions, args.corpus, args.n, args.k)
+    if args.answers and not (Path(args.model) / MANIFEST).exists():
+        raise ValueError("--answers applies to a bundle; a model folder answers with its own tokens")
+    result = evaluate_model(args.model, args.questions, args.corpus, args.n, args.k, answers=args.answers)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -192,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--prompt-lookup", type=int, default=None,
                      help="tokens drafted per decode step from the prompt (prompt lookup; default: the runtime's, 0: none)")
     ask.add_argument("--no-verify", action="store_true", help="skip the checksum check at load")
+    ask.add_argument("--answers", choices=("spans", "free"), default=None,
+                     help="spans: every answer a span of the context read; free: the generator's own tokens "
+                          "(default: the bundle's setting)")
     ask.set_defaults(func=cmd_ask)
 
     srv = sub.add_parser("serve", help="answer over HTTP: /v1/ask, OpenAI's /v1/chat/completions (device; extra [serve])")
@@ -259,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=None,
                    help="passages retrieved per question (default: the model's own; 3 for a model that does not say)")
     e.add_argument("--out", required=True, help="where to write the metrics JSON")
+    e.add_argument("--answers", choices=("spans", "free"), default=None,
+                   help="a bundle's answers: spans of the context read, or free (default: the bundle's setting)")
     e.set_defaults(func=cmd_eval)
 
     from edgerag.benchmarks.bench import add_cli as add_bench  # its top level imports nothing heavy

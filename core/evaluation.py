@@ -15,15 +15,16 @@ import time
 from pathlib import Path
 
 from edgerag.data import Passage, Question, data_path, read_passages, read_questions, sample_questions
-from edgerag.metrics import RECALL_DEPTH, context_figures, score, write_answers
+from edgerag.metrics import RECALL_DEPTH, context_figures, garbled_copies, score, write_answers
 
 
 def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Passage] | None, k: int = 3,
-                    answers_out: Path | None = None) -> dict:
-    """Metrics of an exported bundle through the device runtime; `passages` (if given) are added to its corpus."""
+                    answers_out: Path | None = None, answers: str | None = None) -> dict:
+    """Metrics of an exported bundle through the device runtime; `passages` (if given) are added to its
+    corpus; answers: "spans" or "free" (None: the bundle's setting)."""
     from edgerag.runtime import Pipeline
 
-    p = Pipeline.load(bundle)
+    p = Pipeline.load(bundle, answers=answers)
     if passages:
         p.add_passages([(x.id, x.title, x.text) for x in passages])
     open_answers, ranked_ids, gold_answers, read = [], [], [], []
@@ -38,8 +39,10 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
         ranked_ids.append([d["id"] for d in p.retrieve(q.question, RECALL_DEPTH)])
         gold_answers.append(p.answer_with_passages(q.question, [(q.title, q.context)]).answer)
     result = score(questions, open_answers, ranked_ids, gold_answers)
-    result.update(context_figures(questions, [p.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts],
-                                  [len(ids) for ids in prompts]))
+    prompts_text = [p.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+    result.update(context_figures(questions, prompts_text, [len(ids) for ids in prompts]))
+    result.update(garbled_copies(questions, open_answers, prompts_text))
+    result["answers"] = p.answers
     result.update({"generator_params": p.manifest.generator.parameters,
                    "encoder_params": p.manifest.query_encoder.parameters,
                    "seconds_per_question": round(seconds, 4)})
@@ -49,7 +52,7 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
 
 
 def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int | None = None, seed: int = 0,
-                   batch_size: int = 8, answers_out=None) -> dict:
+                   batch_size: int = 8, answers_out=None, answers: str | None = None) -> dict:
     """Evaluate a teacher/student folder or a bundle on a SQuAD-format file.
 
     The corpus is `corpus_path` (SQuAD or JSONL) if given, else the passages of the questions file.
@@ -68,7 +71,7 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
 
             k = read_manifest(model_path).generation.k
         passages = read_passages(corpus_path) if corpus_path else None
-        metrics = evaluate_bundle(model_path, questions, passages, k, answers_out)
+        metrics = evaluate_bundle(model_path, questions, passages, k, answers_out, answers)
     else:
         if not ((model_path / "generator").is_dir() or (model_path / "rag").is_dir()) or not (model_path / "query_encoder").is_dir():
             raise FileNotFoundError(f"{model_path}: neither a bundle (manifest.json) nor a model folder (query_encoder/ and generator/)")

@@ -87,6 +87,15 @@ def context_figures(questions, prompts_text: list[str], prompt_lengths: list[int
     return {"prompt_tokens": round(sum(prompt_lengths) / n, 1), "answer_in_context": round(100.0 * sum(contains) / n, 2)}
 
 
+def garbled_copies(questions, answers: list[str], prompts_text: list[str]) -> dict:
+    """Of the questions whose prompt holds a gold answer, the share (0-100) whose answer appears
+    nowhere in it: a copy gone wrong ("Pantu Steelers" for "Pittsburgh Steelers"), not a wrong span."""
+    held = [(answer, normalize_answer(text)) for q, answer, text in zip(questions, answers, prompts_text)
+            if any(normalize_answer(a) in normalize_answer(text) for a in q.answers)]
+    garbled = sum(normalize_answer(answer) not in text for answer, text in held)
+    return {"garbled_copies": round(100.0 * garbled / max(len(held), 1), 2)}
+
+
 def write_answers(path, questions, open_answers, gold_answers, ranked_ids) -> None:
     """Every question's answers and retrieved passage ids, as JSONL (written whole, then renamed)."""
     path = Path(path)

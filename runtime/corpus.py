@@ -130,17 +130,22 @@ class PassageEmbedder:
         self.tokenizer.no_padding()
         self.encoder = encoder or QueryEncoder(make_session(bundle / spec.onnx, None), Tokenizer.from_file(
             str(bundle / spec.tokenizer)), spec.max_length)
-        self.max_length = spec.max_length
+        self.max_length, self.dim = spec.max_length, spec.dim
         self.passage_format = manifest.index.passage_format
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def embed(self, pairs: list[tuple[str, str]], batch_size: int = 32) -> np.ndarray:
-        """(title, text) pairs -> vectors, as export embeds them (the index's passage format)."""
+    def embed(self, pairs: list[tuple[str, str]], batch_size: int = 16) -> np.ndarray:
+        """(title, text) pairs -> vectors, as export embeds them (the index's passage format). Batches
+        hold texts of similar length: a batch is padded to its longest."""
         texts = [self.passage_format.format(title=t, text=x) for t, x in pairs]
-        parts = [self.encoder.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        vectors = np.zeros((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), batch_size):
+            chosen = order[start:start + batch_size]
+            vectors[chosen] = self.encoder.encode([texts[i] for i in chosen])
+        return vectors
 
 
 @dataclass
@@ -278,8 +283,10 @@ def _change(bundle: Path, plan: Callable, skipped: list[Skipped], options: Chang
         vectors = embedder.embed([(p.title, p.text) for p in passages])
         pieces = None
         if manifest.compression is not None:
-            pieces = [embedder.embed([(p.title, piece) for piece in split_pieces(p.text, manifest.compression.max_piece_words)])
-                      for p in passages]
+            cut = [split_pieces(p.text, manifest.compression.max_piece_words) for p in passages]
+            flat = embedder.embed([(p.title, piece) for p, texts in zip(passages, cut) for piece in texts])
+            bounds = np.cumsum([0] + [len(texts) for texts in cut])
+            pieces = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         _write_version(bundle, manifest, stored, remove, kept_adds, passages, vectors, pieces, options, change)
     change.seconds = time.perf_counter() - started
     return change

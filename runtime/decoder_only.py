@@ -153,7 +153,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
             if "position_ids" in self.input_names:
                 inputs["position_ids"] = positions
             logits, *presents = run_bound(self.session, binding, inputs, cache, ["logits", *self.present_outputs])
-            token = int(logits.numpy()[0, -1].argmax())
+            token = result.choose(logits.numpy()[0, -1])
             self._record(result, step, start, prompt_ids, presents)
             result.decode_tokens += step > 0
             yield token
@@ -211,7 +211,7 @@ class DecoderOnlyGenerator(GreedyDecoder):
                 mask[0, length:length + count] = 1
                 length += count
             self.session.run_with_iobinding(binding)  # writes the logits and appends to kv_buffers
-            chosen = kept[0].argmax(-1)
+            chosen = result.choose_checking(kept[0], ids[0, 1:len(kept[0])])  # at the prefill: no draft
             accepted = 0  # the leading drafts that the model chose itself
             while accepted < len(chosen) - 1 and chosen[accepted] == ids[0, accepted + 1]:
                 accepted += 1

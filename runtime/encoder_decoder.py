@@ -67,7 +67,7 @@ class EncoderDecoderGenerator(GreedyDecoder):
         for step in range(max_new_tokens):
             logits, *presents = run_bound(self.decoder, binding, {"input_ids": ids, "encoder_attention_mask": encoder_mask},
                                           {**cache, **cross}, ["logits", *self.present_outputs])
-            token = int(logits.numpy()[0].argmax())
+            token = result.choose(logits.numpy()[0])
             elapsed = (time.perf_counter() - start) * 1000
             if step == 0:
                 result.prefill_ms = elapsed  # the encoder and the first decoder step

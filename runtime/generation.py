@@ -1,7 +1,7 @@
 """What both generation loops share (runtime.decoder_only's and runtime.encoder_decoder's): the
 step interface a generator implements, the Generation a call returns (which holds the one stop
-check), the greedy calls around a loop, one step over an IOBinding, prompt lookup's draft, and the
-repetition cut that ends a looping answer."""
+check and the choice of a token, constrained to spans of the context where asked), the greedy calls
+around a loop, and the repetition cut that ends a looping answer."""
 
 from __future__ import annotations
 
@@ -11,10 +11,61 @@ import numpy as np
 
 from edgerag.runtime.session import ORT_DTYPES
 
+class SpanConstraint:
+    """Answers that are spans of what the generator read. At each step the token chosen is the model's
+    most likely one that keeps the answer a substring of the context (case and runs of white space
+    aside), or a stop token; where none of its CANDIDATES most likely tokens does, the answer ends.
+    Checked on text, not token ids: an answer's first token is often spelled otherwise in the context
+    (no leading space after the template's line break)."""
+
+    CANDIDATES = 64
+
+    def __init__(self, context: str, decode: Callable[[list[int]], str], stop_token_ids: Container[int]):
+        self.context = _squeezed(context)
+        self.decode = decode
+        self.stop = sorted(stop_token_ids)
+
+    def allows(self, tokens: list[int]) -> bool:
+        text = self.decode(tokens)
+        whole = text.rstrip("\ufffd")
+        span = _squeezed(whole).lstrip()
+        if len(whole) == len(text):
+            return span in self.context
+        # a character whose bytes are split over tokens decodes to U+FFFD until its last byte comes:
+        # allowed where the context has a character of several bytes (not ASCII) after the span
+        if len(text) - len(whole) > 3:
+            return False
+        at = self.context.find(span)
+        while at >= 0:
+            following = self.context[at + len(span):at + len(span) + 1]
+            if following and ord(following) > 127:
+                return True
+            at = self.context.find(span, at + 1)
+        return False
+
+    def choose(self, logits: np.ndarray, tokens: list[int]) -> int:
+        # no stop inside a character: its bytes must all come first
+        can_stop = not self.decode(tokens).endswith("\ufffd")
+        best = int(logits.argmax())
+        if (best in self.stop and can_stop) or (best not in self.stop and self.allows(tokens + [best])):
+            return best
+        top = np.argpartition(-logits, self.CANDIDATES)[:self.CANDIDATES]
+        for token in map(int, top[np.argsort(-logits[top])]):
+            if (token in self.stop and can_stop) or (token not in self.stop and self.allows(tokens + [token])):
+                return token
+        return self.stop[0]
+
+
+def _squeezed(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
 class Generation:
     """One greedy generation: iterate it for the new token ids; its figures fill in as it runs."""
 
-    def __init__(self, decode: Callable[["Generation"], Iterator[int]], stop_token_ids: Container[int]):
+    def __init__(self, decode: Callable[["Generation"], Iterator[int]], stop_token_ids: Container[int],
+                 constraint: SpanConstraint | None = None):
+        self.constraint = constraint
         self.tokens: list[int] = []
         self.prefill_ms = 0.0
         # the time of each forward pass after the prefill, in order, the one that produced a stop
@@ -27,6 +78,23 @@ class Generation:
         self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end
         self._stop = stop_token_ids
         self._steps = decode(self)  # the decoding loop, which records its figures on this object
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The next token from a position's logits: the argmax, or the constraint's choice."""
+        return int(logits.argmax()) if self.constraint is None else self.constraint.choose(logits, self.tokens)
+
+    def choose_checking(self, logits: np.ndarray, draft: np.ndarray) -> np.ndarray:
+        """The token at each of a step's positions, the answer so far followed by the draft before it:
+        under a constraint, the positions after the first that differs from its draft are -1 (the
+        step accepts no draft beyond it)."""
+        if self.constraint is None:
+            return logits.argmax(-1)
+        chosen = np.full(len(logits), -1, dtype=np.int64)
+        for j in range(len(logits)):
+            chosen[j] = self.constraint.choose(logits[j], self.tokens + [int(t) for t in draft[:j]])
+            if j >= len(draft) or chosen[j] != draft[j]:
+                break
+        return chosen
 
     @property
     def decode_ms(self) -> float:
@@ -66,9 +134,10 @@ class GreedyDecoder:
     def steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
         raise NotImplementedError
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
-        """Greedy decoding from `prompt_ids`, token by token as the result is iterated; the stop token is not yielded."""
-        return Generation(lambda result: self.steps(result, prompt_ids, max_new_tokens), self.stop)
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, constraint: SpanConstraint | None = None) -> Generation:
+        """Greedy decoding from `prompt_ids`, token by token as the result is iterated; the stop token is
+        not yielded. constraint: the answer a span of the context (SpanConstraint)."""
+        return Generation(lambda result: self.steps(result, prompt_ids, max_new_tokens), self.stop, constraint)
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
         """The whole generation at once."""

@@ -15,7 +15,8 @@ Format version 1 (every bundle edgerag has written so far):
                   A new family adds its own generation loop in runtime.loading.GENERATORS.
   prompt          the template pieces (see runtime.prompt) and stop token ids.
   generation      defaults: passages per question (k), new tokens, and the repetition_window
-                  over which a looping answer is cut (added within version 1; older bundles get 16).
+                  over which a looping answer is cut (added within version 1; older bundles get 16),
+                  and answers: "spans" (each a span of the context read) or "free" (older bundles).
   index/passages  hnswlib index (inner product) and the sqlite passage store; an index label is
                   the passage's store row. Within version 1, a corpus changed on the device
                   (runtime.corpus) gets index.labels (labels used so far) and index.deleted (slots of
@@ -51,6 +52,7 @@ from edgerag.runtime.prompt import PromptTemplate
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SUPPORTED_FAMILIES = ("decoder-only", "encoder-decoder")
+ANSWER_KINDS = ("spans", "free")
 
 
 class BundleError(Exception):
@@ -128,6 +130,7 @@ class GenerationSpec:
     max_new_tokens: int
     strategy: str = "greedy"
     repetition_window: int = 16       # cut an answer whose last N tokens repeat one block (0: never)
+    answers: str = "free"             # "spans": an answer is a span of the context read (runtime.generation.SpanConstraint)
 
 
 @dataclass
@@ -231,6 +234,9 @@ class Manifest:
         for key, (value, low) in at_least.items():
             if value < low:
                 raise BundleError(f"{where}: {key} is {value}; it must be at least {low}")
+        if manifest.generation.answers not in ANSWER_KINDS:
+            raise BundleError(f"{where}: generation.answers is {manifest.generation.answers!r}; it must be one of "
+                              f"{', '.join(ANSWER_KINDS)}")
         c = manifest.compression
         if c is not None:
             for key, value in (("passages", c.passages), ("budget", c.budget), ("max_piece_words", c.max_piece_words)):

@@ -27,11 +27,11 @@ from tokenizers.decoders import DecodeStream
 from edgerag.runtime.compress import Compression, PieceVectors, compress_context, split_pieces
 from edgerag.runtime.decoder_only import DecoderOnlyGenerator
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
-from edgerag.runtime.generation import periodic_tail, repetition_cut
+from edgerag.runtime.generation import SpanConstraint, periodic_tail, repetition_cut
 from edgerag.runtime.corpus import (ChangeOptions, CorpusChange, PassageEmbedder, add_documents, corpus_files,
                                     remove_documents, sync_documents)
 from edgerag.runtime.loading import open_corpus, open_parts, weight_files
-from edgerag.runtime.manifest import BundleError, Manifest, check_in_bundle, read_manifest, verify
+from edgerag.runtime.manifest import ANSWER_KINDS, BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.memory import (AnswersInFlight, anonymous_regions, collapse_when_idle, huge_pages_allowed,
                                     read_weights_on_demand)
 from edgerag.runtime.prompt import (PromptError, PromptTemplate, TokenIds, build_prompt_ids, check_count,
@@ -91,16 +91,19 @@ class Pipeline:
     answers_in_flight: AnswersInFlight = field(default_factory=AnswersInFlight, repr=False)
     # the generator's tokenizer as `encode(text) -> ids` (no special tokens): the prompt's and the compressed context's
     token_ids: TokenIds = field(init=False, repr=False)
+    # "spans": every answer a span of the context the generator read; "free": the generator's own tokens
+    answers: str = field(init=False)
     _next_label: int = field(init=False, repr=False)
 
     def __post_init__(self):
         self.token_ids = TokenIds(self.tokenizer)
         self._next_label = self.manifest.index.labels or self.size  # the label add_passages gives next
+        self.answers = self.manifest.generation.answers
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
              reuse_prefix: str | bool = "template", retrieval_only: bool = False,
-             prompt_lookup: int | None = None) -> "Pipeline":
+             prompt_lookup: int | None = None, answers: str | None = None) -> "Pipeline":
         """Load a bundle directory. Every file's checksum is verified (`check=False` skips that): the weight
         files' beside the loading, every other file's before it is parsed.
 
@@ -113,11 +116,16 @@ class Pipeline:
         prompt_lookup: tokens drafted per decode step from the prompt, where the generator graph
         takes them (None: DecoderOnlyGenerator.PROMPT_LOOKUP; 0: one token per step).
 
+        answers: "spans" makes every answer a span of the context the generator read, "free" leaves
+        the generator's tokens as they are (None: the bundle's setting, generation.answers).
+
         Threads may share a Pipeline: ask, stream, ask_batch and retrieve keep no state between
         calls (with "previous", an answer depends on the previous prompt within the quantization
         error of int8sq), retrieval is serialized and generation runs concurrently.
         """
         check_prompt_lookup(prompt_lookup)
+        if answers is not None and answers not in ANSWER_KINDS:
+            raise ValueError(f"answers is {answers!r}; choose from {', '.join(ANSWER_KINDS)}")
         bundle = Path(bundle)
         before = anonymous_regions()
         for attempt in range(3):
@@ -132,6 +140,7 @@ class Pipeline:
                 if attempt == 2 or read_manifest(bundle).to_bytes() == manifest.to_bytes():
                     raise
         pipeline = cls(bundle, manifest, **parts._asdict())
+        pipeline.answers = answers or manifest.generation.answers
         return cls._opened(pipeline, retrieval_only, [bundle / name for name in weight_files(manifest)], before)
 
     @staticmethod
@@ -176,11 +185,14 @@ class Pipeline:
             rows, distances = self.index.knn_query(embeddings, k=k)
         return rows, 1.0 - distances  # hnswlib's 'ip' distance is 1 - dot product
 
-    def _look_up(self, embeddings: np.ndarray, k: int) -> list[tuple[list[dict], list | None]]:
+    def _look_up(self, embeddings: np.ndarray, k: int, timings: dict) -> list[tuple[list[dict], list | None]]:
         """For each embedding, its top-k passages and their piece vectors (None where the bundle does
-        not compress), taken in one step: a corpus reloaded meanwhile is seen whole or not at all."""
+        not compress), taken in one step: a corpus reloaded meanwhile is seen whole or not at all.
+        timings["search_ms"]: the index search alone, per embedding."""
         with self._retrieval_lock:
+            started = time.perf_counter()
             rows, scores = self._search(embeddings, k)
+            timings["search_ms"] = (time.perf_counter() - started) * 1000 / max(len(embeddings), 1)
             return [(self._passages_at(r, s), self.piece_vectors(r) if self.compression is not None else None)
                     for r, s in zip(rows, scores)]
 
@@ -333,7 +345,12 @@ class Pipeline:
             max_new_tokens = self.manifest.generation.max_new_tokens
         prompt = self.prompt_ids(question, context, max_new_tokens)
         decoder = DecodeStream(skip_special_tokens=True)
-        generation = self.generator.generate(prompt, max_new_tokens)
+        constraint = None
+        if self.answers == "spans":
+            constraint = SpanConstraint("\n".join(f"{title}: {text}" for title, text in context),
+                                        lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                                        self.generator.stop)
+        generation = self.generator.generate(prompt, max_new_tokens, constraint)
         window = self.manifest.generation.repetition_window
         # A piece is held back while its token is part of a repeating tail, so that a loop which is
         # then cut is never streamed: streamed text and the answer's text stay the same.
@@ -384,9 +401,7 @@ class Pipeline:
         timings = {}
         vector = self.encoder.encode([question])
         timings["encode_ms"] = (time.perf_counter() - started) * 1000
-        t = time.perf_counter()
-        (passages, piece_vectors), = self._look_up(vector, k)
-        timings["search_ms"] = (time.perf_counter() - t) * 1000
+        (passages, piece_vectors), = self._look_up(vector, k, timings)
         context = self._context_timed(question, vector[0], passages, piece_vectors, timings)
         return (yield from self._answer(question, passages, context, max_new_tokens, timings, started, deadline, cancel))
 
@@ -429,9 +444,9 @@ class Pipeline:
         started = time.perf_counter()
         vectors = self.encoder.encode(questions)
         encode_ms = (time.perf_counter() - started) * 1000 / max(len(questions), 1)
-        t = time.perf_counter()
-        found = self._look_up(vectors, k)
-        search_ms = (time.perf_counter() - t) * 1000 / max(len(questions), 1)
+        searched = {}
+        found = self._look_up(vectors, k, searched)
+        search_ms = searched["search_ms"]
         answers = []
         for q, vector, (passages, piece_vectors) in zip(questions, vectors, found):
             timings = {"encode_ms": encode_ms, "search_ms": search_ms}

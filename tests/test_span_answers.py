@@ -1,0 +1,74 @@
+"""Answers that are spans of what the generator read (runtime.generation.SpanConstraint, answers="spans")."""
+
+import numpy as np
+import pytest
+
+from edgerag.runtime import Pipeline
+from edgerag.runtime.generation import SpanConstraint
+
+QUESTIONS = ["Which team won Super Bowl 50?", "What is the capital of Poland?", "Who were the Normans?",
+             "What is the atomic number of oxygen?", "Where is Victoria?", "What is geology?"]
+
+
+def squeezed(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_bundle_varied):
+    return Pipeline.load(tiny_bundle_varied, retrieval_only=True).tokenizer
+
+
+def constraint_for(tokenizer, context: str, stop=(0,)) -> SpanConstraint:
+    return SpanConstraint(context, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stop)
+
+
+def test_the_most_likely_token_that_keeps_a_span_is_chosen(tokenizer):
+    context = "the denver broncos won the game"
+    constraint = constraint_for(tokenizer, context)
+    ids = tokenizer.encode("the denver broncos", add_special_tokens=False).ids
+    logits = np.zeros(tokenizer.get_vocab_size(), np.float32)
+    off_span = tokenizer.encode("the paris", add_special_tokens=False).ids[1]
+    logits[off_span], logits[ids[1]] = 5.0, 4.0  # the model prefers a token the context does not continue with
+    assert constraint.choose(logits, ids[:1]) == ids[1]
+    logits[0] = 6.0  # a stop token ends the answer wherever it is the most likely
+    assert constraint.choose(logits, ids[:1]) == 0
+    assert constraint.choose(np.zeros_like(logits), tokenizer.encode("zebra", add_special_tokens=False).ids) == 0
+
+
+@pytest.mark.parametrize("prompt_lookup", [0, 4])
+def test_every_answer_is_a_span_of_what_was_read(tiny_bundle_varied, prompt_lookup):
+    pipeline = Pipeline.load(tiny_bundle_varied, answers="spans", prompt_lookup=prompt_lookup)
+    free = Pipeline.load(tiny_bundle_varied, answers="free", prompt_lookup=prompt_lookup)
+    differ = 0
+    for question in QUESTIONS:
+        answer = pipeline.ask(question, max_new_tokens=12)
+        read = squeezed("\n".join(f"{c['title']}: {c['text']}" for c in answer.context))
+        assert squeezed(answer.answer) in read
+        differ += answer.answer != free.ask(question, max_new_tokens=12).answer
+    assert differ  # the random tiny generator wanders off its context: the constraint had work to do
+
+
+def test_drafts_on_and_off_give_the_same_span_answers(tiny_bundle_varied, tiny_bundle):
+    for bundle in (tiny_bundle_varied, tiny_bundle):
+        drafting = Pipeline.load(bundle, answers="spans", prompt_lookup=4)
+        single = Pipeline.load(bundle, answers="spans", prompt_lookup=0)
+        assert drafting.generator.prompt_lookup > 0
+        for question in QUESTIONS:
+            a, b = drafting.ask(question, max_new_tokens=16), single.ask(question, max_new_tokens=16)
+            assert (a.answer, a.stop_reason, a.new_tokens) == (b.answer, b.stop_reason, b.new_tokens)
+
+
+def test_answers_setting_is_checked(tiny_bundle):
+    with pytest.raises(ValueError, match="answers"):
+        Pipeline.load(tiny_bundle, answers="extractive")
+    assert Pipeline.load(tiny_bundle, retrieval_only=True).answers == "free"  # bundles made before it
+
+
+def test_a_character_split_over_tokens_is_allowed_to_finish(tokenizer):
+    context = "the meeting was held in zürich and in são paulo"
+    constraint = constraint_for(tokenizer, context)
+    for word in ("zürich", "são paulo"):
+        ids = tokenizer.encode(word, add_special_tokens=False).ids
+        assert all(constraint.allows(ids[:i]) for i in range(1, len(ids) + 1))
+    assert not constraint.allows(tokenizer.encode("zurich", add_special_tokens=False).ids)
