@@ -27,7 +27,7 @@ from pathlib import Path
 from edgerag.data import Question, read_squad
 from edgerag.metrics import best_over_references, exact_match, f1
 from edgerag.runtime import Pipeline
-from edgerag.runtime.corpus import add_documents, corpus_files, sync_documents
+from edgerag.runtime.corpus import ChangeOptions, add_documents, corpus_files, sync_documents
 from edgerag.runtime.manifest import read_manifest
 
 PROG = "python -m edgerag.benchmarks.documents"
@@ -137,46 +137,77 @@ def write_squad(path: Path, articles: dict[str, list[str]], squad_path) -> None:
     path.write_text(json.dumps({"version": "1.1", "data": kept}))
 
 
-def updated_vs_fresh(student: Path, squad_path, n: int, work: Path, seed: int = 0) -> dict:
-    from edgerag.cli import main as edgerag
-
+def updated_vs_fresh(student: Path, squad_path, n: int, work: Path, seed: int = 0,
+                     kinds=("paragraphs", "files"), options: ChangeOptions | None = None) -> dict:
+    """Two ways of bringing the exported half in: as its SQuAD paragraphs (the synced half is cut from
+    files either way, so passages differ from a fresh export's) and as the same markdown files (the same
+    passages either way: what is left is the change itself)."""
     articles = articles_of(squad_path)
     titles = sorted(articles)
     random.Random(seed).shuffle(titles)
     exported, synced = titles[:len(titles) // 2], titles[len(titles) // 2:]
     removed = synced[:len(synced) // 4]
-    remaining = set(exported) | (set(synced) - set(removed))
-    work.mkdir(parents=True, exist_ok=True)
-    half = work / "exported-half.json"
-    write_squad(half, {t: articles[t] for t in exported}, squad_path)
-    folder = work / "synced"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    paths = {t: write_article(folder, t, articles[t], ".md") for t in synced}
-    timings = {}
-    updated = work / "updated"
-    if not (updated / "manifest.json").exists():
-        assert edgerag(["export", str(student), "--passages", str(half), "--out", str(updated), "--overwrite"]) == 0
-        started = time.perf_counter()
-        timings["sync_add_s"] = sync_documents(updated, folder).seconds
-        for t in removed:
-            paths[t].unlink()
-        timings["sync_remove_s"] = sync_documents(updated, folder).seconds
-        timings["total_s"] = time.perf_counter() - started
-    fresh = work / "fresh"
-    if not (fresh / "manifest.json").exists():
-        remaining_file = work / "remaining.json"
-        write_squad(remaining_file, {t: articles[t] for t in remaining}, squad_path)
-        assert edgerag(["export", str(student), "--passages", str(remaining_file), "--out", str(fresh), "--overwrite"]) == 0
+    remaining = [t for t in titles if t in set(exported) | (set(synced) - set(removed))]
     passages, questions, _ = read_squad(squad_path)
     title_of = {p.id: p.title for p in passages}
-    pool = [q for q in questions if title_of[q.passage_id] in remaining]
+    pool = [q for q in questions if title_of[q.passage_id] in set(remaining)]
     chosen = random.Random(seed).sample(pool, min(n, len(pool)))
     result = {"articles": {"exported": len(exported), "synced": len(synced), "removed": len(removed)},
-              "change_seconds": {k: round(v, 2) for k, v in timings.items()},
-              "updated": quality(updated, chosen, title_of), "fresh": quality(fresh, chosen, title_of)}
-    print(json.dumps(result, indent=2), flush=True)
+              "questions": len(chosen)}
+    for kind in kinds:
+        result[kind] = _updated_and_fresh(kind, student, squad_path, articles, exported, synced, removed, remaining,
+                                          work / kind, chosen, title_of, options)
+        print(json.dumps({kind: result[kind]}, indent=2), flush=True)
     return result
+
+
+def _updated_and_fresh(kind: str, student: Path, squad_path, articles: dict, exported: list, synced: list,
+                       removed: list, remaining: list, work: Path, questions: list, title_of: dict,
+                       options: ChangeOptions | None) -> dict:
+    from edgerag.cli import main as edgerag
+
+    work.mkdir(parents=True, exist_ok=True)
+    if (work / "result.json").exists() and (work / "updated" / "manifest.json").exists():
+        saved = json.loads((work / "result.json").read_text())  # this variant ran to its end before
+        if saved["updated"]["questions"] == len(questions):
+            return saved
+
+    def corpus(name: str, chosen: list[str]) -> Path:
+        if kind == "paragraphs":
+            path = work / f"{name}.json"
+            write_squad(path, {t: articles[t] for t in chosen}, squad_path)
+            return path
+        folder = work / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        for t in chosen:
+            write_article(folder, t, articles[t], ".md")
+        return folder
+
+    out = {}
+    updated = work / "updated"
+    if not (updated / "manifest.json").exists():
+        first = corpus("exported", exported)
+        assert edgerag(["export", str(student), "--passages", str(first), "--out", str(updated), "--overwrite"]) == 0
+        # files: the user's folder gets the other half, then loses a quarter of it (sync mirrors a folder);
+        # paragraphs: the exported passages have no source, and the synced folder holds the other half only
+        folder = first if kind == "files" else work / "synced"
+        if kind != "files":
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+        paths = {t: write_article(folder, t, articles[t], ".md") for t in synced}
+        out["sync_add_s"] = round(sync_documents(updated, folder, options).seconds, 2)
+        for t in removed:
+            paths[t].unlink()
+        out["sync_remove_s"] = round(sync_documents(updated, folder, options).seconds, 2)
+    fresh = work / "fresh"
+    if not (fresh / "manifest.json").exists():
+        assert edgerag(["export", str(student), "--passages", str(corpus("remaining", remaining)), "--out", str(fresh),
+                        "--overwrite"]) == 0
+    out["updated"] = quality(updated, questions, title_of)
+    out["fresh"] = quality(fresh, questions, title_of)
+    (work / "result.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def main(argv=None) -> int:
@@ -190,14 +221,17 @@ def main(argv=None) -> int:
     u.add_argument("student", type=Path, help="a run's student/ folder")
     u.add_argument("--squad", default="../shared/data/xquad-en.json.gz")
     u.add_argument("--n", type=int, default=200, help="questions of the remaining articles, sampled")
-    u.add_argument("--work", type=Path, required=True, help="folder for the two bundles (kept, reused if there)")
+    u.add_argument("--work", type=Path, required=True, help="folder for the bundles (kept, reused if there)")
+    u.add_argument("--kinds", default="paragraphs,files", help="how the exported half comes in: paragraphs, files")
+    u.add_argument("--overlap-sentences", type=int, default=1, help="sentences a synced passage repeats")
     for p in (i, u):
         p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     if args.command == "ingest":
         result = ingest(args.bundle, args.squad, args.articles)
     else:
-        result = updated_vs_fresh(args.student, args.squad, args.n, args.work)
+        result = updated_vs_fresh(args.student, args.squad, args.n, args.work, kinds=args.kinds.split(","),
+                                  options=ChangeOptions(overlap_sentences=args.overlap_sentences))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -53,6 +53,10 @@ def cmd_ask(args) -> int:
                 answer = done.value
                 break
         print()
+        for c in answer.citations:
+            print(f"  source: {c['title']} ({c['passage_id']}): {c['sentence']}")
+        if answer.answer and not answer.supported:
+            print("  source: none: the answer appears nowhere in what the generator read")
         for rank, p in enumerate(answer.passages, start=1):
             print(f"  [{rank}] {p['title']} ({p['id']}, score {p['score']:.3f})")
         t = answer.timings
@@ -67,7 +71,7 @@ def cmd_serve(args) -> int:
     from edgerag.runtime.serve import ServeOptions, serve
 
     options = ServeOptions(**{k: getattr(args, k) for k in ("host", "port", "threads", "concurrency", "max_queue",
-                                                           "api_key", "timeout_s", "prompt_lookup")})
+                                                           "api_key", "timeout_s", "prompt_lookup", "answers")})
     serve(args.bundle, options)
     return 0
 
@@ -84,7 +88,8 @@ def cmd_documents(args) -> int:
     """edgerag add / remove / sync: the bundle's documents, changed on the device."""
     from edgerag.runtime.corpus import ChangeOptions, add_documents, remove_documents, sync_documents
 
-    options = ChangeOptions(max_tokens=args.max_tokens, compact_share=args.compact_share)
+    options = ChangeOptions(max_tokens=args.max_tokens, overlap_sentences=args.overlap_sentences,
+                            compact_share=args.compact_share)
     if args.command == "add":
         change = add_documents(args.bundle, args.paths, options)
     elif args.command == "remove":
@@ -211,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond those; more get 503 (default: %(default)s)")
     srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
     srv.add_argument("--timeout", dest="timeout_s", type=float, default=60.0, help="each request's deadline in seconds")
+    srv.add_argument("--answers", choices=("spans", "free"), default=None,
+                     help="spans: every answer a span of the context read; free: the generator's own tokens "
+                          "(default: the bundle's setting)")
     srv.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("verify", help="check a bundle's files against its manifest (device)")
@@ -231,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
             docs.add_argument("folder")
         docs.add_argument("--max-tokens", type=int, default=None,
                           help="a passage's most tokens (default: 192, less where the passage encoder reads fewer)")
+        docs.add_argument("--overlap-sentences", type=int, default=1,
+                          help="sentences a passage repeats from the one before, where they fit in half its budget "
+                               "(default: %(default)s)")
         docs.add_argument("--compact-share", type=float, default=0.25,
                           help="rebuild the index once removed passages' slots pass this share (default: %(default)s)")
         docs.set_defaults(func=cmd_documents)

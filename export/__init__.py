@@ -45,7 +45,7 @@ class ExportOptions:
     k: int = _option(3, "default passages per question")
     max_new_tokens: int = _option(32, "default new tokens per answer")
     repetition_window: int = _option(16, "cut an answer whose last N tokens repeat one block, 3 times or more (0: never)")
-    answers: str = _option("free", "spans: every answer a span of the context the generator read (its most likely "
+    answers: str = _option("spans", "spans: every answer a span of the context the generator read (its most likely "
                            "token that keeps it one); free: the generator's own tokens", ("spans", "free"))
     max_context: int = _option(2048, "prompt + answer tokens (capped by the generator's own positions)")
     hnsw_m: int = _option(32, "hnswlib M (graph degree)")

@@ -158,6 +158,8 @@ class ChangeOptions:
     def check(self) -> "ChangeOptions":
         if self.max_tokens is not None and self.max_tokens < 16:
             raise ValueError(f"max_tokens is {self.max_tokens}; a passage needs at least 16")
+        if self.overlap_sentences < 0:
+            raise ValueError(f"overlap_sentences is {self.overlap_sentences}; it must be 0 or more")
         if not 0 < self.compact_share <= 1:
             raise ValueError(f"compact_share is {self.compact_share}; it must be in (0, 1]")
         return self

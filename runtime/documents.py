@@ -303,7 +303,7 @@ def cut_passages(document: Document, count_tokens: Callable[[str], int], max_tok
         return count_tokens(text[span[0]:span[1]]) - overhead
 
     sentences: list[tuple[int, int, bool]] = []  # (start, end, ends a paragraph)
-    for start, end, paragraph_end in _sentences(text):
+    for start, end, paragraph_end in sentence_spans(text):
         if cost((start, end)) + overhead <= max_tokens:
             sentences.append((start, end, paragraph_end))
             continue
@@ -342,7 +342,7 @@ def _pack(spans: list[tuple[int, int, bool]], costs: list[int], cost, budget: in
     return runs
 
 
-def _sentences(text: str) -> list[tuple[int, int, bool]]:
+def sentence_spans(text: str) -> list[tuple[int, int, bool]]:
     """(start, end, ends a paragraph) of each sentence, white space outside the span."""
     out: list[tuple[int, int, bool]] = []
     paragraphs = [0, *(i for m in _PARAGRAPH_BREAK.finditer(text) for i in m.span()), len(text)]

@@ -52,6 +52,7 @@ class ServeOptions:
     max_body_bytes: int = 64 * 1024
     max_question_chars: int = 4000
     max_new_tokens: int = 256           # the most a request may ask for
+    answers: str | None = None          # "spans" or "free" (None: the bundle's setting; Pipeline.load)
     max_k: int = 20
     prompt_lookup: int | None = None    # tokens drafted per decode step (None: the runtime's default; 0: none)
 

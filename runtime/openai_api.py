@@ -1,6 +1,7 @@
 """`edgerag serve`'s OpenAI-compatible layer: POST /v1/chat/completions in OpenAI's chat format
-(streaming chunks too). The last user message is the question; the passages come back in an extra
-`passages` field."""
+(streaming chunks too), and GET /v1/models. The last user message is the question; the passages and
+the answer's citations come back in extra fields, `passages`, `citations` and `supported` (the last
+chunk of a stream carries them)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def completion(base: dict, a: Answer) -> dict:
                          "finish_reason": finish_reason(a)}],
             "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
                       "total_tokens": a.prompt_tokens + a.new_tokens},
-            "passages": a.passages, "timings": a.to_record()["timings"]}
+            "passages": a.passages, "citations": a.citations, "supported": a.supported,
+            "timings": a.to_record()["timings"]}
 
 
 def chunk(base: dict, delta: dict, reason=None, **extra) -> str:
@@ -65,12 +67,21 @@ async def chunk_events(base: dict, pieces: AsyncIterator, cancel: threading.Even
             if kind == "piece":
                 yield chunk(base, {"content": value})
             elif kind == "answer":
-                yield chunk(base, {}, finish_reason(value), passages=value.passages)
+                yield chunk(base, {}, finish_reason(value), passages=value.passages, citations=value.citations,
+                            supported=value.supported)
             else:
                 yield error_event(value)
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()
+
+
+async def models(request: Request, service: AnswerService) -> JSONResponse:
+    """GET /v1/models: the one served bundle, as OpenAI's model list (clients that list models first can start)."""
+    service.authorize(request)
+    return JSONResponse({"object": "list", "data": [{"id": service.model_name, "object": "model",
+                                                     "created": service.pipeline.manifest.created_unix,
+                                                     "owned_by": "edgerag"}]})
 
 
 class ChatCompletions:

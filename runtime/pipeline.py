@@ -24,6 +24,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from edgerag.runtime.citations import cite
 from edgerag.runtime.compress import Compression, PieceVectors, compress_context, split_pieces
 from edgerag.runtime.decoder_only import DecoderOnlyGenerator
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
@@ -54,6 +55,10 @@ class Answer:
     # what the generator read: the passages' selected pieces where the bundle compresses its context,
     # else the passages themselves ({"title", "text"}, in rank order)
     context: list[dict] = field(default_factory=list)
+    # where the answer stands (runtime.citations): the passage, and the spans in its stored text of the
+    # sentence and of the answer; empty, and supported False, where the answer appears nowhere in what was read
+    citations: list[dict] = field(default_factory=list)
+    supported: bool = False
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -383,9 +388,13 @@ class Pipeline:
                        total_ms=(time.perf_counter() - started) * 1000)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         decode_s = generation.decode_ms / 1000
+        t = time.perf_counter()
+        citation = cite(text, context, passages)
+        timings["cite_ms"] = (time.perf_counter() - t) * 1000
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
                       generation.decode_tokens / decode_s if decode_s > 0 else 0.0, stop_reason or generation.stop_reason,
-                      [{"title": title, "text": text} for title, text in context])
+                      [{"title": title, "text": passage_text} for title, passage_text in context],
+                      [citation.to_dict()] if citation else [], citation is not None)
 
     def stream(self, question: str, k: int | None = None, max_new_tokens: int | None = None,
                deadline: float | None = None, cancel: threading.Event | None = None) -> Iterator[str]:

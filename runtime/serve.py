@@ -3,7 +3,8 @@
     POST /v1/ask               {"question", "k"?, "max_new_tokens"?, "stream"?} -> the answer record,
                                or server-sent events: `token` events, then one `answer` event
     POST /v1/chat/completions  OpenAI's chat format (streaming chunks too); the last user message is
-                               the question, the passages come back in an extra `passages` field
+                               the question, the passages and citations come back in extra fields
+    GET  /v1/models            the served bundle, as OpenAI's model list
     POST /v1/reload            answer from the bundle's documents as they are on disk now (after
                                `edgerag add`, `remove` or `sync`), without a restart
     GET  /health, GET /v1/info
@@ -38,7 +39,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from edgerag.runtime.http_answers import AnswerService, ApiError, ServeOptions, error_event, error_response, sse
-from edgerag.runtime.openai_api import ChatCompletions
+from edgerag.runtime.openai_api import ChatCompletions, models
 from edgerag.runtime.pipeline import Pipeline
 from edgerag.runtime.prompt import PromptError
 
@@ -141,7 +142,8 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
     routes = [Route("/v1/ask", own.ask, methods=["POST"]),
               Route("/v1/chat/completions", chat.endpoint, methods=["POST"]),
               Route("/health", health, methods=["GET"]), Route("/v1/info", own.info, methods=["GET"]),
-              Route("/v1/reload", own.reload, methods=["POST"])]
+              Route("/v1/reload", own.reload, methods=["POST"]),
+              Route("/v1/models", lambda request: models(request, service), methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, PromptError: on_prompt_error,
                                                         HTTPException: on_http_error, Exception: on_error})
 
@@ -153,7 +155,7 @@ def serve(bundle: str | Path, options: ServeOptions | None = None) -> None:
     opts = (options or ServeOptions()).check()
     if not is_loopback(opts.host) and not opts.api_key:
         raise ValueError(f"binding to {opts.host} exposes the bundle beyond this machine: give --api-key KEY")
-    pipeline = Pipeline.load(bundle, threads=opts.threads, prompt_lookup=opts.prompt_lookup)
+    pipeline = Pipeline.load(bundle, threads=opts.threads, prompt_lookup=opts.prompt_lookup, answers=opts.answers)
     config = uvicorn.Config(build_app(pipeline, opts), host=opts.host, port=opts.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
     print(f"edgerag: serving {bundle} on http://{opts.host}:{opts.port}", flush=True)

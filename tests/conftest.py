@@ -83,6 +83,20 @@ def tiny_bundle_int8swo(tiny_models, tmp_path_factory):
     return _export(tiny_models, tmp_path_factory, "int8swo")
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle_compressed(tiny_models, tmp_path_factory):
+    """fp32, reading a compressed context (runtime.compress): every passage's piece vectors in the bundle."""
+    from edgerag.export import ExportOptions
+    from edgerag.export.bundle import export_bundle
+
+    encoder, generator, _, squad = tiny_models
+    options = ExportOptions(quantize="none", quantize_encoder="none", max_new_tokens=8, max_context=256,
+                            parity_questions=2, k=2)
+    compression = {"passages": 4, "budget": 40, "selector": {"dense": 1.0, "lexical": 0.5}, "max_piece_words": 12}
+    return export_bundle(str(encoder), str(generator), squad, tmp_path_factory.mktemp("compressed") / "bundle",
+                         options=options, compression=compression)
+
+
 @pytest.fixture
 def live_server(tiny_bundle):
     """`live_server(*serve_args, bundle=tiny_bundle, python=...)`: `edgerag serve` in its own process on a

@@ -349,3 +349,17 @@ def test_a_forced_bos_is_read_not_predicted(tiny_rag, tmp_path):
     assert logits.shape[1] == len(e.target) and torch.equal(logits, full[:, 1:])
     tokens, = concatenated_generate(loaded, [e.concatenated], 1, 5)
     assert len(tokens) <= 5 and tokens[:1] != [0]
+
+
+def test_encoder_decoder_span_answers_cite_their_sentence(rag_run):
+    from edgerag.runtime import Pipeline
+
+    pipeline = Pipeline.load(rag_run["bundle"], answers="spans")
+    for question in (QUESTION, "What is the capital of Poland?", "Who were the Normans?"):
+        answer = pipeline.ask(question, max_new_tokens=6)
+        if answer.answer:
+            citation, = answer.citations
+            stored = next(p["text"] for p in answer.passages if p["id"] == citation["passage_id"])
+            assert stored[citation["sentence_start"]:citation["sentence_end"]] == citation["sentence"]
+            assert " ".join(stored[citation["answer_start"]:citation["answer_end"]].split()).casefold() == \
+                " ".join(answer.answer.split()).casefold()

@@ -204,19 +204,24 @@ def test_admission_refuses_beyond_the_queue_and_serves_in_order():
 
 def test_openai_client_against_the_server(tiny_bundle, live_server):
     openai = pytest.importorskip("openai")
-    pipeline = Pipeline.load(tiny_bundle)
-    with live_server() as (url, _):
+    pipeline = Pipeline.load(tiny_bundle, answers="spans")
+    with live_server("--answers", "spans") as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="edgerag", max_tokens=6,
                                                messages=[{"role": "user", "content": QUESTIONS[0]}])
         expected = pipeline.ask(QUESTIONS[0], max_new_tokens=6).answer
         assert reply.choices[0].message.content == expected
         assert reply.model_extra["passages"][0]["id"]
-        pieces = []
+        assert reply.model_extra["supported"] == bool(reply.model_extra["citations"]) == bool(expected)
+        pieces, last = [], None
         for chunk in client.chat.completions.create(model="edgerag", max_tokens=6, stream=True,
                                                     messages=[{"role": "user", "content": QUESTIONS[0]}]):
             pieces.append(chunk.choices[0].delta.content or "")
+            last = chunk
         assert "".join(pieces).strip() == expected
+        assert last.model_extra["citations"] == reply.model_extra["citations"]  # the last chunk carries them
+        models = client.models.list()
+        assert [m.id for m in models.data] == [reply.model]
 
 
 def test_concurrent_clients_get_the_sequential_answers(tiny_bundle, live_server):

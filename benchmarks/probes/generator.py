@@ -148,6 +148,36 @@ def prefix_reuse_command(argv=None) -> int:
     return 0
 
 
+def answers_command(argv=None) -> int:
+    """What span answers cost: the same questions with answers "free" and "spans", interleaved, on one bundle.
+
+        python -m edgerag.benchmarks.probes.generator answers BUNDLE [--questions ../shared/data/xquad-en.json.gz] [--n 100]
+
+    Prints each setting's p50 answer time, decode ms per token and p50 citation time.
+    """
+    parser = argparse.ArgumentParser(prog=f"{PROG} answers", description=answers_command.__doc__.split("\n\n")[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--questions", default="../shared/data/xquad-en.json.gz")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    questions = random.Random(1).sample([qa["question"] for p in read_paragraphs(args.questions) for qa in p["qas"]],
+                                        args.n)
+    pipelines = {kind: Pipeline.load(args.bundle, threads=args.threads, answers=kind) for kind in ("free", "spans")}
+    rows = {kind: [] for kind in pipelines}
+    for _ in range(args.rounds):
+        for question in questions:
+            for kind, pipeline in pipelines.items():  # interleaved: the machine's drift falls on both
+                rows[kind].append(pipeline.ask(question))
+    print("| answers | p50 ms | decode ms/token | new tokens | p50 citation ms |\n|---|---|---|---|---|")
+    for kind, answers in rows.items():
+        decoded = sum(a.timings["decode_ms"] for a in answers) / max(sum(a.timings["decode_tokens"] for a in answers), 1)
+        print(f"| {kind} | {np.median([a.timings['total_ms'] for a in answers]):.1f} | {decoded:.2f} | "
+              f"{sum(a.new_tokens for a in answers)} | {np.median([a.timings['cite_ms'] for a in answers]):.3f} |")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- quantization options
 
 QUANTIZE_VARIANTS = {"none": {}, "int8wo": {}, "int8sq": {}, "int8swo": {}, "int8": {}, "int4": {},
@@ -259,7 +289,7 @@ def quantization_options_command(argv=None) -> int:
 
 # ---------------------------------------------------------------------------------------- the command
 
-COMMANDS = {"speed": speed_command, "prefix-reuse": prefix_reuse_command,
+COMMANDS = {"speed": speed_command, "prefix-reuse": prefix_reuse_command, "answers": answers_command,
             "quantization-options": quantization_options_command}
 
 
