@@ -26,11 +26,15 @@ class SpanConstraint:
         self.stop = sorted(stop_token_ids)
 
     def allows(self, tokens: list[int]) -> bool:
-        text = self.decode(tokens)
+        text, before = self.decode(tokens), self.decode(tokens[:-1])
+        # a token must add text: a special token, or white space after white space, would only spend the
+        # answer's budget (one space after a word may come as a token of its own)
+        if text == before or (_squeezed(text) == _squeezed(before) and (not before.strip() or before[-1].isspace())):
+            return False
         whole = text.rstrip("\ufffd")
         span = _squeezed(whole).lstrip()
         if len(whole) == len(text):
-            return span in self.context
+            return bool(span) and span in self.context  # white space alone is no answer
         # a character whose bytes are split over tokens decodes to U+FFFD until its last byte comes:
         # allowed where the context has a character of several bytes (not ASCII) after the span
         if len(text) - len(whole) > 3:

@@ -62,7 +62,16 @@ def test_drafts_on_and_off_give_the_same_span_answers(tiny_bundle_varied, tiny_b
 def test_answers_setting_is_checked(tiny_bundle):
     with pytest.raises(ValueError, match="answers"):
         Pipeline.load(tiny_bundle, answers="extractive")
-    assert Pipeline.load(tiny_bundle, retrieval_only=True).answers == "free"  # bundles made before it
+    pipeline = Pipeline.load(tiny_bundle, retrieval_only=True)
+    assert pipeline.answers == pipeline.manifest.generation.answers == "spans"  # export's default
+    from edgerag.runtime.manifest import Manifest
+
+    older = pipeline.manifest.to_dict()
+    del older["generation"]["answers"]  # a bundle exported before the setting existed
+    assert Manifest.from_dict(older).generation.answers == "free"
+    older["generation"]["answers"] = "extractive"
+    with pytest.raises(Exception, match="generation.answers"):
+        Manifest.from_dict(older)
 
 
 def test_a_character_split_over_tokens_is_allowed_to_finish(tokenizer):
