@@ -76,19 +76,19 @@ async def chunk_events(base: dict, pieces: AsyncIterator, cancel: threading.Even
         cancel.set()
 
 
-async def models(request: Request, service: AnswerService) -> JSONResponse:
-    """GET /v1/models: the one served bundle, as OpenAI's model list (clients that list models first can start)."""
-    service.authorize(request)
-    return JSONResponse({"object": "list", "data": [{"id": service.model_name, "object": "model",
-                                                     "created": service.pipeline.manifest.created_unix,
-                                                     "owned_by": "edgerag"}]})
-
-
 class ChatCompletions:
     """POST /v1/chat/completions over an AnswerService."""
 
     def __init__(self, service: AnswerService):
         self.service = service
+
+    async def models(self, request: Request) -> JSONResponse:
+        """GET /v1/models: the one served bundle, as OpenAI's model list (clients that list models first can start)."""
+        service = self.service
+        service.authorize(request)
+        return JSONResponse({"object": "list", "data": [{"id": service.model_name, "object": "model",
+                                                         "created": service.pipeline.manifest.created_unix,
+                                                         "owned_by": "edgerag"}]})
 
     async def endpoint(self, request: Request):
         service, opts = self.service, self.service.opts

@@ -352,7 +352,8 @@ class Pipeline:
         decoder = DecodeStream(skip_special_tokens=True)
         constraint = None
         if self.answers == "spans":
-            constraint = SpanConstraint("\n".join(f"{title}: {text}" for title, text in context),
+            # passage texts apart: a span never runs from one into the next (nor into a title)
+            constraint = SpanConstraint("\x00".join(text for _, text in context),
                                         lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
                                         self.generator.stop)
         generation = self.generator.generate(prompt, max_new_tokens, constraint)

@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from edgerag.runtime.http_answers import AnswerService, ApiError, ServeOptions, error_event, error_response, sse
-from edgerag.runtime.openai_api import ChatCompletions, models
+from edgerag.runtime.openai_api import ChatCompletions
 from edgerag.runtime.pipeline import Pipeline
 from edgerag.runtime.prompt import PromptError
 
@@ -143,7 +143,7 @@ def build_app(pipeline: Pipeline, options: ServeOptions | None = None) -> Starle
               Route("/v1/chat/completions", chat.endpoint, methods=["POST"]),
               Route("/health", health, methods=["GET"]), Route("/v1/info", own.info, methods=["GET"]),
               Route("/v1/reload", own.reload, methods=["POST"]),
-              Route("/v1/models", lambda request: models(request, service), methods=["GET"])]
+              Route("/v1/models", chat.models, methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, PromptError: on_prompt_error,
                                                         HTTPException: on_http_error, Exception: on_error})
 

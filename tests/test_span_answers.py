@@ -43,8 +43,7 @@ def test_every_answer_is_a_span_of_what_was_read(tiny_bundle_varied, prompt_look
     differ = 0
     for question in QUESTIONS:
         answer = pipeline.ask(question, max_new_tokens=12)
-        read = squeezed("\n".join(f"{c['title']}: {c['text']}" for c in answer.context))
-        assert squeezed(answer.answer) in read
+        assert any(squeezed(answer.answer) in squeezed(c["text"]) for c in answer.context)  # within one passage
         differ += answer.answer != free.ask(question, max_new_tokens=12).answer
     assert differ  # the random tiny generator wanders off its context: the constraint had work to do
 

@@ -37,6 +37,7 @@ def teacher_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # about 100 s with its fixture: the real SmolLM2 loaded, fine-tuned a step and evaluated
 def test_real_teacher_retrieves_and_answers(teacher_folder, tmp_path):
     subset = write_squad_subset(data_path("xquad-en.json.gz"), tmp_path / "x.json.gz", articles=2, paragraphs=5, questions=1)
     passages, questions, _ = read_squad(subset)
