@@ -31,6 +31,14 @@ def test_a_repeated_sentence_is_cited_once_at_its_first_place():
     check_spans(citation.to_dict(), passages, "fort fell in 1204")
 
 
+def test_of_several_places_the_sentence_closest_to_the_question_is_cited():
+    text = "Warsaw has been a multi-cultural city. Warsaw is the capital and largest city of Poland."
+    passages = [{"id": "w", "title": "Warsaw", "text": text}]
+    citation = cite("Warsaw", [("Warsaw", text)], passages, "What is the largest city of Poland?")
+    assert citation.sentence == "Warsaw is the capital and largest city of Poland."
+    assert cite("Warsaw", [("Warsaw", text)], passages).sentence.startswith("Warsaw has been")  # no question: the first
+
+
 def test_the_cited_place_is_one_the_generator_read():
     """A compressed context read the second sentence only: the citation points there, not to the first."""
     text = "Warsaw is large. In 1596 the king moved the capital to Warsaw from Kraków. Warsaw grew."
