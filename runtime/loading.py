@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import hnswlib
 from tokenizers import Tokenizer
@@ -14,11 +14,15 @@ from tokenizers import Tokenizer
 from edgerag.runtime.compress import Compression, PieceVectors
 from edgerag.runtime.decoder_only import DecoderOnlyGenerator
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
-from edgerag.runtime.manifest import KV_IN_PLACE_GRAPHS, BundleError, Manifest, verify
+from edgerag.runtime.corpus import corpus_files
+from edgerag.runtime.manifest import KV_IN_PLACE_GRAPHS, BundleError, Manifest, check_in_bundle, read_manifest, verify
 from edgerag.runtime.memory import return_freed_memory
 from edgerag.runtime.prompt import PromptTemplate
 from edgerag.runtime.retrieval import PassageStore, QueryEncoder
 from edgerag.runtime.session import make_session
+
+
+T = TypeVar("T")
 
 
 class BundleParts(NamedTuple):
@@ -110,9 +114,27 @@ def _encoder_decoder(bundle: Path, manifest: Manifest, threads, reuse_prefix, pr
 GENERATORS = {"decoder-only": _decoder_only, "encoder-decoder": _encoder_decoder}
 
 
-def open_corpus(bundle: Path, manifest: Manifest) -> tuple[hnswlib.Index, PassageStore, PieceVectors | None]:
-    """The corpus files the manifest names, opened: the index, the passage store, the piece vectors."""
+def open_current(bundle: Path, open_with: Callable[[Manifest], T]) -> tuple[Manifest, T]:
+    """(manifest, open_with(manifest)) for the bundle as it is; read again where a corpus change
+    (runtime.corpus) replaced the files the manifest named between reading it and opening them."""
+    for attempt in range(3):
+        manifest = read_manifest(bundle)
+        try:
+            for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
+                check_in_bundle(bundle, name)
+            return manifest, open_with(manifest)
+        except BundleError:
+            if attempt == 2 or read_manifest(bundle).to_bytes() == manifest.to_bytes():
+                raise
+    raise AssertionError("unreachable")
+
+
+def open_corpus(bundle: Path, manifest: Manifest, check: bool = False) -> tuple[hnswlib.Index, PassageStore, PieceVectors | None]:
+    """The corpus files the manifest names, opened: the index, the passage store, the piece vectors
+    (with `check`, their checksums verified first)."""
     idx = manifest.index
+    if check:
+        verify(bundle, manifest, corpus_files(manifest))
     with _reading(bundle, idx.file):
         index = hnswlib.Index(space=idx.space, dim=idx.dim)
         index.load_index(str(bundle / idx.file), max_elements=idx.count + idx.deleted)

@@ -29,10 +29,10 @@ from edgerag.runtime.compress import Compression, PieceVectors, compress_context
 from edgerag.runtime.decoder_only import DecoderOnlyGenerator
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
 from edgerag.runtime.generation import SpanConstraint, periodic_tail, repetition_cut
-from edgerag.runtime.corpus import (ChangeOptions, CorpusChange, PassageEmbedder, add_documents, corpus_files,
-                                    remove_documents, sync_documents)
-from edgerag.runtime.loading import open_corpus, open_parts, weight_files
-from edgerag.runtime.manifest import ANSWER_KINDS, BundleError, Manifest, check_in_bundle, read_manifest, verify
+from edgerag.runtime.corpus import (ChangeOptions, CorpusChange, PassageEmbedder, add_documents, remove_documents,
+                                    sync_documents)
+from edgerag.runtime.loading import open_corpus, open_current, open_parts, weight_files
+from edgerag.runtime.manifest import ANSWER_KINDS, Manifest
 from edgerag.runtime.memory import (AnswersInFlight, anonymous_regions, collapse_when_idle, huge_pages_allowed,
                                     read_weights_on_demand)
 from edgerag.runtime.prompt import (PromptError, PromptTemplate, TokenIds, build_prompt_ids, check_count,
@@ -133,17 +133,8 @@ class Pipeline:
             raise ValueError(f"answers is {answers!r}; choose from {', '.join(ANSWER_KINDS)}")
         bundle = Path(bundle)
         before = anonymous_regions()
-        for attempt in range(3):
-            manifest = read_manifest(bundle)
-            try:
-                for name in manifest.named_files().values():  # unverified bundles too: a clear error, not a library's
-                    check_in_bundle(bundle, name)
-                parts = open_parts(bundle, manifest, threads, reuse_prefix, retrieval_only, prompt_lookup, check)
-                break
-            except BundleError:
-                # a corpus change (runtime.corpus) may replace the files the manifest named meanwhile
-                if attempt == 2 or read_manifest(bundle).to_bytes() == manifest.to_bytes():
-                    raise
+        manifest, parts = open_current(bundle, lambda m: open_parts(bundle, m, threads, reuse_prefix, retrieval_only,
+                                                                    prompt_lookup, check))
         pipeline = cls(bundle, manifest, **parts._asdict())
         pipeline.answers = answers or manifest.generation.answers
         return cls._opened(pipeline, retrieval_only, [bundle / name for name in weight_files(manifest)], before)
@@ -276,18 +267,11 @@ class Pipeline:
         """Answer from the bundle's corpus as it is on disk now, if it changed (another process's
         `edgerag sync`, say). Questions in flight finish on the corpus they started with; passages
         added in memory (add_passages) are dropped. Returns whether it changed."""
-        for attempt in range(3):
-            manifest = read_manifest(self.path)
-            if manifest.to_bytes() == self.manifest.to_bytes():
-                return False
-            try:
-                verify(self.path, manifest, corpus_files(manifest))
-                index, store, pieces = open_corpus(self.path, manifest)
-                break
-            except BundleError:
-                if attempt == 2 or read_manifest(self.path).to_bytes() == manifest.to_bytes():
-                    raise
-                # a change replaced the files between reading the manifest and opening them: read again
+        manifest, corpus = open_current(self.path, lambda m: None if m.to_bytes() == self.manifest.to_bytes()
+                                        else open_corpus(self.path, m, check=True))
+        if corpus is None:
+            return False
+        index, store, pieces = corpus
         with self._retrieval_lock:
             old_store = self.store
             self.manifest, self.index, self.store, self.pieces = manifest, index, store, pieces
