@@ -25,8 +25,10 @@ class SpanConstraint:
         self.decode = decode
         self.stop = sorted(stop_token_ids)
 
-    def allows(self, tokens: list[int]) -> bool:
-        text, before = self.decode(tokens), self.decode(tokens[:-1])
+    def allows(self, tokens: list[int], before: str | None = None) -> bool:
+        """Whether the answer `tokens` is still a span; before: the text of all but the last (if known)."""
+        text = self.decode(tokens)
+        before = self.decode(tokens[:-1]) if before is None else before
         # a token must add text: a special token, or white space after white space, would only spend the
         # answer's budget (one space after a word may come as a token of its own)
         if text == before or (_squeezed(text) == _squeezed(before) and (not before.strip() or before[-1].isspace())):
@@ -48,16 +50,16 @@ class SpanConstraint:
         return False
 
     def choose(self, logits: np.ndarray, tokens: list[int]) -> int:
-        # no stop inside a character: its bytes must all come first
-        can_stop = not self.decode(tokens).endswith("\ufffd")
+        so_far = self.decode(tokens)  # once a step, not once a candidate
+        can_stop = not so_far.endswith("\ufffd")  # no stop inside a character: its bytes must all come first
+
+        def fits(token: int) -> bool:
+            return can_stop if token in self.stop else self.allows(tokens + [token], so_far)
         best = int(logits.argmax())
-        if (best in self.stop and can_stop) or (best not in self.stop and self.allows(tokens + [best])):
+        if fits(best):
             return best
         top = np.argpartition(-logits, self.CANDIDATES)[:self.CANDIDATES]
-        for token in map(int, top[np.argsort(-logits[top])]):
-            if (token in self.stop and can_stop) or (token not in self.stop and self.allows(tokens + [token])):
-                return token
-        return self.stop[0]
+        return next((t for t in map(int, top[np.argsort(-logits[top])]) if t != best and fits(t)), self.stop[0])
 
 
 def _squeezed(text: str) -> str:
