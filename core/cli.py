@@ -35,7 +35,7 @@ def cmd_ask(args) -> int:
     from edgerag.runtime import Pipeline
 
     pipeline = Pipeline.load(args.bundle, threads=args.threads, check=not args.no_verify, prompt_lookup=args.prompt_lookup,
-                             answers=args.answers)
+                             answers=args.answers, abstain_threshold=args.abstain_threshold)
     if args.question is not None:
         questions = [args.question]
     else:
@@ -52,6 +52,9 @@ def cmd_ask(args) -> int:
             except StopIteration as done:
                 answer = done.value
                 break
+        if answer.abstained:
+            print(f"(no answer: the passages do not seem to hold one; confidence {answer.confidence:.3f}, "
+                  f"threshold {pipeline.abstain_threshold:.3f})", end="")
         print()
         for c in answer.citations:
             print(f"  source: {c['title']} ({c['passage_id']}): {c['sentence']}")
@@ -71,7 +74,8 @@ def cmd_serve(args) -> int:
     from edgerag.runtime.serve import ServeOptions, serve
 
     options = ServeOptions(**{k: getattr(args, k) for k in ("host", "port", "threads", "concurrency", "max_queue",
-                                                           "api_key", "timeout_s", "prompt_lookup", "answers")})
+                                                           "api_key", "timeout_s", "prompt_lookup", "answers",
+                                                           "abstain_threshold")})
     serve(args.bundle, options)
     return 0
 
@@ -107,7 +111,7 @@ def cmd_export(args) -> int:
     require_workstation("export")
     from edgerag.export import ExportOptions
     from edgerag.export.bundle import export_bundle
-    from edgerag.models import folder_models, passage_encoder_folder, read_info
+    from edgerag.models import calibration_questions, folder_models, passage_encoder_folder, read_info
     from edgerag.runtime.manifest import read_manifest
 
     if args.model_folder:
@@ -121,12 +125,13 @@ def cmd_export(args) -> int:
         passage_format = info.get("passage_format")
         max_prompt_tokens = info.get("max_prompt_tokens") if info.get("family") == "encoder-decoder" else None
         compression = info.get("compression")  # a student that reads a compressed context
+        calibration = calibration_questions(args.model_folder)  # a student that learned to abstain
     else:
         if not (args.query_encoder and args.generator):
             raise ValueError("export needs a model folder (with query_encoder/ and generator/) "
                              "or both --query-encoder and --generator")
         query_encoder, generator = args.query_encoder, args.generator
-        passage_format = max_prompt_tokens = compression = None
+        passage_format = max_prompt_tokens = compression = calibration = None
         info = {}
     options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)
                                if f.metadata.get("cli", True)})
@@ -136,7 +141,7 @@ def cmd_export(args) -> int:
         raise ValueError(f"{args.model_folder} reads one passage at a time, marginalized (student.reading); the device "
                          "concatenates its passages, which for one passage is exactly that student's input: pass --k 1")
     out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options,
-                        passage_format, max_prompt_tokens, compression)
+                        passage_format, max_prompt_tokens, compression, calibration)
     manifest = read_manifest(out)
     print(f"bundle written to {out} ({manifest.megabytes:.1f} MB, {manifest.passages.count} passages)")
     print(json.dumps(manifest.parity, indent=2))
@@ -162,7 +167,16 @@ def cmd_eval(args) -> int:
         require_workstation("eval")  # a model folder runs in torch; a bundle needs the base install only
     if args.answers and not (Path(args.model) / MANIFEST).exists():
         raise ValueError("--answers applies to a bundle; a model folder answers with its own tokens")
-    result = evaluate_model(args.model, args.questions, args.corpus, args.n, args.k, answers=args.answers)
+    if not 0.0 <= args.unanswerable < 1.0:
+        raise ValueError(f"--unanswerable is a share of the questions, from 0 to below 1, not {args.unanswerable}")
+    if (args.unanswerable or args.abstain_threshold is not None) and not (Path(args.model) / MANIFEST).exists():
+        raise ValueError("--unanswerable and --abstain-threshold apply to a bundle (a run's eval stage scores its "
+                         "teacher and student on unanswerable questions: [eval] unanswerable in the recipe)")
+    from edgerag.runtime.prompt import check_threshold
+
+    check_threshold(args.abstain_threshold)
+    result = evaluate_model(args.model, args.questions, args.corpus, args.n, args.k, answers=args.answers,
+                            unanswerable=args.unanswerable, abstain_threshold=args.abstain_threshold)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -203,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--answers", choices=("spans", "free"), default=None,
                      help="spans: every answer a span of the context read; free: the generator's own tokens "
                           "(default: the bundle's setting)")
+    ask.add_argument("--abstain-threshold", type=float, default=None,
+                     help="abstain where an answer's confidence is below it, 0 to 1 (default: the bundle's; 0: never)")
     ask.set_defaults(func=cmd_ask)
 
     srv = sub.add_parser("serve", help="answer over HTTP: /v1/ask, OpenAI's /v1/chat/completions (device; extra [serve])")
@@ -219,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--answers", choices=("spans", "free"), default=None,
                      help="spans: every answer a span of the context read; free: the generator's own tokens "
                           "(default: the bundle's setting)")
+    srv.add_argument("--abstain-threshold", type=float, default=None,
+                     help="abstain where an answer's confidence is below it, 0 to 1 (default: the bundle's; 0: never)")
     srv.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("verify", help="check a bundle's files against its manifest (device)")
@@ -278,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="where to write the metrics JSON")
     e.add_argument("--answers", choices=("spans", "free"), default=None,
                    help="a bundle's answers: spans of the context read, or free (default: the bundle's setting)")
+    e.add_argument("--unanswerable", type=float, default=0.0, metavar="SHARE",
+                   help="pair this share of the questions with passages that cannot answer them, and report "
+                        "SQuAD 2.0's figures (abstention) and the answers' citations (default: 0)")
+    e.add_argument("--abstain-threshold", type=float, default=None,
+                   help="a bundle's abstention threshold, 0 to 1 (default: the bundle's)")
     e.set_defaults(func=cmd_eval)
 
     from edgerag.benchmarks.bench import add_cli as add_bench  # its top level imports nothing heavy

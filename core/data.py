@@ -180,3 +180,29 @@ def sample_questions(questions: list[Question], n: int | None, seed: int = 0) ->
     if not n:
         return list(questions)
     return random.Random(seed).sample(list(questions), min(n, len(questions)))
+
+
+def holds_answer(text: str, question: Question) -> bool:
+    """Whether `text` holds one of the question's answers (case aside)."""
+    folded = text.casefold()
+    return any(answer.strip() and answer.strip().casefold() in folded for answer in question.answers)
+
+
+def unanswerable_passages(question: Question, ranked: list[Passage], others: list[Passage], k: int,
+                          rng: random.Random) -> list[Passage]:
+    """k passages that cannot answer `question`, as a model trained to abstain meets them: half the
+    time retrieval's top passages without the gold one and any that holds an answer (retrieval that
+    missed), else the passages of another article (ranked: the question's retrieved passages, deep
+    enough to leave k; others: a pool to draw other articles from)."""
+    if rng.random() < 0.5:
+        missed = [p for p in ranked if p.id != question.passage_id and not holds_answer(p.text, question)][:k]
+        if len(missed) == k:
+            return missed
+    by_title: dict[str, list[Passage]] = {}
+    for p in others:
+        if p.title != question.title and p.id != question.passage_id and not holds_answer(p.text, question):
+            by_title.setdefault(p.title, []).append(p)
+    if not by_title:
+        raise DataError(f"no passage of another article to pair with question {question.id}: the pool holds one article")
+    article = by_title[rng.choice(sorted(by_title))]
+    return rng.sample(article, min(k, len(article)))

@@ -17,6 +17,7 @@ QUESTIONS = [
     "Which NFL team represented the AFC at Super Bowl 50?",
     "What is the name of the region in France the Normans gave their name to?",
     "What is the largest city of Poland?",
+    "Who painted the Mona Lisa?",  # no passage of the corpus holds it: the bundle should abstain
 ]
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
 
     from edgerag.export import ExportOptions
     from edgerag.export.bundle import export_bundle
-    from edgerag.models import folder_models, passage_encoder_folder, read_info
+    from edgerag.models import calibration_questions, folder_models, passage_encoder_folder, read_info
     from edgerag.runtime.manifest import MANIFEST
 
     bundle = run / "bundle"
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         export_bundle(query_encoder, generator, Path(args.data) / "xquad-en.json.gz", bundle,
                       str(passage_encoder) if passage_encoder else None,
                       options=ExportOptions(parity_questions=4, k=info.get("k", ExportOptions.k)),
-                      compression=info.get("compression"))
+                      compression=info.get("compression"), calibration=calibration_questions(run / "student"))
     timings["export_s"] = time.time() - t
 
     from edgerag.runtime import Pipeline
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     for question in QUESTIONS:
         answer = pipeline.ask(question)
         top = answer.passages[0]
-        print(f"Q: {question}\nA: {answer.answer}\n   top passage: {top['title']} (score {top['score']:.3f}); "
+        said = "(no answer: the passages do not hold one)" if answer.abstained else answer.answer
+        print(f"Q: {question}\nA: {said}\n   top passage: {top['title']} (score {top['score']:.3f}); "
               f"prefill {answer.timings['prefill_ms']:.0f} ms for {answer.prompt_tokens} tokens, "
               f"{answer.tokens_per_second:.1f} tok/s, total {answer.timings['total_ms']:.0f} ms")
 

@@ -14,31 +14,57 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from edgerag.data import Passage, Question, data_path, read_passages, read_questions, sample_questions
-from edgerag.metrics import RECALL_DEPTH, context_figures, garbled_copies, score, write_answers
+import random
+
+from edgerag.data import (Passage, Question, data_path, holds_answer, read_passages, read_questions, sample_questions,
+                          unanswerable_passages)
+from edgerag.metrics import (RECALL_DEPTH, abstains, abstention_figures, best_over_references, context_figures,
+                             exact_match, f1, garbled_copies, score, write_answers)
 
 
 def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Passage] | None, k: int = 3,
-                    answers_out: Path | None = None, answers: str | None = None) -> dict:
+                    answers_out: Path | None = None, answers: str | None = None, unanswerable: float = 0.0,
+                    abstain_threshold: float | None = None, seed: int = 0) -> dict:
     """Metrics of an exported bundle through the device runtime; `passages` (if given) are added to its
-    corpus; answers: "spans" or "free" (None: the bundle's setting)."""
+    corpus; answers: "spans" or "free" (None: the bundle's setting).
+
+    A bundle that abstains is scored as the device answers (an abstention is an empty answer), at its
+    threshold or `abstain_threshold`. unanswerable: the share of the questions paired with passages
+    that cannot answer them instead (data.unanswerable_passages), scored as SQuAD 2.0 is
+    (metrics.abstention_figures), with the answers' citations."""
     from edgerag.runtime import Pipeline
 
-    p = Pipeline.load(bundle, answers=answers)
+    # every answer generated with abstention off and its confidence kept: abstaining is then a
+    # comparison, and the same answers give the figures with and without it
+    p = Pipeline.load(bundle, answers=answers, abstain_threshold=0.0)
+    threshold = p.manifest.abstention.threshold if p.manifest.abstention else None
+    if abstain_threshold is not None and threshold is not None:
+        threshold = abstain_threshold
     if passages:
         p.add_passages([(x.id, x.title, x.text) for x in passages])
-    open_answers, ranked_ids, gold_answers, read = [], [], [], []
+    made_unanswerable = unanswerable_sample(questions, unanswerable, seed)
+    open_answers, ranked_ids, gold_answers, read, records = [], [], [], [], []
     start = time.perf_counter()
     for q in questions:
         answer = p.ask(q.question, k=k)
-        open_answers.append(answer.answer)
+        open_answers.append("" if _abstains(answer, threshold) else answer.answer)
         read.append([(d["title"], d["text"]) for d in answer.context])  # after compression, where the bundle does it
+        if unanswerable and q.id not in made_unanswerable:
+            records.append(_record(q, answer, True))
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
+    records += unanswerable_records(p, [q for q in questions if q.id in made_unanswerable], k, seed)
     prompts = [p.prompt_ids(q.question, passages) for q, passages in zip(questions, read)]
     for q in questions:
         ranked_ids.append([d["id"] for d in p.retrieve(q.question, RECALL_DEPTH)])
-        gold_answers.append(p.answer_with_passages(q.question, [(q.title, q.context)]).answer)
+        gold = p.answer_with_passages(q.question, [(q.title, q.context)])
+        gold_answers.append("" if _abstains(gold, threshold) else gold.answer)
     result = score(questions, open_answers, ranked_ids, gold_answers)
+    if threshold is not None:
+        result["abstain_threshold"] = threshold
+    if unanswerable:
+        result["abstention"] = abstention_figures(records, threshold if threshold is not None else 0.0)
+        result["citations"] = citation_figures([r for r in records if r["answerable"]
+                                                and not abstains(r, threshold or 0.0)])
     prompts_text = [p.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
     result.update(context_figures(questions, prompts_text, [len(ids) for ids in prompts]))
     result.update(garbled_copies(questions, open_answers, prompts_text))
@@ -51,8 +77,64 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     return result
 
 
+def unanswerable_sample(questions: list[Question], share: float, seed: int) -> set[str]:
+    """The ids of a seeded `share` of the questions, to be asked over passages that cannot answer them."""
+    return {q.id for q in random.Random(seed + 1).sample(questions, round(share * len(questions)))} if share else set()
+
+
+def unanswerable_records(p, questions: list[Question], k: int, seed: int) -> list[dict]:
+    """Each question answered by the pipeline from k passages that cannot answer it (built as training
+    builds them, from its retrieval and the pipeline's other articles), as records of abstention_figures."""
+    if not questions:
+        return []
+    pool = [Passage(*row) for row in p.passages()]
+    rng = random.Random(seed + 2)
+    records = []
+    for q in questions:
+        ranked = [Passage(d["id"], d["title"], d["text"]) for d in p.retrieve(q.question, RECALL_DEPTH)]
+        negatives = unanswerable_passages(q, ranked, pool, k, rng)
+        records.append(_record(q, p.answer_with_passages(q.question, [(x.title, x.text) for x in negatives]), False))
+    return records
+
+
+def abstention_records(p, questions: list[Question], share: float, k: int, seed: int = 0) -> list[dict]:
+    """Records of abstention_figures: a `share` of the questions over passages that cannot answer them,
+    the rest asked as the device asks (retrieval from the pipeline's corpus, which must hold their passages)."""
+    made = unanswerable_sample(questions, share, seed)
+    return [_record(q, p.ask(q.question, k=k), True) for q in questions if q.id not in made] + \
+        unanswerable_records(p, [q for q in questions if q.id in made], k, seed)
+
+
+def _abstains(answer, threshold: float | None) -> bool:
+    return threshold is not None and answer.confidence is not None and answer.confidence < threshold
+
+
+def _record(q: Question, answer, answerable: bool) -> dict:
+    """What abstention_figures and citation_figures need of one answer."""
+    read = " ".join(" ".join(d["text"].split()) for d in answer.context).casefold()
+    text = " ".join(answer.answer.split()).casefold()
+    return {"answerable": answerable, "confidence": answer.confidence,
+            "f1": best_over_references(f1, answer.answer, q.answers) if answerable else 0.0,
+            "em": best_over_references(exact_match, answer.answer, q.answers) if answerable else 0.0,
+            "verbatim": bool(text) and text in read, "cited": bool(answer.citations),
+            "cited_gold": any(holds_answer(c["sentence"], q) for c in answer.citations)}
+
+
+def citation_figures(records: list[dict]) -> dict:
+    """Of the answers given (0-100): those with a citation, those whose cited sentence holds a gold
+    answer, and of the answers found verbatim in what was read, those cited (their span holds them)."""
+    def share(part, whole) -> float:
+        return round(100.0 * len(part) / max(len(whole), 1), 2)
+    given = records
+    verbatim = [r for r in given if r["verbatim"]]
+    return {"answers": len(given), "with_citation": share([r for r in given if r["cited"]], given),
+            "citation_holds_gold": share([r for r in given if r["cited_gold"]], given),
+            "verbatim_answers": len(verbatim), "verbatim_cited": share([r for r in verbatim if r["cited"]], verbatim)}
+
+
 def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int | None = None, seed: int = 0,
-                   batch_size: int = 8, answers_out=None, answers: str | None = None) -> dict:
+                   batch_size: int = 8, answers_out=None, answers: str | None = None, unanswerable: float = 0.0,
+                   abstain_threshold: float | None = None) -> dict:
     """Evaluate a teacher/student folder or a bundle on a SQuAD-format file.
 
     The corpus is `corpus_path` (SQuAD or JSONL) if given, else the passages of the questions file.
@@ -71,7 +153,8 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
 
             k = read_manifest(model_path).generation.k
         passages = read_passages(corpus_path) if corpus_path else None
-        metrics = evaluate_bundle(model_path, questions, passages, k, answers_out, answers)
+        metrics = evaluate_bundle(model_path, questions, passages, k, answers_out, answers, unanswerable,
+                                  abstain_threshold, seed)
     else:
         if not ((model_path / "generator").is_dir() or (model_path / "rag").is_dir()) or not (model_path / "query_encoder").is_dir():
             raise FileNotFoundError(f"{model_path}: neither a bundle (manifest.json) nor a model folder (query_encoder/ and generator/)")

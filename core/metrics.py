@@ -96,6 +96,48 @@ def garbled_copies(questions, answers: list[str], prompts_text: list[str]) -> di
     return {"garbled_copies": round(100.0 * garbled / max(len(held), 1), 2)}
 
 
+ABSTENTION_ROWS = ("threshold", "f1_overall", "f1_overall_without_abstention", "has_answer_f1",
+                   "has_answer_f1_without_abstention", "has_answer_abstained", "no_answer_accuracy")
+
+
+def abstains(record: dict, threshold: float) -> bool:
+    return record["confidence"] is not None and record["confidence"] < threshold
+
+
+def abstention_figures(records: list[dict], threshold: float) -> dict:
+    """SQuAD 2.0's figures (0-100) over answerable and unanswerable records at a threshold.
+
+    A record: {"answerable", "f1", "em" (of the answer given with abstention off), "confidence"}. An
+    abstention scores 1 on an unanswerable question and 0 on an answerable one; an answer scores its
+    F1 (0 where the question is unanswerable). `..._without_abstention` is the same sample with abstention
+    off, so that its cost is read on the same answers."""
+    answerable = [r for r in records if r["answerable"]]
+    unanswerable = [r for r in records if not r["answerable"]]
+
+    def mean(values) -> float:
+        values = list(values)
+        return round(100.0 * sum(values) / max(len(values), 1), 2)
+    answered = [0.0 if abstains(r, threshold) else r["f1"] for r in answerable]
+    refused = [float(abstains(r, threshold)) for r in unanswerable]
+    return {"threshold": round(threshold, 4), "answerable": len(answerable), "unanswerable": len(unanswerable),
+            "f1_overall": mean(answered + refused), "f1_overall_without_abstention": mean([r["f1"] for r in answerable]
+                                                                                      + [0.0] * len(unanswerable)),
+            "has_answer_f1": mean(answered), "has_answer_f1_without_abstention": mean(r["f1"] for r in answerable),
+            "has_answer_em": mean(0.0 if abstains(r, threshold) else r["em"] for r in answerable),
+            "has_answer_abstained": mean(abstains(r, threshold) for r in answerable),
+            "no_answer_accuracy": mean(refused)}
+
+
+def fit_threshold(records: list[dict]) -> float:
+    """The threshold, in [0, 1], with the best overall F1 on the records (the lowest where several tie):
+    0 or halfway between two confidences seen."""
+    seen = sorted({r["confidence"] for r in records if r["confidence"] is not None})
+    candidates = [0.0] + [(a + b) / 2 for a, b in zip(seen, seen[1:])] + ([min(1.0, seen[-1] + 1e-6)] if seen else [])
+    def overall(t: float) -> float:  # unrounded: ties are ties of the scores, not of their rounding
+        return sum((not abstains(r, t)) * r["f1"] if r["answerable"] else abstains(r, t) for r in records)
+    return max(candidates, key=lambda t: (overall(t), -t))
+
+
 def write_answers(path, questions, open_answers, gold_answers, ranked_ids) -> None:
     """Every question's answers and retrieved passage ids, as JSONL (written whole, then renamed)."""
     path = Path(path)
@@ -111,7 +153,12 @@ def write_answers(path, questions, open_answers, gold_answers, ranked_ids) -> No
 def format_table(columns: dict[str, dict]) -> str:
     """A plain-text table: one row per metric, one column per model."""
     names = list(columns)
+    # the unanswerable mix's figures (evaluation.evaluate_bundle) as rows of their own
+    columns = {n: {**c, **c.get("abstention", {}), **{f"citations_{k}": v for k, v in c.get("citations", {}).items()}}
+               for n, c in columns.items()}
+    extra = [k for c in columns.values() for k in c if k in ABSTENTION_ROWS or k.startswith("citations_")]
     keys = list(METRICS) + [k for k in ("prompt_tokens", "answer_in_context") if any(k in c for c in columns.values())]
+    keys += list(dict.fromkeys(extra))
     keys += ["generator_params", "encoder_params", "seconds_per_question"]
     lines = [f"{'':22}" + "".join(f"{n:>14}" for n in names)]
     for key in keys:

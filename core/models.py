@@ -158,3 +158,20 @@ def passage_encoder_folder(folder: str | Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"{Path(folder) / INFO_FILE} names the passage encoder {name!r}, but {path} is not a folder")
     return path
+
+
+def calibration_questions(folder: str | Path) -> list | None:
+    """The held-in questions on which export fits the abstention threshold of a student that learned to
+    abstain (its edgerag.json's abstention.calibration, a JSONL of questions with their passages);
+    None for a folder whose generator always answers."""
+    from edgerag.data import Question
+
+    abstention = read_info(folder).get("abstention")
+    if not abstention:
+        return None
+    path = Path(folder) / abstention["calibration"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: edgerag.json names {abstention['calibration']} for the abstention threshold, "
+                                "which is not there")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Question(**{**row, "answers": tuple(row["answers"])}) for row in rows]

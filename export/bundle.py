@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,10 @@ from edgerag.models import PLAIN_GREEDY, load_encoder, load_generator, resolve
 from edgerag.runtime.compress import Compression, PieceVectors, split_pieces
 from edgerag.runtime.corpus import create_store, document_rows, passage_rows
 from edgerag.runtime.documents import SUFFIXES as DOCUMENT_SUFFIXES, Document, cut_passages, read_documents
-from edgerag.runtime.manifest import (KV_IN_PLACE_GRAPHS, LOGITS_LAST_POSITIONS, CompressionSpec, GenerationSpec, GeneratorSpec,
+from edgerag.runtime.manifest import (KV_IN_PLACE_GRAPHS, LOGITS_LAST_POSITIONS, AbstentionSpec, CompressionSpec, GenerationSpec, GeneratorSpec,
                                       IndexSpec, Manifest, PassagesSpec, PromptSpec, QueryEncoderSpec, file_record)
 from edgerag.runtime import DecoderOnlyGenerator, QueryEncoder, make_session
-from edgerag.runtime.prompt import PromptTemplate, build_prompt_ids
+from edgerag.runtime.prompt import NO_ANSWER, PromptTemplate, build_prompt_ids
 
 # the graphs' weights, outside the graphs: onnxruntime memory-maps them (see optimize_offline)
 GENERATOR_WEIGHTS = "generator.onnx.data"
@@ -338,11 +339,13 @@ def same_model(a: str, b: str) -> bool:
 def export_bundle(query_encoder: str, generator: str, passages_file: str | Path, out: str | Path,
                   passage_encoder: str | None = None, options: ExportOptions | None = None,
                   passage_format: str | None = None, max_prompt_tokens: int | None = None,
-                  compression: dict | None = None) -> Path:
+                  compression: dict | None = None, calibration: list | None = None) -> Path:
     """passage_format: how a passage is written for the passage encoder (default IndexSpec's);
     max_prompt_tokens: an encoder-decoder student's context as it was trained (its edgerag.json);
     compression: a compressed-context student's settings (its edgerag.json): the bundle then carries
-    every passage's piece vectors and the compact prompt template."""
+    every passage's piece vectors and the compact prompt template; calibration: held-in questions (with
+    their passages) of a generator that learned to answer NO_ANSWER: the bundle then abstains below a
+    threshold fitted on them (fit_abstention)."""
     opts = options or ExportOptions()
     from transformers.utils import logging as hf_logging
 
@@ -366,7 +369,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_work(out)
     started = time.time()
-    stages = tqdm(total=7, desc="export", unit="stage")
+    stages = tqdm(total=7 + bool(calibration), desc="export", unit="stage")
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-") as tmp:
         bundle, work = Path(tmp) / "bundle", Path(tmp) / "work"
         bundle.mkdir()
@@ -463,9 +466,40 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         manifest.files = {f.name: file_record(f) for f in sorted(bundle.iterdir())}
         manifest.write(bundle)
         stages.update()
+        if calibration:
+            stages.set_postfix_str("abstention threshold")
+            manifest.abstention = fit_abstention(bundle, manifest, calibration)
+            manifest.write(bundle)
+            stages.update()
         stages.close()
         _replace_dir(bundle, out)
     return out
+
+
+def fit_abstention(bundle: Path, manifest: Manifest, questions: list, seed: int = 0) -> AbstentionSpec:
+    """The abstention of a bundle whose generator learned to answer NO_ANSWER: the threshold with the best
+    overall F1 on `questions`, half of them asked over passages that cannot answer them (SQuAD 2.0's
+    scoring), answered by the bundle itself as the device will (their passages added in memory)."""
+    from edgerag.evaluation import abstention_records
+    from edgerag.metrics import abstention_figures, fit_threshold
+    from edgerag.runtime import Pipeline
+
+    tokenizer = Tokenizer.from_file(str(bundle / manifest.generator.tokenizer))
+    manifest.abstention = AbstentionSpec(NO_ANSWER, tokenizer.encode(NO_ANSWER, add_special_tokens=False).ids[0], 0.0)
+    manifest.write(bundle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its warning of what the bundle lacks is for users, not for the fit
+        pipeline = Pipeline.load(bundle, check=False, abstain_threshold=0.0)
+    pipeline.add_passages(list({q.passage_id: (q.passage_id, q.title, q.context) for q in questions}.values()))
+    records = abstention_records(pipeline, questions, 0.5, manifest.generation.k, seed)
+    threshold = fit_threshold(records)
+    figures = abstention_figures(records, threshold)
+    print(f"[export] abstention threshold {threshold:.3f} on {len(records)} held-in questions: "
+          f"overall F1 {figures['f1_overall']} (without abstention {figures['f1_overall_without_abstention']}), "
+          f"abstained on {figures['no_answer_accuracy']}% of the unanswerable, {figures['has_answer_abstained']}% "
+          "of the answerable")
+    return AbstentionSpec(NO_ANSWER, manifest.abstention.token_id, threshold,
+                          fitted={"questions": len(records), "share_unanswerable": 0.5, **figures})
 
 
 def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, questions, passages, prompts,

@@ -62,6 +62,21 @@ class SpanConstraint:
         return next((t for t in map(int, top[np.argsort(-logits[top])]) if t != best and fits(t)), self.stop[0])
 
 
+class Abstention:
+    """A generator that learned to write NO_ANSWER where its context holds no answer. The answer's
+    confidence is 1 minus the probability of NO_ANSWER's first token at the first step; below the
+    threshold the generation abstains (it ends there, with no token). Otherwise that token is ruled
+    out at the first step, so that the answer is the model's best one that is not NO_ANSWER."""
+
+    def __init__(self, token_id: int, threshold: float):
+        self.token_id = token_id
+        self.threshold = threshold
+
+    def confidence(self, logits: np.ndarray) -> float:
+        shifted = logits.astype(np.float64) - float(logits.max())
+        return float(1.0 - np.exp(shifted[self.token_id]) / np.exp(shifted).sum())
+
+
 def _squeezed(text: str) -> str:
     return " ".join(text.split()).casefold()
 
@@ -70,8 +85,11 @@ class Generation:
     """One greedy generation: iterate it for the new token ids; its figures fill in as it runs."""
 
     def __init__(self, decode: Callable[["Generation"], Iterator[int]], stop_token_ids: Container[int],
-                 constraint: SpanConstraint | None = None):
+                 constraint: SpanConstraint | None = None, abstention: Abstention | None = None):
         self.constraint = constraint
+        self.abstention = abstention
+        self.confidence: float | None = None  # with an abstention: set at the first step
+        self.abstained = False
         self.tokens: list[int] = []
         self.prefill_ms = 0.0
         # the time of each forward pass after the prefill, in order, the one that produced a stop
@@ -81,18 +99,42 @@ class Generation:
         # model accepts tokens that prompt lookup drafted
         self.decode_tokens = 0
         self.reused_prompt_tokens = 0
-        self.stop_reason = ""  # "stop" (a stop token) or "length" (max_new_tokens) once it has run to its end
+        # "stop" (a stop token), "length" (max_new_tokens) or "abstained" once it has run to its end
+        self.stop_reason = ""
         self._stop = stop_token_ids
         self._steps = decode(self)  # the decoding loop, which records its figures on this object
 
     def choose(self, logits: np.ndarray) -> int:
         """The next token from a position's logits: the argmax, or the constraint's choice."""
+        if not self.tokens and self.abstention is not None:
+            logits = self._first_step(logits)
+            if logits is None:
+                return self._abstain_token
         return int(logits.argmax()) if self.constraint is None else self.constraint.choose(logits, self.tokens)
+
+    def _first_step(self, logits: np.ndarray) -> np.ndarray | None:
+        """The first step's logits with NO_ANSWER ruled out, or None where the generation abstains."""
+        self.confidence = self.abstention.confidence(logits)
+        if self.confidence < self.abstention.threshold:
+            self.abstained = True
+            return None
+        logits = logits.copy()
+        logits[self.abstention.token_id] = -np.inf
+        return logits
+
+    @property
+    def _abstain_token(self) -> int:
+        return min(self._stop)  # any stop token ends the generation with no answer
 
     def choose_checking(self, logits: np.ndarray, draft: np.ndarray) -> np.ndarray:
         """The token at each of a step's positions, the answer so far followed by the draft before it:
         under a constraint, the positions after the first that differs from its draft are -1 (the
         step accepts no draft beyond it)."""
+        if not self.tokens and self.abstention is not None:
+            first = self._first_step(logits[0])
+            if first is None:
+                return np.array([self._abstain_token], dtype=np.int64)
+            logits = np.concatenate([first[None], logits[1:]])
         if self.constraint is None:
             return logits.argmax(-1)
         chosen = np.full(len(logits), -1, dtype=np.int64)
@@ -114,7 +156,7 @@ class Generation:
         for token in self._steps:
             # every family's stop check: a stop token ends the answer, and is neither kept nor yielded
             if token in self._stop:
-                self.stop_reason = "stop"
+                self.stop_reason = "abstained" if self.abstained else "stop"
                 return
             self.tokens.append(token)
             yield token
@@ -140,10 +182,13 @@ class GreedyDecoder:
     def steps(self, result: Generation, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
         raise NotImplementedError
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, constraint: SpanConstraint | None = None) -> Generation:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, constraint: SpanConstraint | None = None,
+                 abstention: Abstention | None = None) -> Generation:
         """Greedy decoding from `prompt_ids`, token by token as the result is iterated; the stop token is
-        not yielded. constraint: the answer a span of the context (SpanConstraint)."""
-        return Generation(lambda result: self.steps(result, prompt_ids, max_new_tokens), self.stop, constraint)
+        not yielded. constraint: the answer a span of the context (SpanConstraint); abstention: the
+        answer's confidence taken at the first step, and no answer below its threshold."""
+        return Generation(lambda result: self.steps(result, prompt_ids, max_new_tokens), self.stop, constraint,
+                          abstention)
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
         """The whole generation at once."""

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from edgerag.runtime.pipeline import Answer, Pipeline
-from edgerag.runtime.prompt import PromptError, check_question
+from edgerag.runtime.prompt import PromptError, check_question, check_threshold
 
 log = logging.getLogger("edgerag.serve")
 
@@ -53,6 +53,7 @@ class ServeOptions:
     max_question_chars: int = 4000
     max_new_tokens: int = 256           # the most a request may ask for
     answers: str | None = None          # "spans" or "free" (None: the bundle's setting; Pipeline.load)
+    abstain_threshold: float | None = None  # abstain below this confidence (None: the bundle's; Pipeline.load)
     max_k: int = 20
     prompt_lookup: int | None = None    # tokens drafted per decode step (None: the runtime's default; 0: none)
 
@@ -65,6 +66,7 @@ class ServeOptions:
                 raise ValueError(f"{name} must be at least {low}, not {value}")
         if not self.timeout_s > 0:
             raise ValueError(f"the timeout must be positive, not {self.timeout_s}")
+        check_threshold(self.abstain_threshold)
         return self
 
 

@@ -30,6 +30,11 @@ Format version 1 (every bundle edgerag has written so far):
                   the vectors [pieces, index.dim] (int8); with the budget, the passages whose pieces
                   compete, and the selector's weights.
                   A bundle without it answers from the full top-k passages.
+  abstention      optional (added within version 1): a generator that learned to answer NO_ANSWER
+                  (runtime.prompt) where its context holds no answer. `token_id` is that answer's
+                  first token; an answer's confidence is 1 minus its probability at the first step,
+                  and below `threshold` (fitted at export on held-in questions) the bundle abstains.
+                  A bundle without it always answers.
   files           {name: {"sha256", "bytes"}} for every other file in the bundle.
   sources, parity, versions, created_unix, export_seconds: how it was made, for people.
 Keys a reader does not know are ignored, so a newer exporter may add some within a version; a
@@ -172,6 +177,14 @@ class CompressionSpec:
 
 
 @dataclass
+class AbstentionSpec:
+    no_answer: str                    # the text the generator learned to write (runtime.prompt.NO_ANSWER)
+    token_id: int                     # its first token
+    threshold: float                  # abstain where the confidence is below it, in [0, 1]
+    fitted: dict = field(default_factory=dict)  # how the threshold was chosen: questions, figures
+
+
+@dataclass
 class Manifest:
     query_encoder: QueryEncoderSpec
     generator: GeneratorSpec
@@ -181,6 +194,7 @@ class Manifest:
     passages: PassagesSpec
     compression: CompressionSpec | None = None
     passage_encoder: QueryEncoderSpec | None = None   # where passages are embedded otherwise than questions
+    abstention: AbstentionSpec | None = None
     files: dict[str, FileRecord] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
@@ -237,6 +251,14 @@ class Manifest:
         if manifest.generation.answers not in ANSWER_KINDS:
             raise BundleError(f"{where}: generation.answers is {manifest.generation.answers!r}; it must be one of "
                               f"{', '.join(ANSWER_KINDS)}")
+        a = manifest.abstention
+        if a is not None:
+            if not 0.0 <= a.threshold <= 1.0:
+                raise BundleError(f"{where}: abstention.threshold is {a.threshold}; it must be in [0, 1]")
+            vocab = manifest.generator.vocab_size
+            if a.token_id < 0 or (vocab and a.token_id >= vocab):
+                raise BundleError(f"{where}: abstention.token_id is {a.token_id}; it must be a token of the "
+                                  f"generator's vocabulary (0 to {manifest.generator.vocab_size - 1})")
         c = manifest.compression
         if c is not None:
             for key, value in (("passages", c.passages), ("budget", c.budget), ("max_piece_words", c.max_piece_words)):

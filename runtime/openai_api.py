@@ -1,7 +1,7 @@
 """`edgerag serve`'s OpenAI-compatible layer: POST /v1/chat/completions in OpenAI's chat format
 (streaming chunks too), and GET /v1/models. The last user message is the question; the passages and
-the answer's citations come back in extra fields, `passages`, `citations` and `supported` (the last
-chunk of a stream carries them)."""
+the answer's citations come back in extra fields, `passages`, `citations`, `supported`, `abstained` and
+`confidence` (the last chunk of a stream carries them). An abstention is an empty message."""
 
 from __future__ import annotations
 
@@ -51,8 +51,13 @@ def completion(base: dict, a: Answer) -> dict:
                          "finish_reason": finish_reason(a)}],
             "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
                       "total_tokens": a.prompt_tokens + a.new_tokens},
-            "passages": a.passages, "citations": a.citations, "supported": a.supported,
-            "timings": a.to_record()["timings"]}
+            **trust(a), "timings": a.to_record()["timings"]}
+
+
+def trust(a: Answer) -> dict:
+    """The extra fields: what the answer stands on, and whether the bundle abstained."""
+    return {"passages": a.passages, "citations": a.citations, "supported": a.supported, "abstained": a.abstained,
+            "confidence": a.confidence}
 
 
 def chunk(base: dict, delta: dict, reason=None, **extra) -> str:
@@ -67,8 +72,7 @@ async def chunk_events(base: dict, pieces: AsyncIterator, cancel: threading.Even
             if kind == "piece":
                 yield chunk(base, {"content": value})
             elif kind == "answer":
-                yield chunk(base, {}, finish_reason(value), passages=value.passages, citations=value.citations,
-                            supported=value.supported)
+                yield chunk(base, {}, finish_reason(value), **trust(value))
             else:
                 yield error_event(value)
         yield "data: [DONE]\n\n"

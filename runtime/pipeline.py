@@ -28,7 +28,7 @@ from edgerag.runtime.citations import cite
 from edgerag.runtime.compress import Compression, PieceVectors, compress_context, split_pieces
 from edgerag.runtime.decoder_only import DecoderOnlyGenerator
 from edgerag.runtime.encoder_decoder import EncoderDecoderGenerator
-from edgerag.runtime.generation import SpanConstraint, periodic_tail, repetition_cut
+from edgerag.runtime.generation import Abstention, SpanConstraint, periodic_tail, repetition_cut
 from edgerag.runtime.corpus import (ChangeOptions, CorpusChange, PassageEmbedder, add_documents, remove_documents,
                                     sync_documents)
 from edgerag.runtime.loading import open_corpus, open_current, open_parts, weight_files
@@ -36,7 +36,7 @@ from edgerag.runtime.manifest import ANSWER_KINDS, Manifest
 from edgerag.runtime.memory import (AnswersInFlight, anonymous_regions, collapse_when_idle, huge_pages_allowed,
                                     read_weights_on_demand)
 from edgerag.runtime.prompt import (PromptError, PromptTemplate, TokenIds, build_prompt_ids, check_count,
-                                    check_prompt_lookup, check_question)
+                                    check_prompt_lookup, check_question, check_threshold)
 from edgerag.runtime.retrieval import PassageStore, QueryEncoder
 
 
@@ -50,7 +50,8 @@ class Answer:
     new_tokens: int = 0
     tokens_per_second: float = 0.0
     # "stop" (the model ended it), "length" (max_new_tokens), "repetition" (a repeating tail was cut),
-    # "deadline" (the caller's deadline passed), "cancelled" (the caller's cancel event was set)
+    # "deadline" (the caller's deadline passed), "cancelled" (the caller's cancel event was set),
+    # "abstained" (the context does not hold an answer, as far as the generator can tell: answer "")
     stop_reason: str = ""
     # what the generator read: the passages' selected pieces where the bundle compresses its context,
     # else the passages themselves ({"title", "text"}, in rank order)
@@ -59,6 +60,10 @@ class Answer:
     # sentence and of the answer; empty, and supported False, where the answer appears nowhere in what was read
     citations: list[dict] = field(default_factory=list)
     supported: bool = False
+    # where the bundle learned to abstain (manifest.abstention): whether it did, and the answer's
+    # confidence (1 - the probability of the no-answer output), compared with the threshold; None without
+    abstained: bool = False
+    confidence: float | None = None
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -98,17 +103,22 @@ class Pipeline:
     token_ids: TokenIds = field(init=False, repr=False)
     # "spans": every answer a span of the context the generator read; "free": the generator's own tokens
     answers: str = field(init=False)
+    # abstain where an answer's confidence is below it (None: the bundle cannot abstain; 0: never)
+    abstain_threshold: float | None = field(init=False)
     _next_label: int = field(init=False, repr=False)
 
     def __post_init__(self):
         self.token_ids = TokenIds(self.tokenizer)
         self._next_label = self.manifest.index.labels or self.size  # the label add_passages gives next
         self.answers = self.manifest.generation.answers
+        abstention = self.manifest.abstention
+        self.abstain_threshold = None if abstention is None else abstention.threshold
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
              reuse_prefix: str | bool = "template", retrieval_only: bool = False,
-             prompt_lookup: int | None = None, answers: str | None = None) -> "Pipeline":
+             prompt_lookup: int | None = None, answers: str | None = None,
+             abstain_threshold: float | None = None) -> "Pipeline":
         """Load a bundle directory. Every file's checksum is verified (`check=False` skips that): the weight
         files' beside the loading, every other file's before it is parsed.
 
@@ -124,11 +134,16 @@ class Pipeline:
         answers: "spans" makes every answer a span of the context the generator read, "free" leaves
         the generator's tokens as they are (None: the bundle's setting, generation.answers).
 
+        abstain_threshold: abstain where an answer's confidence is below it, in [0, 1] (None: the
+        bundle's, manifest.abstention.threshold; 0: never). A bundle that did not learn to abstain
+        has no confidence and ignores it.
+
         Threads may share a Pipeline: ask, stream, ask_batch and retrieve keep no state between
         calls (with "previous", an answer depends on the previous prompt within the quantization
         error of int8sq), retrieval is serialized and generation runs concurrently.
         """
         check_prompt_lookup(prompt_lookup)
+        check_threshold(abstain_threshold)
         if answers is not None and answers not in ANSWER_KINDS:
             raise ValueError(f"answers is {answers!r}; choose from {', '.join(ANSWER_KINDS)}")
         bundle = Path(bundle)
@@ -137,6 +152,8 @@ class Pipeline:
                                                                     prompt_lookup, check))
         pipeline = cls(bundle, manifest, **parts._asdict())
         pipeline.answers = answers or manifest.generation.answers
+        if abstain_threshold is not None and pipeline.abstain_threshold is not None:
+            pipeline.abstain_threshold = float(abstain_threshold)
         return cls._opened(pipeline, retrieval_only, [bundle / name for name in weight_files(manifest)], before)
 
     @staticmethod
@@ -332,6 +349,9 @@ class Pipeline:
             raise ValueError("this pipeline was loaded with retrieval_only=True: it has no generator")
         if check_count("max_new_tokens", max_new_tokens) is None:
             max_new_tokens = self.manifest.generation.max_new_tokens
+        if not context:  # nothing to read (an empty corpus): no answer to give
+            return Answer(question, "", passages, {**timings, "total_ms": (time.perf_counter() - started) * 1000},
+                          stop_reason="abstained", abstained=True, confidence=0.0 if self.abstain_threshold is not None else None)
         prompt = self.prompt_ids(question, context, max_new_tokens)
         decoder = DecodeStream(skip_special_tokens=True)
         constraint = None
@@ -340,7 +360,10 @@ class Pipeline:
             constraint = SpanConstraint("\x00".join(text for _, text in context),
                                         lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
                                         self.generator.stop)
-        generation = self.generator.generate(prompt, max_new_tokens, constraint)
+        abstention = None
+        if self.abstain_threshold is not None:
+            abstention = Abstention(self.manifest.abstention.token_id, self.abstain_threshold)
+        generation = self.generator.generate(prompt, max_new_tokens, constraint, abstention)
         window = self.manifest.generation.repetition_window
         # A piece is held back while its token is part of a repeating tail, so that a loop which is
         # then cut is never streamed: streamed text and the answer's text stay the same.
@@ -379,7 +402,8 @@ class Pipeline:
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
                       generation.decode_tokens / decode_s if decode_s > 0 else 0.0, stop_reason or generation.stop_reason,
                       [{"title": title, "text": passage_text} for title, passage_text in context],
-                      [citation.to_dict()] if citation else [], citation is not None)
+                      [citation.to_dict()] if citation else [], citation is not None, generation.abstained,
+                      generation.confidence)
 
     def stream(self, question: str, k: int | None = None, max_new_tokens: int | None = None,
                deadline: float | None = None, cancel: threading.Event | None = None) -> Iterator[str]:

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# The answer a generator that learned to abstain writes where its context does not hold one: plain
+# text, so that any tokenizer spells it (runtime.generation.Abstention reads its first token).
+NO_ANSWER = "unanswerable"
+
 CHATML = {
     "prefix": "<|im_start|>system\nAnswer the question with a short answer taken from the context.<|im_end|>\n"
               "<|im_start|>user\nContext:\n",
@@ -120,6 +124,15 @@ def check_question(question) -> str:
     except UnicodeEncodeError:
         raise PromptError("the question is not valid Unicode (it holds a lone surrogate)") from None
     return question
+
+
+def check_threshold(value) -> float | None:
+    """None (the bundle's setting) or a number in [0, 1], else a ValueError naming the range."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"abstain_threshold must be a number from 0 to 1 (0: never abstain), not {value!r}")
+    return float(value)
 
 
 class TokenIds:

@@ -155,7 +155,8 @@ def serve(bundle: str | Path, options: ServeOptions | None = None) -> None:
     opts = (options or ServeOptions()).check()
     if not is_loopback(opts.host) and not opts.api_key:
         raise ValueError(f"binding to {opts.host} exposes the bundle beyond this machine: give --api-key KEY")
-    pipeline = Pipeline.load(bundle, threads=opts.threads, prompt_lookup=opts.prompt_lookup, answers=opts.answers)
+    pipeline = Pipeline.load(bundle, threads=opts.threads, prompt_lookup=opts.prompt_lookup, answers=opts.answers,
+                             abstain_threshold=opts.abstain_threshold)
     config = uvicorn.Config(build_app(pipeline, opts), host=opts.host, port=opts.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
     print(f"edgerag: serving {bundle} on http://{opts.host}:{opts.port}", flush=True)

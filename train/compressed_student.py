@@ -79,25 +79,30 @@ def fitted_compression(run: Run):
     return Compression(c.passages, c.budget, selector), shares
 
 
-def compressed_student_examples(run: Run, questions: list[Question], examples: list, ranked: list[list[Passage]]):
+def compressed_student_examples(run: Run, questions: list[Question], examples: list, ranked: list[list[Passage]],
+                                negatives: list[tuple[Question, list[Passage]]] = ()):
     """The distillation examples with the student's prompt in place of the teacher's: the compressed
     context of its top `compress.passages` passages (the gold one inserted as the teacher's examples
-    insert it), in the compact template. Targets stay as they are, so the teacher's cached
-    distributions line up with the student's answer positions."""
+    insert it), in the compact template; for `negatives` (a question and passages that cannot answer
+    it, whose example id ends in NEGATIVE_ID), the compressed context of those passages. Targets stay
+    as they are, so the teacher's cached distributions line up with the student's answer positions."""
     from edgerag.models import read_info
     from edgerag.runtime.compress import Compression
 
     from .compression_fit import answer_share, compressed_contexts
-    from .teacher import Example, rag_context
+    from .teacher import NEGATIVE_ID, Example, rag_context
 
     r, cfg = run.recipe, run.recipe.distill_generator
     compression = Compression.from_dict(read_info(run.student_dir)["compression"])
     prompter = student_prompter(run)
     rng = random.Random(r.seed + 3)
     wide = [rag_context(q, found, compression.passages, cfg.gold_probability, rng) for q, found in zip(questions, ranked)]
-    contexts = compressed_contexts(compression, [q.question for q in questions], student_query_vectors(run, questions),
+    wide += [[(p.title, p.text) for p in passages[:compression.passages]] for _, passages in negatives]
+    asked = list(questions) + [q for q, _ in negatives]
+    ids = [q.id for q in questions] + [q.id + NEGATIVE_ID for q, _ in negatives]
+    contexts = compressed_contexts(compression, [q.question for q in asked], student_query_vectors(run, asked),
                                    wide, student_piece_embedder(run), prompter.encode)
-    prompts = {q.id: prompter.prompt(q.question, ctx) for q, ctx in zip(questions, contexts)}
+    prompts = {i: prompter.prompt(q.question, ctx) for i, q, ctx in zip(ids, asked, contexts)}
     return [Example(e.question_id, prompts[e.question_id], e.target) for e in examples], \
-        round(answer_share(questions, contexts), 2)
+        round(answer_share(questions, contexts[:len(questions)]), 2)
 

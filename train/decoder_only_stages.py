@@ -32,8 +32,10 @@ from .compressed_student import compressed_student_examples, fitted_compression
 from .loop import atomic_write_text, is_main
 from .recipe import Recipe, parse_layers
 from .retrieval import PassageIndex, embed, passage_text, retrieve_for
-from .run import (Run, RunError, Stage, local_files, save_encoder, save_generator, section_values,
-                  train_config)
+
+from edgerag.runtime.prompt import NO_ANSWER
+from .run import (Run, RunError, Stage, local_files, question_to_dict, save_encoder, save_generator, section_values,
+                  train_config, write_jsonl)
 
 
 def folder_info(run: Run, **extra) -> dict:
@@ -78,6 +80,39 @@ def rag_examples(run: Run, questions, prompter, k: int, gold_probability: float,
     return make_examples(prompter, questions, contexts, answers), contexts
 
 
+def negative_passages(run: Run, questions, ranked, k: int, seed_offset: int) -> list[list]:
+    """For each question, k passages that cannot answer it (data.unanswerable_passages); ranked: its
+    retrieved passages, deep enough to leave k once those that hold an answer are gone."""
+    from edgerag.data import unanswerable_passages
+
+    pool = run.corpus()
+    rng = random.Random(run.recipe.seed + seed_offset)
+    return [unanswerable_passages(q, found, pool, k, rng) for q, found in zip(questions, ranked)]
+
+
+def negative_examples(prompter, questions, passages) -> list:
+    """Examples that answer NO_ANSWER from passages that cannot answer; their ids are the questions'
+    with NEGATIVE_ID appended (a compressed student's prompts are matched to examples by id)."""
+    from edgerag.runtime.prompt import NO_ANSWER
+
+    from .teacher import NEGATIVE_ID, make_examples
+
+    examples = make_examples(prompter, questions, [[(p.title, p.text) for p in ps] for ps in passages],
+                             [NO_ANSWER] * len(questions))
+    return [dataclasses.replace(e, question_id=e.question_id + NEGATIVE_ID) for e in examples]
+
+
+def split_negatives(run: Run, questions: list) -> tuple[list, list]:
+    """The stage's questions that get their passages (the first examples - negatives) and those that are
+    also asked over passages that cannot answer (the first `abstain.negatives` share of the examples)."""
+    negatives = round(len(questions) * run.recipe.abstain.negatives)
+    return questions[:len(questions) - negatives], questions[:negatives]
+
+
+# retrieved passages, deep enough that k remain once those holding an answer are left out
+NEGATIVE_DEPTH = 20
+
+
 def load_for_stage(run: Run, folder, cfg):
     """A generator on the training device, its tokenizer, the prompter of a stage's settings, and the
     stage's training questions."""
@@ -97,13 +132,17 @@ def stage_teacher_finetune(run: Run) -> dict:
 
     cfg = run.recipe.teacher_finetune
     model, tok, prompter, questions = load_for_stage(run, run.teacher_base_generator, cfg)
-    examples, _ = rag_examples(run, questions, prompter, cfg.k, cfg.gold_probability, seed_offset=1)
+    answered, unanswerable = split_negatives(run, questions)
+    ranked = retrieve_for(run, questions, NEGATIVE_DEPTH) if unanswerable else None
+    examples, _ = rag_examples(run, answered, prompter, cfg.k, cfg.gold_probability, seed_offset=1, ranked=ranked)
+    if unanswerable:
+        examples += negative_examples(prompter, unanswerable, negative_passages(run, unanswerable, ranked, cfg.k, 5))
     train_top_layers(model, cfg.train_layers)
     log = loop.train(model, examples, lambda m, b: (answer_loss(m, b, tok.pad_token_id), {}),
                      train_config(cfg, run.recipe), run.stage_dir("teacher_finetune"), desc="teacher fine-tune")
     save_generator(model.cpu(), tok, run.teacher_generator)
-    return {"examples": len(examples), "steps": len(log), "first_loss": log[0]["loss"] if log else None,
-            "last_loss": log[-1]["loss"] if log else None}
+    return {"examples": len(examples), "negatives": len(unanswerable), "steps": len(log),
+            "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None}
 
 
 def calibration_sequences(run: Run, prompter, n: int) -> list[list[int]]:
@@ -120,7 +159,7 @@ def vocabulary_texts(run: Run, max_rank: int = 20) -> list[str]:
     the template, corpus passages and their headers, the train questions and their answers."""
     from edgerag.runtime.prompt import CHATML, PLAIN
 
-    texts = []
+    texts = [NO_ANSWER]
     for template in (CHATML, PLAIN):
         texts += [template["prefix"], template["passage_end"], template["answer_end"], *template["question"].split("{question}")]
     for p in run.corpus():
@@ -199,8 +238,30 @@ def stage_student_folder(run: Run) -> dict:
         info.update(compression=compression.to_dict(), template="compact", k=compression.passages)
         kept = "teacher_piece_kept" if r.compress.fit_target == "teacher" else "answer_in_context"
         result.update(selector=compression.selector.to_dict(), **{f"{kept}_by_lexical_weight": shares})
+    if r.abstain.negatives:
+        info["abstention"] = {"no_answer": NO_ANSWER, "calibration": CALIBRATION_FILE}
+        result["calibration_questions"] = len(write_calibration(run))
     atomic_write_text(run.student_info, json.dumps(info, indent=2))
     return result
+
+
+# in the student folder: held-in questions (with their passages) that export fits the abstention threshold on
+CALIBRATION_FILE = "calibration.jsonl"
+
+
+def write_calibration(run: Run) -> list:
+    """abstain.calibration_questions of the train file's questions, those the run does not train on first."""
+    from edgerag.data import data_path, read_squad, sample_questions
+
+    d = run.recipe.data
+    _, questions, _ = read_squad(data_path(d.train, d.data_dir or None))
+    used = {q.id for q in run.questions("train")}
+    n = run.recipe.abstain.calibration_questions
+    # questions the run does not train on, topped up with those it does where the file has too few
+    held = sample_questions([q for q in questions if q.id not in used], n, run.recipe.seed + 7)
+    held += sample_questions([q for q in questions if q.id in used], n - len(held), run.recipe.seed + 7)[:max(n - len(held), 0)]
+    write_jsonl(run.student_dir / CALIBRATION_FILE, [question_to_dict(q) for q in held])
+    return held
 
 
 def general_examples(run: Run, tokenizer, passages: int, chunk_tokens: int) -> list:
@@ -247,16 +308,21 @@ def stage_teacher_logits(run: Run) -> dict:
     cfg = run.recipe.distill_generator
     teacher, tok, prompter, questions = load_for_stage(run, run.teacher_generator, cfg)
     compress = run.recipe.compress
-    # one retrieval for the teacher's top k and the compressed student's wider look
-    ranked = retrieve_for(run, questions, max(cfg.k, compress.passages if compress.enabled else 0))
-    examples, contexts = rag_examples(run, questions, prompter, cfg.k, cfg.gold_probability, seed_offset=2, ranked=ranked)
+    answered, unanswerable = split_negatives(run, questions)
+    wide = compress.passages if compress.enabled else 0
+    # one retrieval for the teacher's top k, the compressed student's wider look and the negatives
+    ranked = retrieve_for(run, questions, max(cfg.k, wide, NEGATIVE_DEPTH if unanswerable else 0))
+    examples, contexts = rag_examples(run, answered, prompter, cfg.k, cfg.gold_probability, seed_offset=2, ranked=ranked)
     n_seq = 0
     if cfg.seq_kd:
         # Sequence-level KD: the teacher's own answers become extra targets.
         answers = generate(teacher, prompter, [e.prompt for e in examples], progress="teacher answers")
-        extra = [(q, c, a) for q, c, a in zip(questions, contexts, answers) if a and a not in q.answers]
+        extra = [(q, c, a) for q, c, a in zip(answered, contexts, answers) if a and a not in q.answers]
         examples += make_examples(prompter, [x[0] for x in extra], [x[1] for x in extra], [x[2] for x in extra])
         n_seq = len(extra)
+    # the teacher reads the first k of the passages that cannot answer, the compressed student all of them
+    negatives = negative_passages(run, unanswerable, ranked, max(cfg.k, wide), 6)
+    examples += negative_examples(prompter, unanswerable, [ps[:cfg.k] for ps in negatives])
     projection = None
     if cfg.gradient_weight > 0:
         from .gradient import projection as random_projection
@@ -264,12 +330,13 @@ def stage_teacher_logits(run: Run) -> dict:
         projection = random_projection(teacher.config.vocab_size, cfg.gradient_projections, run.recipe.seed)
     cache = teacher_cache(teacher, examples, tok.pad_token_id, cfg.temperature, cfg.top_k, hidden=cfg.hidden_weight > 0,
                           progress="teacher logits", gradient_projection=projection)
-    info = {"examples": len(examples), "seq_kd_examples": n_seq, "top_k": cfg.top_k, "temperature": cfg.temperature,
+    info = {"examples": len(examples), "negatives": len(unanswerable), "seq_kd_examples": n_seq, "top_k": cfg.top_k, "temperature": cfg.temperature,
             "teacher_prompt_tokens": round(sum(len(e.prompt) for e in examples) / max(len(examples), 1), 1)}
     if run.recipe.compress.enabled:
         # distillation across contexts: the cache holds the teacher's answer distributions over its full
         # passages; the student learns them reading its compressed context
-        examples, share = compressed_student_examples(run, questions, examples, ranked)
+        examples, share = compressed_student_examples(run, answered, examples, ranked,
+                                                      list(zip(unanswerable, negatives)))
         info.update(student_prompt_tokens=round(sum(len(e.prompt) for e in examples) / max(len(examples), 1), 1),
                     student_answer_in_context=share)
     if is_main():
@@ -340,7 +407,8 @@ def evaluate_side(run: Run, folder: Path, teacher_vectors: bool, answers_out: Pa
     return evaluate_folder(folder, run.questions("eval"), run.corpus(), r.eval.k,
                            passage_embeddings=np.load(run.index_embeddings) if teacher_vectors else None,
                            batch_size=r.eval.batch_size, max_prompt_tokens=r.prompt.max_prompt_tokens,
-                           max_answer_tokens=r.prompt.max_answer_tokens, answers_out=answers_out)
+                           max_answer_tokens=r.prompt.max_answer_tokens, answers_out=answers_out,
+                           unanswerable=r.eval.unanswerable, seed=r.seed)
 
 
 def stage_eval_teacher(run: Run) -> dict:
@@ -380,7 +448,8 @@ def _kd_settings(r: Recipe) -> dict:
             **{k: getattr(g, k) for k in ("examples", "k", "gold_probability", "max_prompt_tokens", "seq_kd",
                                            "temperature", "top_k")},
             **({"gradient_projections": g.gradient_projections} if g.gradient_weight > 0 else {}),
-            **({"compress": _compress_values(r.compress), "prompt": section_values(r.prompt)} if r.compress.enabled else {})}
+            **({"compress": _compress_values(r.compress), "prompt": section_values(r.prompt)} if r.compress.enabled else {}),
+            **_negatives(r)}
 
 
 def _compress_inputs(run: Run) -> list[Path]:
@@ -389,6 +458,16 @@ def _compress_inputs(run: Run) -> list[Path]:
         return []
     return [run.student_encoder, *([run.teacher_encoder] if run.teacher_passages else []), run.teacher_generator,
             run.index_embeddings, run.train_file, run.corpus_file]
+
+
+def _negatives(r: Recipe) -> dict:
+    # only where set, so that the runs made before abstention keep their fingerprints
+    return {"negatives": r.abstain.negatives} if r.abstain.negatives else {}
+
+
+def _no_unanswerable(r: Recipe) -> tuple:
+    # left out where 0, so that the runs made before it keep their fingerprints
+    return () if r.eval.unanswerable else ("unanswerable",)
 
 
 def _general_enabled(r: Recipe) -> bool:
@@ -411,7 +490,7 @@ STAGES = [
                               run.train_file],
           outputs=lambda run: [run.teacher_generator],
           settings=lambda r: {"seed": r.seed, "teacher_finetune": section_values(r.teacher_finetune),
-                              "max_answer_tokens": r.prompt.max_answer_tokens},
+                              "max_answer_tokens": r.prompt.max_answer_tokens, **_negatives(r)},
           parallel=True, enabled=lambda r: r.teacher_finetune.enabled),
     Stage("student_init", stage_student_init,
           inputs=lambda run: [run.teacher_generator, run.teacher_encoder, run.train_file, run.corpus_file,
@@ -425,7 +504,8 @@ STAGES = [
           outputs=lambda run: [run.student_info, *([run.student_passage_encoder] if run.teacher_passages else [])],
           settings=lambda r: {"passage_encoder": r.student.passage_encoder, "prompt": section_values(r.prompt),
                               "teacher": r.teacher.generator,
-                              **({"compress": _compress_values(r.compress)} if r.compress.enabled else {})}),
+                              **({"compress": _compress_values(r.compress)} if r.compress.enabled else {}),
+                              **({"abstain": section_values(r.abstain)} if r.abstain.negatives else {})}),
     Stage("general_cache", stage_general_cache,
           inputs=lambda run: [run.teacher_generator, run.corpus_file],
           outputs=lambda run: [],
@@ -451,12 +531,14 @@ STAGES = [
           inputs=lambda run: [run.teacher_encoder, run.teacher_generator, run.teacher_info, run.index_embeddings,
                               run.eval_file, run.corpus_file],
           outputs=lambda run: [],
-          settings=lambda r: {"eval": section_values(r.eval, "questions"), "prompt": section_values(r.prompt)}),
+          settings=lambda r: {"eval": section_values(r.eval, "questions", *_no_unanswerable(r)),
+                              "prompt": section_values(r.prompt)}),
     Stage("eval", stage_eval,
           inputs=lambda run: [run.student_encoder, run.student_generator, run.student_info, run.teacher_result,
                               run.eval_file, run.corpus_file, *([run.index_embeddings] if run.teacher_passages else [])],
           outputs=lambda run: [run.eval_report],
-          settings=lambda r: {"eval": section_values(r.eval, "questions"), "prompt": section_values(r.prompt), "dataset": r.data.eval,
+          settings=lambda r: {"eval": section_values(r.eval, "questions", *_no_unanswerable(r)),
+                              "prompt": section_values(r.prompt), "dataset": r.data.eval,
                               "passage_encoder": r.student.passage_encoder}),
 ]
 

@@ -20,10 +20,15 @@ from .retrieval import DPR_PASSAGE_FORMAT, PassageIndex, embed, passage_text
 
 def evaluate_folder(folder: Path, questions: list[Question], passages: list[Passage], k: int = 3,
                     passage_embeddings=None, batch_size: int = 8, max_prompt_tokens: int | None = None,
-                    max_answer_tokens: int | None = None, answers_out: Path | None = None) -> dict:
+                    max_answer_tokens: int | None = None, answers_out: Path | None = None,
+                    unanswerable: float = 0.0, seed: int = 0) -> dict:
     """Metrics of a teacher/student folder. `passage_embeddings` (rows aligned with `passages`) saves
     re-encoding the corpus; otherwise the folder's passage encoder (edgerag.json) or its own query
-    encoder embeds it."""
+    encoder embeds it.
+
+    unanswerable: as edgerag.evaluation.evaluate_bundle's, the share of the questions also asked over
+    passages that cannot answer them; a folder abstains where NO_ANSWER's first token is the more
+    likely (confidence below ABSTAIN_AT: a folder has no fitted threshold; a bundle's is fitted at export)."""
     import torch
 
     from .student import count_params
@@ -77,9 +82,50 @@ def evaluate_folder(folder: Path, questions: list[Question], passages: list[Pass
                                   [len(ids) for ids in prompts]))
     result.update({"generator_params": count_params(generator), "encoder_params": count_params(encoder),
                    "seconds_per_question": round(seconds, 4)})
+    if unanswerable:
+        result["abstention"] = unanswerable_figures(generator, prompter, context, questions, q_emb, ranked_rows,
+                                                    passages, prompts, k, unanswerable, seed, batch_size)
     if answers_out is not None:
         write_answers(answers_out, questions, open_answers, gold_answers, ranked_ids)
     return result
+
+
+# a folder abstains where NO_ANSWER's first token is more likely than not
+ABSTAIN_AT = 0.5
+
+
+def unanswerable_figures(generator, prompter, context, questions, q_emb, ranked_rows, passages, prompts, k: int,
+                         share: float, seed: int, batch_size: int) -> dict:
+    """abstention_figures of a torch generator: its open-domain prompts for the answerable questions, and
+    k passages that cannot answer (built as a bundle's evaluation builds them) for a `share` of them."""
+    import torch
+
+    from edgerag.data import unanswerable_passages
+    from edgerag.evaluation import unanswerable_sample
+    from edgerag.metrics import abstention_figures, best_over_references, exact_match, f1
+
+    from .teacher import generate
+
+    made = unanswerable_sample(questions, share, seed)
+    rng = random.Random(seed + 2)
+    asked, answerable = [], []
+    for q, v, rows, prompt in zip(questions, q_emb, ranked_rows, prompts):
+        if q.id not in made:
+            asked.append(prompt)
+            answerable.append(q)
+            continue
+        negatives = unanswerable_passages(q, [passages[r] for r in rows], passages, k, rng)
+        asked.append(prompter.prompt(q.question, context(q.question, v, [(p.title, p.text) for p in negatives])))
+        answerable.append(None)
+    confidences = []
+    with torch.inference_mode():
+        answers = generate(generator, prompter, asked, batch_size=batch_size, progress="eval unanswerable",
+                           confidences=confidences)
+    records = [{"answerable": q is not None, "confidence": c,
+                "f1": best_over_references(f1, a, q.answers) if q else 0.0,
+                "em": best_over_references(exact_match, a, q.answers) if q else 0.0}
+               for q, a, c in zip(answerable, answers, confidences)]
+    return abstention_figures(records, ABSTAIN_AT)
 
 
 def evaluate_rag_folder(folder, questions, corpus, k: int = 3, passage_vectors=None, max_prompt_tokens: int | None = None,

@@ -384,11 +384,11 @@ STAGES = [
           inputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder, run.index_embeddings, run.eval_file,
                               run.corpus_file],
           outputs=lambda run: [],
-          settings=lambda r: {"eval": section_values(r.eval, "questions"), "prompt": section_values(r.prompt)}),
+          settings=lambda r: {"eval": section_values(r.eval, "questions", "unanswerable"), "prompt": section_values(r.prompt)}),
     Stage("eval", stage_eval,
           inputs=lambda run: [run.student_encoder, run.student_generator, run.student_info, run.teacher_result,
                               run.eval_file, run.corpus_file, run.index_embeddings],
           outputs=lambda run: [run.eval_report],
-          settings=lambda r: {"eval": section_values(r.eval, "questions"), "prompt": section_values(r.prompt),
+          settings=lambda r: {"eval": section_values(r.eval, "questions", "unanswerable"), "prompt": section_values(r.prompt),
                               "dataset": r.data.eval, "reading": r.student.reading}),
 ]

@@ -145,10 +145,19 @@ class CompressConfig:
 
 
 @dataclass
+class AbstainConfig:
+    """Teacher and student learn to answer NO_ANSWER (runtime.prompt) where their passages cannot
+    answer: retrieval's passages without the gold one and any holding an answer, or another article's."""
+    negatives: float = 0.0           # share of fine-tuning and distillation examples that are such (0: always answer)
+    calibration_questions: int = 80  # held-in train questions (half made unanswerable) the export fits the threshold on
+
+
+@dataclass
 class EvalConfig:
     questions: int = 0               # 0: data.eval_questions
     k: int = 3
     batch_size: int = 8
+    unanswerable: float = 0.0        # share of the questions also asked over passages that cannot answer (abstention figures)
 
 
 @dataclass
@@ -169,6 +178,7 @@ class Recipe:
     distill_general: GeneralDistillConfig = field(default_factory=GeneralDistillConfig)
     distill_generator: GeneratorDistillConfig = field(default_factory=GeneratorDistillConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    abstain: AbstainConfig = field(default_factory=AbstainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -296,6 +306,16 @@ def validate(r: Recipe, check_models: bool = True) -> None:
         for key in ("passages", "budget", "fit_questions"):
             if getattr(r.compress, key) < 1:
                 raise RecipeError(f"compress.{key}: must be at least 1, got {getattr(r.compress, key)}")
+    if not 0.0 <= r.abstain.negatives < 1.0:
+        raise RecipeError(f"abstain.negatives: a share of the examples, from 0 to below 1, got {r.abstain.negatives}")
+    if r.abstain.negatives and r.teacher.kind == "hf-rag":
+        raise RecipeError("abstain.negatives: abstention is learned by decoder-only teachers and students only")
+    if not 0.0 <= r.eval.unanswerable < 1.0:
+        raise RecipeError(f"eval.unanswerable: a share of the questions, from 0 to below 1, got {r.eval.unanswerable}")
+    if r.eval.unanswerable and r.teacher.kind == "hf-rag":
+        raise RecipeError("eval.unanswerable: abstention figures are taken for decoder-only runs only")
+    if r.abstain.calibration_questions < 2:
+        raise RecipeError(f"abstain.calibration_questions: at least 2, got {r.abstain.calibration_questions}")
     if r.distill_generator.gradient_weight < 0 or r.distill_generator.gradient_projections < 1:
         raise RecipeError("distill_generator.gradient_weight must be >= 0 and gradient_projections >= 1")
     if r.data.corpus_scope not in ("files", "sampled"):

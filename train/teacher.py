@@ -20,6 +20,10 @@ class Example:
     target: list[int]
 
 
+# appended to a question's id in the example that asks it over passages that cannot answer it
+NEGATIVE_ID = "#no-answer"
+
+
 class Prompter:
     """Token-level prompt building for one tokenizer."""
 
@@ -136,10 +140,21 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def generate(model, prompter: Prompter, prompts: list[list[int]], batch_size: int = 8, max_new_tokens: int | None = None, progress: str | None = None) -> list[str]:
-    """Greedy answers for prompt token ids, left-padded in batches, stopping at answer_end or eos."""
+def generate(model, prompter: Prompter, prompts: list[list[int]], batch_size: int = 8, max_new_tokens: int | None = None,
+             progress: str | None = None, confidences: list | None = None) -> list[str]:
+    """Greedy answers for prompt token ids, left-padded in batches, stopping at answer_end or eos.
+
+    confidences: a list that gets each answer's confidence as the device computes it (1 minus the
+    probability of NO_ANSWER's first token at the first step); the answers are then those with that
+    token ruled out at the first step, as a device that does not abstain gives them."""
     import torch
     from tqdm.auto import tqdm
+
+    from edgerag.runtime.prompt import NO_ANSWER
+
+    no_answer = prompter.encode(NO_ANSWER)[0] if confidences is not None else None
+    if confidences is not None:
+        confidences[:] = [None] * len(prompts)
 
     max_new_tokens = max_new_tokens or prompter.max_answer_tokens
     pad_id = prompter.tokenizer.pad_token_id if prompter.tokenizer.pad_token_id is not None else prompter.stop_ids[0]
@@ -156,9 +171,18 @@ def generate(model, prompter: Prompter, prompts: list[list[int]], batch_size: in
         for row, i in enumerate(idx):
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
+        extra = {}
+        if no_answer is not None:
+            extra = {"logits_processor": [_RuleOutAtFirstStep(no_answer, width)], "output_logits": True,
+                     "return_dict_in_generate": True}
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=prompter.stop_ids, pad_token_id=pad_id)
+                                 do_sample=False, eos_token_id=prompter.stop_ids, pad_token_id=pad_id, **extra)
+        if no_answer is not None:
+            first = torch.softmax(out.logits[0].float(), dim=-1)[:, no_answer]
+            for row, i in enumerate(idx):
+                confidences[i] = float(1.0 - first[row])
+            out = out.sequences
         for row, i in enumerate(idx):
             new = out[row, width:].tolist()
             for n, t in enumerate(new):
@@ -168,3 +192,15 @@ def generate(model, prompter: Prompter, prompts: list[list[int]], batch_size: in
             answers[i] = prompter.tokenizer.decode(new, skip_special_tokens=True).strip()
     model.train(was_training)
     return answers
+
+
+class _RuleOutAtFirstStep:
+    """A logits processor for `generate`: one token ruled out at the first new position."""
+
+    def __init__(self, token_id: int, prompt_width: int):
+        self.token_id, self.prompt_width = token_id, prompt_width
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_width:
+            scores[:, self.token_id] = float("-inf")
+        return scores
