@@ -128,14 +128,22 @@ def abstention_figures(records: list[dict], threshold: float) -> dict:
             "no_answer_accuracy": mean(refused)}
 
 
-def fit_threshold(records: list[dict]) -> float:
-    """The threshold, in [0, 1], with the best overall F1 on the records (the lowest where several tie):
-    0 or halfway between two confidences seen."""
+def fit_threshold(records: list[dict], max_answer_cost: float = 2.0) -> float:
+    """The threshold, in [0, 1], with the best overall F1 on the records among those whose abstentions
+    cost the answerable questions at most `max_answer_cost` points of F1 (the lowest where several tie):
+    0 or halfway between two confidences seen. Without the bound, a model that is often wrong would
+    abstain on every uncertain answer, right ones too, since SQuAD 2.0's scoring charges nothing for
+    abstaining on a wrong one."""
     seen = sorted({r["confidence"] for r in records if r["confidence"] is not None})
     candidates = [0.0] + [(a + b) / 2 for a, b in zip(seen, seen[1:])] + ([min(1.0, seen[-1] + 1e-6)] if seen else [])
+    answerable = max(sum(r["answerable"] for r in records), 1)
+
+    def cost(t: float) -> float:  # points of F1 lost on the answerable questions
+        return 100.0 * sum(r["f1"] for r in records if r["answerable"] and abstains(r, t)) / answerable
+
     def overall(t: float) -> float:  # unrounded: ties are ties of the scores, not of their rounding
         return sum((not abstains(r, t)) * r["f1"] if r["answerable"] else abstains(r, t) for r in records)
-    return max(candidates, key=lambda t: (overall(t), -t))
+    return max((t for t in candidates if cost(t) <= max_answer_cost + 1e-9), key=lambda t: (overall(t), -t))
 
 
 def write_answers(path, questions, open_answers, gold_answers, ranked_ids) -> None:

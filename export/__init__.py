@@ -47,6 +47,8 @@ class ExportOptions:
     repetition_window: int = _option(16, "cut an answer whose last N tokens repeat one block, 3 times or more (0: never)")
     answers: str = _option("spans", "spans: every answer a span of the context the generator read (its most likely "
                            "token that keeps it one); free: the generator's own tokens", ("spans", "free"))
+    abstain_cost: float = _option(2.0, "a student that learned to abstain: the most F1 points (of 100) its "
+                                  "abstentions may cost the answerable held-in questions when the threshold is fitted")
     max_context: int = _option(2048, "prompt + answer tokens (capped by the generator's own positions)")
     hnsw_m: int = _option(32, "hnswlib M (graph degree)")
     ef_construction: int = _option(200, "hnswlib ef at build time")

@@ -36,7 +36,7 @@ from edgerag.runtime.documents import SUFFIXES as DOCUMENT_SUFFIXES, Document, c
 from edgerag.runtime.manifest import (KV_IN_PLACE_GRAPHS, LOGITS_LAST_POSITIONS, AbstentionSpec, CompressionSpec, GenerationSpec, GeneratorSpec,
                                       IndexSpec, Manifest, PassagesSpec, PromptSpec, QueryEncoderSpec, file_record)
 from edgerag.runtime import DecoderOnlyGenerator, QueryEncoder, make_session
-from edgerag.runtime.prompt import NO_ANSWER, PromptTemplate, build_prompt_ids
+from edgerag.runtime.prompt import NO_ANSWER, PromptTemplate, build_prompt_ids, no_answer_token_ids
 
 # the graphs' weights, outside the graphs: onnxruntime memory-maps them (see optimize_offline)
 GENERATOR_WEIGHTS = "generator.onnx.data"
@@ -468,7 +468,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.update()
         if calibration:
             stages.set_postfix_str("abstention threshold")
-            manifest.abstention = fit_abstention(bundle, manifest, calibration)
+            manifest.abstention = fit_abstention(bundle, manifest, calibration, opts.abstain_cost)
             manifest.write(bundle)
             stages.update()
         stages.close()
@@ -476,30 +476,35 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
     return out
 
 
-def fit_abstention(bundle: Path, manifest: Manifest, questions: list, seed: int = 0) -> AbstentionSpec:
+def fit_abstention(bundle: Path, manifest: Manifest, questions: list, max_answer_cost: float = 2.0,
+                   seed: int = 0) -> AbstentionSpec:
     """The abstention of a bundle whose generator learned to answer NO_ANSWER: the threshold with the best
-    overall F1 on `questions`, half of them asked over passages that cannot answer them (SQuAD 2.0's
-    scoring), answered by the bundle itself as the device will (their passages added in memory)."""
+    overall F1 on `questions` (SQuAD 2.0's scoring; metrics.fit_threshold), half of them asked over
+    passages that cannot answer them, whose abstentions cost the answerable ones at most
+    `max_answer_cost` points of F1; answered by the bundle itself as the device will (their passages
+    added in memory)."""
     from edgerag.evaluation import abstention_records
     from edgerag.metrics import abstention_figures, fit_threshold
     from edgerag.runtime import Pipeline
 
     tokenizer = Tokenizer.from_file(str(bundle / manifest.generator.tokenizer))
-    manifest.abstention = AbstentionSpec(NO_ANSWER, tokenizer.encode(NO_ANSWER, add_special_tokens=False).ids[0], 0.0)
+    token_ids = no_answer_token_ids(lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
+    manifest.abstention = AbstentionSpec(NO_ANSWER, token_ids, 0.0)
     manifest.write(bundle)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its warning of what the bundle lacks is for users, not for the fit
         pipeline = Pipeline.load(bundle, check=False, abstain_threshold=0.0)
     pipeline.add_passages(list({q.passage_id: (q.passage_id, q.title, q.context) for q in questions}.values()))
     records = abstention_records(pipeline, questions, 0.5, manifest.generation.k, seed)
-    threshold = fit_threshold(records)
+    threshold = fit_threshold(records, max_answer_cost)
     figures = abstention_figures(records, threshold)
     print(f"[export] abstention threshold {threshold:.3f} on {len(records)} held-in questions: "
           f"overall F1 {figures['f1_overall']} (without abstention {figures['f1_overall_without_abstention']}), "
           f"abstained on {figures['no_answer_accuracy']}% of the unanswerable, {figures['has_answer_abstained']}% "
           "of the answerable")
-    return AbstentionSpec(NO_ANSWER, manifest.abstention.token_id, threshold,
-                          fitted={"questions": len(records), "share_unanswerable": 0.5, **figures})
+    return AbstentionSpec(NO_ANSWER, token_ids, threshold,
+                          fitted={"questions": len(records), "share_unanswerable": 0.5,
+                                  "max_answer_cost": max_answer_cost, **figures})
 
 
 def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, questions, passages, prompts,

@@ -5,6 +5,7 @@ around a loop, and the repetition cut that ends a looping answer."""
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Container, Iterator
 
 import numpy as np
@@ -64,17 +65,18 @@ class SpanConstraint:
 
 class Abstention:
     """A generator that learned to write NO_ANSWER where its context holds no answer. The answer's
-    confidence is 1 minus the probability of NO_ANSWER's first token at the first step; below the
-    threshold the generation abstains (it ends there, with no token). Otherwise that token is ruled
-    out at the first step, so that the answer is the model's best one that is not NO_ANSWER."""
+    confidence is 1 minus the probability that it begins NO_ANSWER (runtime.prompt.no_answer_token_ids)
+    at the first step; below the threshold the generation abstains (it ends there, with no token).
+    Otherwise those tokens are ruled out at the first step, so that the answer is the model's best one
+    that is not NO_ANSWER."""
 
-    def __init__(self, token_id: int, threshold: float):
-        self.token_id = token_id
+    def __init__(self, token_ids: list[int], threshold: float):
+        self.token_ids = list(token_ids)
         self.threshold = threshold
 
     def confidence(self, logits: np.ndarray) -> float:
-        shifted = logits.astype(np.float64) - float(logits.max())
-        return float(1.0 - np.exp(shifted[self.token_id]) / np.exp(shifted).sum())
+        probabilities = np.exp(logits.astype(np.float64) - float(logits.max()))
+        return float(1.0 - probabilities[self.token_ids].sum() / probabilities.sum())
 
 
 def _squeezed(text: str) -> str:
@@ -90,6 +92,7 @@ class Generation:
         self.abstention = abstention
         self.confidence: float | None = None  # with an abstention: set at the first step
         self.abstained = False
+        self.abstain_ms = 0.0  # what the first step's screening took
         self.tokens: list[int] = []
         self.prefill_ms = 0.0
         # the time of each forward pass after the prefill, in order, the one that produced a stop
@@ -114,12 +117,15 @@ class Generation:
 
     def _first_step(self, logits: np.ndarray) -> np.ndarray | None:
         """The first step's logits with NO_ANSWER ruled out, or None where the generation abstains."""
+        started = time.perf_counter()
         self.confidence = self.abstention.confidence(logits)
         if self.confidence < self.abstention.threshold:
             self.abstained = True
-            return None
-        logits = logits.copy()
-        logits[self.abstention.token_id] = -np.inf
+            logits = None
+        else:
+            logits = logits.copy()
+            logits[self.abstention.token_ids] = -np.inf
+        self.abstain_ms = (time.perf_counter() - started) * 1000
         return logits
 
     @property

@@ -31,8 +31,8 @@ Format version 1 (every bundle edgerag has written so far):
                   compete, and the selector's weights.
                   A bundle without it answers from the full top-k passages.
   abstention      optional (added within version 1): a generator that learned to answer NO_ANSWER
-                  (runtime.prompt) where its context holds no answer. `token_id` is that answer's
-                  first token; an answer's confidence is 1 minus its probability at the first step,
+                  (runtime.prompt) where its context holds no answer. `token_ids` are the tokens that
+                  answer may begin with; an answer's confidence is 1 minus their probability at the first step,
                   and below `threshold` (fitted at export on held-in questions) the bundle abstains.
                   A bundle without it always answers.
   files           {name: {"sha256", "bytes"}} for every other file in the bundle.
@@ -179,7 +179,7 @@ class CompressionSpec:
 @dataclass
 class AbstentionSpec:
     no_answer: str                    # the text the generator learned to write (runtime.prompt.NO_ANSWER)
-    token_id: int                     # its first token
+    token_ids: list[int]              # the tokens it may begin with (runtime.prompt.no_answer_token_ids)
     threshold: float                  # abstain where the confidence is below it, in [0, 1]
     fitted: dict = field(default_factory=dict)  # how the threshold was chosen: questions, figures
 
@@ -256,8 +256,8 @@ class Manifest:
             if not 0.0 <= a.threshold <= 1.0:
                 raise BundleError(f"{where}: abstention.threshold is {a.threshold}; it must be in [0, 1]")
             vocab = manifest.generator.vocab_size
-            if a.token_id < 0 or (vocab and a.token_id >= vocab):
-                raise BundleError(f"{where}: abstention.token_id is {a.token_id}; it must be a token of the "
+            if not a.token_ids or any(t < 0 or (vocab and t >= vocab) for t in a.token_ids):
+                raise BundleError(f"{where}: abstention.token_ids is {a.token_ids}; it must list tokens of the "
                                   f"generator's vocabulary (0 to {manifest.generator.vocab_size - 1})")
         c = manifest.compression
         if c is not None:

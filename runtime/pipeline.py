@@ -362,7 +362,7 @@ class Pipeline:
                                         self.generator.stop)
         abstention = None
         if self.abstain_threshold is not None:
-            abstention = Abstention(self.manifest.abstention.token_id, self.abstain_threshold)
+            abstention = Abstention(self.manifest.abstention.token_ids, self.abstain_threshold)
         generation = self.generator.generate(prompt, max_new_tokens, constraint, abstention)
         window = self.manifest.generation.repetition_window
         # A piece is held back while its token is part of a repeating tail, so that a loop which is
@@ -392,7 +392,7 @@ class Pipeline:
                 yield "".join(pieces[sent:len(tokens)])
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
                        decode_steps=generation.decode_steps, decode_tokens=generation.decode_tokens,
-                       reused_prompt_tokens=generation.reused_prompt_tokens,
+                       reused_prompt_tokens=generation.reused_prompt_tokens, abstain_ms=generation.abstain_ms,
                        total_ms=(time.perf_counter() - started) * 1000)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         decode_s = generation.decode_ms / 1000

@@ -126,6 +126,13 @@ def check_question(question) -> str:
     return question
 
 
+def no_answer_token_ids(encode) -> list[int]:
+    """The tokens a generator may begin NO_ANSWER with (lower or capital, after a space or not): what the
+    device's confidence reads and, when it answers, rules out (runtime.generation.Abstention)."""
+    variants = (NO_ANSWER, NO_ANSWER.capitalize(), " " + NO_ANSWER, " " + NO_ANSWER.capitalize())
+    return sorted({encode(text)[0] for text in variants})
+
+
 def check_threshold(value) -> float | None:
     """None (the bundle's setting) or a number in [0, 1], else a ValueError naming the range."""
     if value is None:

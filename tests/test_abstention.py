@@ -23,32 +23,33 @@ def generation(abstention, stop=(0,)):
 
 def test_confidence_is_one_minus_the_no_answer_probability():
     logits = np.log(np.array([0.1, 0.2, 0.7], np.float32))
-    assert Abstention(2, 0.5).confidence(logits) == pytest.approx(0.3, abs=1e-6)
-    assert Abstention(1, 0.5).confidence(logits) == pytest.approx(0.8, abs=1e-6)
+    assert Abstention([2], 0.5).confidence(logits) == pytest.approx(0.3, abs=1e-6)
+    assert Abstention([1], 0.5).confidence(logits) == pytest.approx(0.8, abs=1e-6)
+    assert Abstention([1, 2], 0.5).confidence(logits) == pytest.approx(0.1, abs=1e-6)  # every way to begin it
 
 
 def test_below_the_threshold_the_generation_abstains_at_its_first_step():
     logits = np.log(np.array([0.05, 0.15, 0.8], np.float32))  # NO_ANSWER (2) is the likeliest
-    g = generation(Abstention(2, 0.5))
+    g = generation(Abstention([2], 0.5))
     assert g.choose(logits) == 0  # a stop token: nothing is written
     assert g.abstained and g.confidence == pytest.approx(0.2, abs=1e-6)
 
 
 def test_above_it_no_answer_is_ruled_out_and_the_best_other_token_chosen():
     logits = np.log(np.array([0.05, 0.15, 0.8], np.float32))
-    g = generation(Abstention(2, 0.1))  # confidence 0.2 >= 0.1: answer
+    g = generation(Abstention([2], 0.1))  # confidence 0.2 >= 0.1: answer
     assert g.choose(logits) == 1 and not g.abstained
     g.tokens.append(1)
     assert g.choose(logits) == 2  # only the first step is screened
-    never = generation(Abstention(2, 0.0))  # 0: never abstain, the confidence is still taken
+    never = generation(Abstention([2], 0.0))  # 0: never abstain, the confidence is still taken
     assert never.choose(logits) == 1 and never.confidence == pytest.approx(0.2, abs=1e-6)
 
 
 def test_drafted_steps_screen_the_first_position_alike():
     logits = np.log(np.array([[0.05, 0.15, 0.8], [0.1, 0.1, 0.8]], np.float32))
-    g = generation(Abstention(2, 0.5))
+    g = generation(Abstention([2], 0.5))
     assert g.choose_checking(logits, np.array([1])).tolist() == [0] and g.abstained
-    g = generation(Abstention(2, 0.1))
+    g = generation(Abstention([2], 0.1))
     assert g.choose_checking(logits, np.array([1])).tolist() == [1, 2] and not g.abstained
 
 
@@ -81,6 +82,16 @@ def test_the_fitted_threshold_separates_confidences_where_that_pays():
     wrong = records([0.9, 0.8, 0.7], [1.0, 1.0, 0.0], [0.1, 0.2, 0.75])
     assert 0.75 < fit_threshold(wrong) < 0.8  # a wrong answer costs nothing to abstain on
     assert 0.0 <= fit_threshold(records([0.5], [1.0], [])) <= 1.0
+
+
+def test_the_fit_keeps_within_what_abstention_may_cost_the_answerable_questions():
+    # abstaining below 0.7 would gain two more unanswerable ones and lose a right answer (1/3 of the F1)
+    r = records([0.9, 0.8, 0.6], [1.0, 1.0, 1.0], [0.3, 0.5, 0.62, 0.63])
+    free = fit_threshold(r, max_answer_cost=100.0)
+    assert free > 0.62 and abstention_figures(r, free)["has_answer_abstained"] > 0
+    bounded = fit_threshold(r, max_answer_cost=2.0)
+    assert 0.3 < bounded < 0.6  # the two below the right answer, no more
+    assert abstention_figures(r, bounded)["has_answer_f1"] == abstention_figures(r, bounded)["has_answer_f1_without_abstention"]
 
 
 # ---------------------------------------------------------------- unanswerable passages
@@ -179,6 +190,68 @@ def test_eval_unanswerable_reports_squad2_figures_and_citations(abstaining_bundl
     assert set(result["citations"]) >= {"with_citation", "citation_holds_gold", "verbatim_cited"}
 
 
+def test_serve_says_whether_it_abstained_in_both_apis(abstaining_bundle, live_server):
+    openai = pytest.importorskip("openai")
+    import urllib.request
+
+    bundle, questions, _ = abstaining_bundle
+    pipeline = Pipeline.load(bundle, abstain_threshold=0.5, answers="free")
+    expected = [pipeline.ask(q.question) for q in questions]
+    assert {a.abstained for a in expected} == {True, False}  # the tiny retriever finds some own passages, not all
+    with live_server("--abstain-threshold", "0.5", "--answers", "free", bundle=bundle) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for q, want in zip(questions, expected):
+            reply = client.chat.completions.create(model="edgerag", messages=[{"role": "user", "content": q.question}])
+            assert reply.model_extra["abstained"] == want.abstained
+            assert reply.model_extra["confidence"] == pytest.approx(want.confidence, abs=1e-4)
+            assert reply.choices[0].message.content == want.answer
+            last = list(client.chat.completions.create(model="edgerag", stream=True,
+                                                       messages=[{"role": "user", "content": q.question}]))[-1]
+            assert last.model_extra["abstained"] == want.abstained  # the stream's last chunk says it too
+            request = urllib.request.Request(url + "/v1/ask", data=json.dumps({"question": q.question}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            record = json.loads(urllib.request.urlopen(request).read())
+            assert (record["abstained"], record["answer"]) == (want.abstained, want.answer)
+
+
+# ---------------------------------------------------------------- a run that learns it, compressed
+
+def test_a_compressed_run_with_negatives_learns_reports_and_exports_abstention(tmp_path):
+    torch = pytest.importorskip("torch")
+    from edgerag.cli import main
+    from edgerag.train.driver import distill
+    from edgerag.train.teacher import NEGATIVE_ID
+    from edgerag.train.tiny import make_tiny_project
+
+    tiny = make_tiny_project(tmp_path / "tiny")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(tiny["recipe"].read_text().replace("[eval]", "[eval]\nunanswerable = 0.5")
+                      + "\n[compress]\nenabled = true\npassages = 4\nbudget = 40\nfit_questions = 20\n"
+                      + "\n[abstain]\nnegatives = 0.25\ncalibration_questions = 10\n")
+    out = tmp_path / "run"
+    report = distill(recipe, out)
+    torch.set_flush_denormal(False)  # evaluation turns it on; later tests' float strategies need subnormals
+    for side in ("teacher", "student"):  # both sides scored on the same mix
+        figures = report[side]["abstention"]
+        assert figures["answerable"] + figures["unanswerable"] == report["n_questions"]
+        assert 0.0 <= figures["no_answer_accuracy"] <= 100.0
+    finetune = json.loads((out / "stages" / "teacher_finetune" / "info.json").read_text())
+    kd = json.loads((out / "stages" / "teacher_logits" / "info.json").read_text())
+    assert finetune["negatives"] > 0 and kd["negatives"] > 0
+    saved = torch.load(out / "stages" / "teacher_logits" / "cache.pt", weights_only=False)
+    negatives = [e for e in saved["examples"] if e["question_id"].endswith(NEGATIVE_ID)]
+    assert len(negatives) == kd["negatives"]  # each with the student's compressed prompt, matched by its own id
+    assert len({tuple(e["prompt"]) for e in negatives}) == len(negatives)
+    assert (out / "student" / "calibration.jsonl").read_text().count("\n") == 10
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(out / "student"), "--passages", str(out / "data" / "corpus.jsonl"), "--out", str(bundle),
+                 "--quantize", "none"]) == 0
+    spec = json.loads((bundle / "manifest.json").read_text())["abstention"]
+    assert spec["fitted"]["questions"] == 10 and 0.0 <= spec["threshold"] <= 1.0 and spec["token_ids"]
+    answer = Pipeline.load(bundle).ask("What is the capital of Poland?")
+    assert answer.confidence is not None and answer.abstained == (answer.confidence < spec["threshold"])
+
+
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, "0.5", True, float("nan")])
@@ -212,11 +285,11 @@ def test_a_manifest_threshold_outside_0_1_is_a_bundle_error(tiny_bundle):
     from edgerag.runtime import Manifest
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    manifest["abstention"] = {"no_answer": NO_ANSWER, "token_id": 5, "threshold": 1.5}
+    manifest["abstention"] = {"no_answer": NO_ANSWER, "token_ids": [5], "threshold": 1.5}
     with pytest.raises(BundleError, match=r"abstention.threshold is 1.5; it must be in \[0, 1\]"):
         Manifest.from_dict(manifest)
-    manifest["abstention"].update(threshold=0.5, token_id=10**9)
-    with pytest.raises(BundleError, match="abstention.token_id"):
+    manifest["abstention"].update(threshold=0.5, token_ids=[5, 10**9])
+    with pytest.raises(BundleError, match="abstention.token_ids"):
         Manifest.from_dict(manifest)
-    manifest["abstention"]["token_id"] = 5
+    manifest["abstention"]["token_ids"] = [5]
     assert Manifest.from_dict(manifest).abstention.threshold == 0.5

@@ -145,14 +145,14 @@ def generate(model, prompter: Prompter, prompts: list[list[int]], batch_size: in
     """Greedy answers for prompt token ids, left-padded in batches, stopping at answer_end or eos.
 
     confidences: a list that gets each answer's confidence as the device computes it (1 minus the
-    probability of NO_ANSWER's first token at the first step); the answers are then those with that
-    token ruled out at the first step, as a device that does not abstain gives them."""
+    probability that it begins NO_ANSWER at the first step); the answers are then those with NO_ANSWER's
+    first tokens ruled out at the first step, as a device that does not abstain gives them."""
     import torch
     from tqdm.auto import tqdm
 
-    from edgerag.runtime.prompt import NO_ANSWER
+    from edgerag.runtime.prompt import no_answer_token_ids
 
-    no_answer = prompter.encode(NO_ANSWER)[0] if confidences is not None else None
+    no_answer = no_answer_token_ids(prompter.encode) if confidences is not None else None
     if confidences is not None:
         confidences[:] = [None] * len(prompts)
 
@@ -179,7 +179,7 @@ def generate(model, prompter: Prompter, prompts: list[list[int]], batch_size: in
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=prompter.stop_ids, pad_token_id=pad_id, **extra)
         if no_answer is not None:
-            first = torch.softmax(out.logits[0].float(), dim=-1)[:, no_answer]
+            first = torch.softmax(out.logits[0].float(), dim=-1)[:, no_answer].sum(-1)
             for row, i in enumerate(idx):
                 confidences[i] = float(1.0 - first[row])
             out = out.sequences
@@ -195,12 +195,13 @@ def generate(model, prompter: Prompter, prompts: list[list[int]], batch_size: in
 
 
 class _RuleOutAtFirstStep:
-    """A logits processor for `generate`: one token ruled out at the first new position."""
+    """A logits processor for `generate`: tokens ruled out at the first new position."""
 
-    def __init__(self, token_id: int, prompt_width: int):
-        self.token_id, self.prompt_width = token_id, prompt_width
+    def __init__(self, token_ids: list[int], prompt_width: int):
+        self.token_ids, self.prompt_width = token_ids, prompt_width
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[1] == self.prompt_width:
-            scores[:, self.token_id] = float("-inf")
+            scores = scores.clone()  # generate's raw logits (output_logits) are this tensor: keep them
+            scores[:, self.token_ids] = float("-inf")
         return scores
