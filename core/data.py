@@ -206,3 +206,8 @@ def unanswerable_passages(question: Question, ranked: list[Passage], others: lis
         raise DataError(f"no passage of another article to pair with question {question.id}: the pool holds one article")
     article = by_title[rng.choice(sorted(by_title))]
     return rng.sample(article, min(k, len(article)))
+
+
+def unanswerable_sample(questions: list[Question], share: float, seed: int) -> set[str]:
+    """The ids of a seeded `share` of the questions, to be asked over passages that cannot answer them."""
+    return {q.id for q in random.Random(seed + 1).sample(questions, round(share * len(questions)))} if share else set()

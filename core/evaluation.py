@@ -11,13 +11,12 @@ results table are edgerag.metrics, which imports no model code.
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
-import random
-
 from edgerag.data import (Passage, Question, data_path, holds_answer, read_passages, read_questions, sample_questions,
-                          unanswerable_passages)
+                          unanswerable_passages, unanswerable_sample)
 from edgerag.metrics import (RECALL_DEPTH, abstains, abstention_figures, best_over_references, context_figures,
                              exact_match, f1, garbled_copies, score, write_answers)
 
@@ -63,6 +62,11 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
         result["abstain_threshold"] = threshold
     if unanswerable:
         result["abstention"] = abstention_figures(records, threshold if threshold is not None else 0.0)
+        # what other thresholds would buy on the same answers: no-answer accuracy against answerable F1
+        result["abstention_by_threshold"] = {
+            f"{t:.1f}": {k: v for k, v in abstention_figures(records, t).items()
+                         if k in ("no_answer_accuracy", "has_answer_f1", "f1_overall")}
+            for t in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)} if threshold is not None else {}
         result["citations"] = citation_figures([r for r in records if r["answerable"]
                                                 and not abstains(r, threshold or 0.0)])
     prompts_text = [p.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
@@ -75,11 +79,6 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     if answers_out is not None:
         write_answers(answers_out, questions, open_answers, gold_answers, ranked_ids)
     return result
-
-
-def unanswerable_sample(questions: list[Question], share: float, seed: int) -> set[str]:
-    """The ids of a seeded `share` of the questions, to be asked over passages that cannot answer them."""
-    return {q.id for q in random.Random(seed + 1).sample(questions, round(share * len(questions)))} if share else set()
 
 
 def unanswerable_records(p, questions: list[Question], k: int, seed: int) -> list[dict]:

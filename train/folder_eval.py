@@ -100,8 +100,7 @@ def unanswerable_figures(generator, prompter, context, questions, q_emb, ranked_
     k passages that cannot answer (built as a bundle's evaluation builds them) for a `share` of them."""
     import torch
 
-    from edgerag.data import unanswerable_passages
-    from edgerag.evaluation import unanswerable_sample
+    from edgerag.data import unanswerable_passages, unanswerable_sample
     from edgerag.metrics import abstention_figures, best_over_references, exact_match, f1
 
     from .teacher import generate
