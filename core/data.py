@@ -183,9 +183,13 @@ def sample_questions(questions: list[Question], n: int | None, seed: int = 0) ->
 
 
 def holds_answer(text: str, question: Question) -> bool:
-    """Whether `text` holds one of the question's answers (case aside)."""
+    """Whether `text` holds one of the question's answers as words of its own (case aside): "1" is not
+    held by "1990"."""
+    import re
+
     folded = text.casefold()
-    return any(answer.strip() and answer.strip().casefold() in folded for answer in question.answers)
+    return any(answer.strip() and re.search(r"(?<!\w)" + re.escape(answer.strip().casefold()) + r"(?!\w)", folded)
+               for answer in question.answers)
 
 
 def unanswerable_passages(question: Question, ranked: list[Passage], others: list[Passage], k: int,
@@ -193,15 +197,20 @@ def unanswerable_passages(question: Question, ranked: list[Passage], others: lis
     """k passages that cannot answer `question`, as a model trained to abstain meets them: half the
     time retrieval's top passages without the gold one and any that holds an answer (retrieval that
     missed), else the passages of another article (ranked: the question's retrieved passages, deep
-    enough to leave k; others: a pool to draw other articles from)."""
+    enough to leave k; others: a pool to draw other articles from). An answer so common that every
+    other article holds it ("one") does not rule an article out."""
     if rng.random() < 0.5:
         missed = [p for p in ranked if p.id != question.passage_id and not holds_answer(p.text, question)][:k]
         if len(missed) == k:
             return missed
     by_title: dict[str, list[Passage]] = {}
+    loose: dict[str, list[Passage]] = {}
     for p in others:
-        if p.title != question.title and p.id != question.passage_id and not holds_answer(p.text, question):
-            by_title.setdefault(p.title, []).append(p)
+        if p.title != question.title and p.id != question.passage_id:
+            loose.setdefault(p.title, []).append(p)
+            if not holds_answer(p.text, question):
+                by_title.setdefault(p.title, []).append(p)
+    by_title = by_title or loose
     if not by_title:
         raise DataError(f"no passage of another article to pair with question {question.id}: the pool holds one article")
     article = by_title[rng.choice(sorted(by_title))]
