@@ -17,8 +17,8 @@ from pathlib import Path
 
 from edgerag.data import (Passage, Question, data_path, holds_answer, read_passages, read_questions, sample_questions,
                           unanswerable_passages, unanswerable_sample)
-from edgerag.metrics import (RECALL_DEPTH, abstains, abstention_figures, best_over_references, context_figures,
-                             exact_match, f1, garbled_copies, score, write_answers)
+from edgerag.metrics import (RECALL_DEPTH, abstains, abstention_figures, answer_record, context_figures,
+                             garbled_copies, score, write_answers)
 
 
 def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Passage] | None, k: int = 3,
@@ -33,12 +33,12 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     (metrics.abstention_figures), with the answers' citations."""
     from edgerag.runtime import Pipeline
 
-    # every answer generated with abstention off and its confidence kept: abstaining is then a
-    # comparison, and the same answers give the figures with and without it
-    p = Pipeline.load(bundle, answers=answers, abstain_threshold=0.0)
-    threshold = p.manifest.abstention.threshold if p.manifest.abstention else None
-    if abstain_threshold is not None and threshold is not None:
-        threshold = abstain_threshold
+    p = Pipeline.load(bundle, answers=answers, abstain_threshold=abstain_threshold)
+    threshold = p.abstain_threshold
+    if threshold is not None:
+        # every answer generated with abstention off and its confidence kept: abstaining is then a
+        # comparison, and the same answers give the figures with and without it
+        p.abstain_threshold = 0.0
     if passages:
         p.add_passages([(x.id, x.title, x.text) for x in passages])
     made_unanswerable = unanswerable_sample(questions, unanswerable, seed)
@@ -46,7 +46,7 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     start = time.perf_counter()
     for q in questions:
         answer = p.ask(q.question, k=k)
-        open_answers.append("" if _abstains(answer, threshold) else answer.answer)
+        open_answers.append("" if abstains(answer.confidence, threshold) else answer.answer)
         read.append([(d["title"], d["text"]) for d in answer.context])  # after compression, where the bundle does it
         if unanswerable and q.id not in made_unanswerable:
             records.append(_record(q, answer, True))
@@ -56,7 +56,7 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     for q in questions:
         ranked_ids.append([d["id"] for d in p.retrieve(q.question, RECALL_DEPTH)])
         gold = p.answer_with_passages(q.question, [(q.title, q.context)])
-        gold_answers.append("" if _abstains(gold, threshold) else gold.answer)
+        gold_answers.append("" if abstains(gold.confidence, threshold) else gold.answer)
     result = score(questions, open_answers, ranked_ids, gold_answers)
     if threshold is not None:
         result["abstain_threshold"] = threshold
@@ -64,11 +64,11 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
         result["abstention"] = abstention_figures(records, threshold if threshold is not None else 0.0)
         # what other thresholds would buy on the same answers: no-answer accuracy against answerable F1
         result["abstention_by_threshold"] = {
-            f"{t:.1f}": {k: v for k, v in abstention_figures(records, t).items()
-                         if k in ("no_answer_accuracy", "has_answer_f1", "f1_overall")}
+            f"{t:.1f}": {key: value for key, value in abstention_figures(records, t).items()
+                         if key in ("no_answer_accuracy", "has_answer_f1", "f1_overall")}
             for t in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)} if threshold is not None else {}
         result["citations"] = citation_figures([r for r in records if r["answerable"]
-                                                and not abstains(r, threshold or 0.0)])
+                                                and not abstains(r["confidence"], threshold)])
     prompts_text = [p.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
     result.update(context_figures(questions, prompts_text, [len(ids) for ids in prompts]))
     result.update(garbled_copies(questions, open_answers, prompts_text))
@@ -104,17 +104,11 @@ def abstention_records(p, questions: list[Question], share: float, k: int, seed:
         unanswerable_records(p, [q for q in questions if q.id in made], k, seed)
 
 
-def _abstains(answer, threshold: float | None) -> bool:
-    return threshold is not None and answer.confidence is not None and answer.confidence < threshold
-
-
 def _record(q: Question, answer, answerable: bool) -> dict:
     """What abstention_figures and citation_figures need of one answer."""
     read = " ".join(" ".join(d["text"].split()) for d in answer.context).casefold()
     text = " ".join(answer.answer.split()).casefold()
-    return {"answerable": answerable, "confidence": answer.confidence,
-            "f1": best_over_references(f1, answer.answer, q.answers) if answerable else 0.0,
-            "em": best_over_references(exact_match, answer.answer, q.answers) if answerable else 0.0,
+    return {**answer_record(q, answer.answer, answer.confidence, answerable),
             "verbatim": bool(text) and text in read, "cited": bool(answer.citations),
             "cited_gold": any(holds_answer(c["sentence"], q) for c in answer.citations)}
 
@@ -124,10 +118,9 @@ def citation_figures(records: list[dict]) -> dict:
     answer, and of the answers found verbatim in what was read, those cited (their span holds them)."""
     def share(part, whole) -> float:
         return round(100.0 * len(part) / max(len(whole), 1), 2)
-    given = records
-    verbatim = [r for r in given if r["verbatim"]]
-    return {"answers": len(given), "with_citation": share([r for r in given if r["cited"]], given),
-            "citation_holds_gold": share([r for r in given if r["cited_gold"]], given),
+    verbatim = [r for r in records if r["verbatim"]]
+    return {"answers": len(records), "with_citation": share([r for r in records if r["cited"]], records),
+            "citation_holds_gold": share([r for r in records if r["cited_gold"]], records),
             "verbatim_answers": len(verbatim), "verbatim_cited": share([r for r in verbatim if r["cited"]], verbatim)}
 
 

@@ -100,8 +100,17 @@ ABSTENTION_ROWS = ("threshold", "f1_overall", "f1_overall_without_abstention", "
                    "has_answer_f1_without_abstention", "has_answer_abstained", "no_answer_accuracy")
 
 
-def abstains(record: dict, threshold: float) -> bool:
-    return record["confidence"] is not None and record["confidence"] < threshold
+def abstains(confidence: float | None, threshold: float | None) -> bool:
+    """Whether an answer of this confidence is an abstention (None: an answer that has no confidence, or a
+    threshold that never abstains)."""
+    return confidence is not None and threshold is not None and confidence < threshold
+
+
+def answer_record(question, answer: str, confidence: float | None, answerable: bool) -> dict:
+    """What abstention_figures needs of one answer (its F1 and EM with abstention off)."""
+    return {"answerable": answerable, "confidence": confidence,
+            "f1": best_over_references(f1, answer, question.answers) if answerable else 0.0,
+            "em": best_over_references(exact_match, answer, question.answers) if answerable else 0.0}
 
 
 def abstention_figures(records: list[dict], threshold: float) -> dict:
@@ -117,14 +126,14 @@ def abstention_figures(records: list[dict], threshold: float) -> dict:
     def mean(values) -> float:
         values = list(values)
         return round(100.0 * sum(values) / max(len(values), 1), 2)
-    answered = [0.0 if abstains(r, threshold) else r["f1"] for r in answerable]
-    refused = [float(abstains(r, threshold)) for r in unanswerable]
+    answered = [0.0 if abstains(r["confidence"], threshold) else r["f1"] for r in answerable]
+    refused = [float(abstains(r["confidence"], threshold)) for r in unanswerable]
     return {"threshold": round(threshold, 4), "answerable": len(answerable), "unanswerable": len(unanswerable),
             "f1_overall": mean(answered + refused), "f1_overall_without_abstention": mean([r["f1"] for r in answerable]
                                                                                       + [0.0] * len(unanswerable)),
             "has_answer_f1": mean(answered), "has_answer_f1_without_abstention": mean(r["f1"] for r in answerable),
-            "has_answer_em": mean(0.0 if abstains(r, threshold) else r["em"] for r in answerable),
-            "has_answer_abstained": mean(abstains(r, threshold) for r in answerable),
+            "has_answer_em": mean(0.0 if abstains(r["confidence"], threshold) else r["em"] for r in answerable),
+            "has_answer_abstained": mean(abstains(r["confidence"], threshold) for r in answerable),
             "no_answer_accuracy": mean(refused)}
 
 
@@ -139,10 +148,10 @@ def fit_threshold(records: list[dict], max_answer_cost: float = 2.0) -> float:
     answerable = max(sum(r["answerable"] for r in records), 1)
 
     def cost(t: float) -> float:  # points of F1 lost on the answerable questions
-        return 100.0 * sum(r["f1"] for r in records if r["answerable"] and abstains(r, t)) / answerable
+        return 100.0 * sum(r["f1"] for r in records if r["answerable"] and abstains(r["confidence"], t)) / answerable
 
     def overall(t: float) -> float:  # unrounded: ties are ties of the scores, not of their rounding
-        return sum((not abstains(r, t)) * r["f1"] if r["answerable"] else abstains(r, t) for r in records)
+        return sum((not abstains(r["confidence"], t)) * r["f1"] if r["answerable"] else abstains(r["confidence"], t) for r in records)
     return max((t for t in candidates if cost(t) <= max_answer_cost + 1e-9), key=lambda t: (overall(t), -t))
 
 

@@ -26,14 +26,14 @@ import json
 import random
 from pathlib import Path
 
+from edgerag.runtime.prompt import NO_ANSWER
+
 from . import loop
 from .common_stages import DATA, DISTILL_ENCODER
 from .compressed_student import compressed_student_examples, fitted_compression
 from .loop import atomic_write_text, is_main
 from .recipe import Recipe, parse_layers
 from .retrieval import PassageIndex, embed, passage_text, retrieve_for
-
-from edgerag.runtime.prompt import NO_ANSWER
 from .run import (Run, RunError, Stage, local_files, question_to_dict, save_encoder, save_generator, section_values,
                   train_config, write_jsonl)
 
@@ -93,8 +93,6 @@ def negative_passages(run: Run, questions, ranked, k: int, seed_offset: int) -> 
 def negative_examples(prompter, questions, passages) -> list:
     """Examples that answer NO_ANSWER from passages that cannot answer; their ids are the questions'
     with NEGATIVE_ID appended (a compressed student's prompts are matched to examples by id)."""
-    from edgerag.runtime.prompt import NO_ANSWER
-
     from .teacher import NEGATIVE_ID, make_examples
 
     examples = make_examples(prompter, questions, [[(p.title, p.text) for p in ps] for ps in passages],

@@ -101,29 +101,24 @@ def unanswerable_figures(generator, prompter, context, questions, q_emb, ranked_
     import torch
 
     from edgerag.data import unanswerable_passages, unanswerable_sample
-    from edgerag.metrics import abstention_figures, best_over_references, exact_match, f1
+    from edgerag.metrics import abstention_figures, answer_record
 
     from .teacher import generate
 
     made = unanswerable_sample(questions, share, seed)
     rng = random.Random(seed + 2)
-    asked, answerable = [], []
+    asked = []
     for q, v, rows, prompt in zip(questions, q_emb, ranked_rows, prompts):
         if q.id not in made:
             asked.append(prompt)
-            answerable.append(q)
             continue
         negatives = unanswerable_passages(q, [passages[r] for r in rows], passages, k, rng)
         asked.append(prompter.prompt(q.question, context(q.question, v, [(p.title, p.text) for p in negatives])))
-        answerable.append(None)
     confidences = []
     with torch.inference_mode():
         answers = generate(generator, prompter, asked, batch_size=batch_size, progress="eval unanswerable",
                            confidences=confidences)
-    records = [{"answerable": q is not None, "confidence": c,
-                "f1": best_over_references(f1, a, q.answers) if q else 0.0,
-                "em": best_over_references(exact_match, a, q.answers) if q else 0.0}
-               for q, a, c in zip(answerable, answers, confidences)]
+    records = [answer_record(q, a, c, q.id not in made) for q, a, c in zip(questions, answers, confidences)]
     return abstention_figures(records, ABSTAIN_AT)
 
 
