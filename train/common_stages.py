@@ -16,7 +16,7 @@ from pathlib import Path
 from edgerag.data import data_path, read_passages, read_squad, sample_questions
 
 from . import loop
-from .run import Run, Stage, question_to_dict, save_encoder, section_values, train_config, write_jsonl
+from .run import Run, Stage, question_to_dict, save_encoder, section_values, train_config, training_settings, write_jsonl
 
 
 def stage_data(run: Run) -> dict:
@@ -80,7 +80,9 @@ def stage_distill_encoder(run: Run) -> dict:
     student.to(loop.device())
     loss_fn = encoder_loss_fn(s_tok, s_pooling, s_max_length, passage_emb, cfg.mse_weight, cfg.cosine_weight,
                               cfg.contrastive_weight, cfg.contrastive_temperature, normalize)
-    log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_encoder"), desc="distill encoder")
+    token_counts = {t: len(ids) for t, ids in zip(texts, s_tok(texts, truncation=True, max_length=s_max_length)["input_ids"])}
+    log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("distill_encoder"),
+                     desc="distill encoder", length=lambda e: token_counts[e.text])
     student.cpu()
     after = _embedding_distance(student, s_tok, s_pooling, s_max_length, examples)
     save_encoder(student, s_tok, s_pooling, s_max_length, run.student_encoder, normalize)
@@ -114,5 +116,6 @@ DISTILL_ENCODER = Stage("distill_encoder", stage_distill_encoder,
                         inputs=lambda run: [run.teacher_encoder, run.student_init_encoder, run.index_embeddings,
                                             run.corpus_file, run.train_file],
                         outputs=lambda run: [run.student_encoder],
-                        settings=lambda r: {"seed": r.seed, "distill_encoder": section_values(r.distill_encoder)},
+                        settings=lambda r: {"seed": r.seed, "distill_encoder": section_values(r.distill_encoder),
+                                            **training_settings(r)},
                         parallel=True)

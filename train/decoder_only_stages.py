@@ -35,7 +35,8 @@ from .loop import atomic_write_text, is_main
 from .recipe import Recipe, parse_layers
 from .retrieval import PassageIndex, embed, passage_text, retrieve_for
 from .run import (Run, RunError, Stage, local_files, question_to_dict, save_encoder, save_generator, section_values,
-                  train_config, write_jsonl)
+                  train_config, training_settings, write_jsonl)
+from .teacher import example_length
 
 
 def folder_info(run: Run, **extra) -> dict:
@@ -137,7 +138,8 @@ def stage_teacher_finetune(run: Run) -> dict:
         examples += negative_examples(prompter, unanswerable, negative_passages(run, unanswerable, ranked, cfg.k, 5))
     train_top_layers(model, cfg.train_layers)
     log = loop.train(model, examples, lambda m, b: (answer_loss(m, b, tok.pad_token_id), {}),
-                     train_config(cfg, run.recipe), run.stage_dir("teacher_finetune"), desc="teacher fine-tune")
+                     train_config(cfg, run.recipe), run.stage_dir("teacher_finetune"), desc="teacher fine-tune",
+                     length=example_length)
     save_generator(model.cpu(), tok, run.teacher_generator)
     return {"examples": len(examples), "negatives": len(unanswerable), "steps": len(log),
             "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None}
@@ -287,9 +289,11 @@ def stage_general_cache(run: Run) -> dict:
     teacher, tok = load_generator(run.teacher_generator)
     examples = general_examples(run, tok, cfg.passages, cfg.chunk_tokens)
     cache = teacher_cache(teacher.to(loop.device()), examples, tok.pad_token_id, cfg.temperature, cfg.top_k,
-                          hidden=cfg.hidden_weight > 0, progress="teacher logits (corpus text)")
+                          hidden=cfg.hidden_weight > 0, progress="teacher logits (corpus text)",
+                          precision=run.recipe.run.precision)
     loop.atomic_torch_save({"examples": [dataclasses.asdict(e) for e in examples], "cache": cache}, run.general_cache)
-    return {"examples": len(examples), "top_k": cfg.top_k, "temperature": cfg.temperature}
+    return {"precision": loop.resolve_precision(run.recipe.run.precision), "examples": len(examples), "top_k": cfg.top_k,
+            "temperature": cfg.temperature}
 
 
 def stage_distill_general(run: Run) -> dict:
@@ -327,8 +331,8 @@ def stage_teacher_logits(run: Run) -> dict:
 
         projection = random_projection(teacher.config.vocab_size, cfg.gradient_projections, run.recipe.seed)
     cache = teacher_cache(teacher, examples, tok.pad_token_id, cfg.temperature, cfg.top_k, hidden=cfg.hidden_weight > 0,
-                          progress="teacher logits", gradient_projection=projection)
-    info = {"examples": len(examples), "negatives": len(unanswerable), "seq_kd_examples": n_seq, "top_k": cfg.top_k, "temperature": cfg.temperature,
+                          progress="teacher logits", gradient_projection=projection, precision=run.recipe.run.precision)
+    info = {"precision": loop.resolve_precision(run.recipe.run.precision), "examples": len(examples), "negatives": len(unanswerable), "seq_kd_examples": n_seq, "top_k": cfg.top_k, "temperature": cfg.temperature,
             "teacher_prompt_tokens": round(sum(len(e.prompt) for e in examples) / max(len(examples), 1), 1)}
     if run.recipe.compress.enabled:
         # distillation across contexts: the cache holds the teacher's answer distributions over its full
@@ -381,7 +385,8 @@ def distill_on_cache(run: Run, stage: str, cfg, alpha: float, cache_file: Path, 
     train_top_layers(student, cfg.train_layers)
     student.to(loop.device())
     loss_fn = generator_loss_fn(tok.pad_token_id, cfg.temperature, alpha, cfg.hidden_weight, gradient_weight, projection)
-    log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir(stage), desc=desc)
+    log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir(stage), desc=desc,
+                     length=lambda kd: example_length(kd.example))
     save_generator(student.cpu(), tok, out)
     return {"examples": len(examples), "skipped_examples": dropped,
             "target_tokens": sum(len(kd.example.target) for kd in examples), "steps": len(log),
@@ -447,7 +452,7 @@ def _kd_settings(r: Recipe) -> dict:
                                            "temperature", "top_k")},
             **({"gradient_projections": g.gradient_projections} if g.gradient_weight > 0 else {}),
             **({"compress": _compress_values(r.compress), "prompt": section_values(r.prompt)} if r.compress.enabled else {}),
-            **_negatives(r)}
+            **_negatives(r), **training_settings(r, batched=False)}
 
 
 def _compress_inputs(run: Run) -> list[Path]:
@@ -488,7 +493,7 @@ STAGES = [
                               run.train_file],
           outputs=lambda run: [run.teacher_generator],
           settings=lambda r: {"seed": r.seed, "teacher_finetune": section_values(r.teacher_finetune),
-                              "max_answer_tokens": r.prompt.max_answer_tokens, **_negatives(r)},
+                              "max_answer_tokens": r.prompt.max_answer_tokens, **_negatives(r), **training_settings(r)},
           parallel=True, enabled=lambda r: r.teacher_finetune.enabled),
     Stage("student_init", stage_student_init,
           inputs=lambda run: [run.teacher_generator, run.teacher_encoder, run.train_file, run.corpus_file,
@@ -509,12 +514,13 @@ STAGES = [
           inputs=lambda run: [run.teacher_generator, run.corpus_file],
           outputs=lambda run: [],
           settings=lambda r: {"seed": r.seed, "hidden": r.distill_general.hidden_weight > 0,
-                              **{k: getattr(r.distill_general, k) for k in ("passages", "chunk_tokens", "temperature", "top_k")}},
+                              **{k: getattr(r.distill_general, k) for k in ("passages", "chunk_tokens", "temperature", "top_k")},
+                              **training_settings(r, batched=False)},
           enabled=_general_enabled),
     Stage("distill_general", stage_distill_general,
           inputs=lambda run: [run.general_cache, run.student_init_generator, run.teacher_generator],
           outputs=lambda run: [],
-          settings=lambda r: {"seed": r.seed, "distill_general": section_values(r.distill_general)},
+          settings=lambda r: {"seed": r.seed, "distill_general": section_values(r.distill_general), **training_settings(r)},
           parallel=True, enabled=_general_enabled),
     Stage("teacher_logits", stage_teacher_logits,
           inputs=lambda run: [run.teacher_generator, run.teacher_encoder, run.index_embeddings, run.corpus_file,
@@ -524,7 +530,7 @@ STAGES = [
     Stage("distill_generator", stage_distill_generator,
           inputs=lambda run: [run.kd_cache, run.student_generator_start, run.teacher_generator],
           outputs=lambda run: [run.student_generator],
-          settings=lambda r: {"seed": r.seed, "distill_generator": section_values(r.distill_generator)},
+          settings=lambda r: {"seed": r.seed, "distill_generator": section_values(r.distill_generator), **training_settings(r)},
           parallel=True),
     Stage("eval_teacher", stage_eval_teacher,
           inputs=lambda run: [run.teacher_encoder, run.teacher_generator, run.teacher_info, run.index_embeddings,

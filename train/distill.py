@@ -60,27 +60,35 @@ def encoder_loss_fn(tokenizer, pooling: str, max_length: int, passage_embeddings
 # ---------------------------------------------------------------- generator
 
 def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: float, top_k: int, hidden: bool = False,
-                  batch_size: int = 4, progress: str | None = None, gradient_projection=None) -> list[dict]:
-    """Per example: top-k teacher log-probs at temperature T and their token ids, at each position that
-    predicts a target token (and the final hidden state there, for hidden-state alignment; and with
-    `gradient_projection`, the teacher's projected input gradient, train/gradient.py)."""
+                  batch_size: int = 4, progress: str | None = None, gradient_projection=None,
+                  precision: str = "fp32") -> list[dict]:
+    """Per example, in the order given: top-k teacher log-probs at temperature T and their token ids, at
+    each position that predicts a target token (and the final hidden state there, for hidden-state
+    alignment; and with `gradient_projection`, the teacher's projected input gradient, train/gradient.py).
+    The teacher reads the examples in batches of similar lengths (little padding), under `precision`."""
     import torch
     from tqdm.auto import tqdm
 
+    from . import loop
     from .gradient import token_space_map
+    from .teacher import example_length
 
-    out = []
+    out = [None] * len(examples)
     teacher.eval()
     token_map = token_space_map(teacher, gradient_projection).detach() if gradient_projection is not None else None
+    by_length = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
+    device_type = next(teacher.parameters()).device.type
     for start in tqdm(range(0, len(examples), batch_size), desc=progress, disable=progress is None):
-        chunk = examples[start:start + batch_size]
+        rows = by_length[start:start + batch_size]
+        chunk = [examples[i] for i in rows]
         gradients = None
-        if token_map is not None:
-            logits, _, h, gradients = logits_and_gradients(teacher, chunk, pad_id, hidden, token_map, create_graph=False)
-            logits = logits.detach()
-        else:
-            with torch.no_grad():
-                logits, _, h = target_logits(teacher, chunk, pad_id, hidden)
+        with loop.autocast(precision, device_type):
+            if token_map is not None:
+                logits, _, h, gradients = logits_and_gradients(teacher, chunk, pad_id, hidden, token_map, create_graph=False)
+                logits = logits.detach()
+            else:
+                with torch.no_grad():
+                    logits, _, h = target_logits(teacher, chunk, pad_id, hidden)
         for row, e in enumerate(chunk):
             sel = logits[row, logits.shape[1] - len(e.target):].float()
             values, indices = torch.log_softmax(sel / temperature, dim=-1).topk(top_k, dim=-1)
@@ -88,8 +96,8 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
             if hidden:
                 item["hidden"] = h[row, h.shape[1] - len(e.target):].float().cpu()
             if gradients is not None:
-                item["gradient"] = gradients[row].detach().cpu()
-            out.append(item)
+                item["gradient"] = gradients[row].detach().float().cpu()
+            out[rows[row]] = item
     return out
 
 

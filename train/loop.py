@@ -7,6 +7,20 @@ where the interrupted one stopped.
 
 Under torchrun / accelerate launch (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel,
 each rank takes every world_size-th example of a batch, and only rank 0 writes.
+
+Two things make a step cheaper without changing what it learns from:
+- precision "bf16": the forward pass runs under bf16 autocast (matmuls in bf16, the weights, their
+  gradients and AdamW's state stay fp32). `resolve_precision("auto")` picks it where the hardware
+  has bf16 matrix units (CUDA with bf16, a CPU with AMX or AVX512-BF16); elsewhere torch emulates
+  bf16 and it is slower than fp32.
+- batching "length": a stage that says how long each example is (`length=`) gets batches of
+  similar lengths, so that little of a step is spent on padding. The examples of each window of 50
+  batches of the epoch's permutation are sorted by length and cut into batches, and the batches are
+  shuffled (Hugging Face's LengthGroupedSampler does the same). Step n still always sees the same batch.
+
+Each stage's `training.json` says what it used and what it got: precision, examples per hour,
+tokens per second, and the share of the tokens it computed that were padding (and what random
+batches would have padded).
 """
 
 from __future__ import annotations
@@ -15,6 +29,9 @@ import json
 import math
 import os
 import random
+import re
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +159,68 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+# ---------------------------------------------------------------- precision
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_bf16_units() -> bool:
+    """AMX or AVX512-BF16, read off /proc/cpuinfo (elsewhere: False, and "auto" stays fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto" -> "bf16" where the hardware has bf16 matrix units, else "fp32"; the others stay."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16_units() else "fp32"
+
+
+def autocast(precision: str, device_type: str = "cpu"):
+    """The context a forward pass runs in: bf16 autocast, or nothing for fp32."""
+    import torch
+
+    if resolve_precision(precision) == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ---------------------------------------------------------------- batches
+
+BUCKET_WINDOW = 50  # batches whose examples are sorted by length together
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths=None) -> list:
+    """The epoch's batches of example indices: consecutive slices of a seeded permutation, or with
+    `lengths`, batches of examples of similar lengths (see the module's docstring), in random order."""
+    rng = np.random.default_rng(seed + epoch)
+    order = rng.permutation(n)
+    if lengths is not None:
+        span = batch_size * BUCKET_WINDOW
+        order = np.concatenate([sorted(order[s:s + span], key=lambda j: lengths[j]) for s in range(0, n, span)])
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def padding(batches, lengths) -> tuple[int, int]:
+    """(tokens, tokens computed) when each batch is padded to its longest example."""
+    real = sum(int(lengths[j]) for b in batches for j in b)
+    padded = sum(len(b) * max(int(lengths[j]) for j in b) for b in batches)
+    return real, padded
+
+
 # ---------------------------------------------------------------- the loop
 
 def _read_checkpoint(path: Path, desc: str) -> dict | None:
@@ -176,12 +255,17 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     max_grad_norm: float = 1.0
+    precision: str = "fp32"          # "auto" | "bf16" | "fp32" (resolve_precision)
+    batching: str = "random"         # "random" | "length" (where the stage gives example lengths)
 
 
-def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, desc: str = "train", resume: bool = True) -> list[dict]:
-    """Train `model` in place; returns the per-step log ({"step", "loss", ...parts}).
+def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, desc: str = "train", resume: bool = True,
+          length=None) -> list[dict]:
+    """Train `model` in place; returns the per-step log ({"step", "loss", ...parts, "seconds", ...}).
 
     `loss_fn(model, batch)` gets the (possibly DDP-wrapped) model and a list of examples.
+    `length(example)`: the tokens it takes when the loss pads a batch to its longest example; given,
+    batches can be bucketed by length (cfg.batching) and the padding is reported.
     """
     import torch
     from tqdm.auto import tqdm
@@ -193,6 +277,14 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
     total = steps_per_epoch * cfg.epochs
     if total == 0:
         return []
+    if cfg.batching not in ("random", "length"):
+        raise ValueError(f"batching: expected 'random' or 'length', got {cfg.batching!r}")
+    precision = resolve_precision(cfg.precision)
+    lengths = [length(e) for e in examples] if length is not None else None
+    bucketed = lengths if cfg.batching == "length" else None
+
+    def batches_of(epoch):
+        return epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch, bucketed)
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -229,13 +321,18 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
 
         wrapped = DDP(model, device_ids=[device().index] if device().type == "cuda" else None)
     model.train()
+    device_type = next(model.parameters()).device.type
     bar = tqdm(total=total, initial=step, desc=desc, disable=rank != 0)
+    epoch_cache = {}
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
-        order = np.random.default_rng(cfg.seed + epoch).permutation(len(examples))
-        batch_ids = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        if epoch not in epoch_cache:
+            epoch_cache = {epoch: batches_of(epoch)}
+        batch_ids = epoch_cache[epoch][i]
         shard = [examples[j] for j in batch_ids[rank::world_size]] or [examples[batch_ids[0]]]
-        loss, parts = loss_fn(wrapped, shard)
+        started = time.perf_counter()
+        with autocast(precision, device_type):
+            loss, parts = loss_fn(wrapped, shard)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm:
@@ -245,9 +342,12 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
         step += 1
         entry = {"step": step, "loss": float(loss.detach())}
         entry.update({k: float(v) for k, v in parts.items()})
-        log.append(entry)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k != "step"})
+        entry["seconds"] = round(time.perf_counter() - started, 4)
+        if lengths is not None:
+            entry["tokens"], entry["padded_tokens"] = padding([batch_ids], lengths)
+        log.append(entry)
         if step % cfg.checkpoint_every == 0 and step < total:
             if rank == 0:
                 atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -260,4 +360,29 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
     model.eval()
     if rank == 0:
         atomic_write_text(stage_dir / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
+        random_batches = [b for epoch in range(cfg.epochs)
+                          for b in epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)]
+        summary = throughput(log, len(examples) * cfg.epochs, precision, cfg.batching if lengths else "random",
+                             padding(random_batches, lengths) if lengths else None, model)
+        atomic_write_text(stage_dir / TRAINING_FILE, json.dumps(summary, indent=2))
     return log
+
+
+TRAINING_FILE = "training.json"
+
+
+def throughput(log: list[dict], examples: int, precision: str, batching: str, random_padding, model) -> dict:
+    """What a training stage used and how fast it went, from its per-step log: the time is the steps'
+    own (forward, backward, optimizer), not checkpoints or loading."""
+    seconds = sum(e.get("seconds", 0.0) for e in log)
+    out = {"precision": precision, "batching": batching, "examples": examples, "steps": len(log),
+           "seconds": round(seconds, 2), "examples_per_hour": round(examples / seconds * 3600, 1) if seconds else None,
+           "parameters": sum(p.numel() for p in model.parameters()),
+           "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if log and "tokens" in log[0]:
+        tokens, padded = sum(e["tokens"] for e in log), sum(e["padded_tokens"] for e in log)
+        out.update({"tokens": tokens, "tokens_computed": padded,
+                    "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+                    "padding_share": round(1 - tokens / padded, 4),
+                    "padding_share_random_batches": round(1 - random_padding[0] / random_padding[1], 4)})
+    return out

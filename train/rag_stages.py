@@ -30,7 +30,7 @@ from .rag_model import (PASSAGE_MAX_LENGTH, QUESTION_MAX_LENGTH, RagExample, ans
                         cut_bart, doc_scores_for, dpr_bert, load_rag, make_rag_examples, marginal_logprobs,
                         nll, rag_marginal, save_dpr_encoder, student_input, target_labels)
 from .retrieval import DPR_PASSAGE_FORMAT, PassageIndex, embed
-from .run import Stage, local_files, save_generator, section_values, train_config
+from .run import Stage, local_files, save_generator, section_values, train_config, training_settings
 from .teacher import right_pad
 
 
@@ -143,7 +143,9 @@ def stage_teacher_finetune(run) -> dict:
         return nll(logprobs, target_labels(batch)), {}
 
     model.to(loop.device())
+    # marginal_logprobs pads every passage of the batch to the longest one
     log = loop.train(model, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir("teacher_finetune"),
+                     length=lambda e: max(len(c) for c in e.contexts),
                      desc="teacher fine-tune (RAG)")
     model.cpu()
     if is_main():
@@ -208,22 +210,24 @@ def stage_teacher_logits(run) -> dict:
     from tqdm.auto import tqdm
 
     cache = []
+    precision = run.recipe.run.precision
     for e in tqdm(examples, desc="teacher marginal"):
-        with torch.no_grad():
-            doc_scores = doc_scores_for(question, tok.question_encoder, [e], vectors)
-            marginal = rag_marginal(answer_logits(model.generator, e.contexts, [e.decoder] * len(e.rows), pad_id),
+        with torch.no_grad(), loop.autocast(precision, loop.device().type):
+            doc_scores = doc_scores_for(question, tok.question_encoder, [e], vectors).float()
+            marginal = rag_marginal(answer_logits(model.generator, e.contexts, [e.decoder] * len(e.rows), pad_id).float(),
                                     doc_scores, len(e.rows))[0]
             values, ids = torch.log_softmax(marginal / cfg.temperature, -1).topk(cfg.top_k, -1)
-        item = {"logp": values.cpu(), "ids": ids.to(torch.int32).cpu()}
+        item = {"logp": values.float().cpu(), "ids": ids.to(torch.int32).cpu()}
         if token_map is not None:
             rows = student_input(e, reading)
-            grad, mask = answer_gradient(model.generator, rows, e, doc_scores, pad_id)
-            item["gradient"] = project(grad, mask, token_map).detach().cpu()
+            with loop.autocast(precision, loop.device().type):
+                grad, mask = answer_gradient(model.generator, rows, e, doc_scores, pad_id)
+            item["gradient"] = project(grad.float(), mask, token_map).detach().cpu()
         cache.append(item)
     if is_main():
         loop.atomic_torch_save({"examples": [dataclasses.asdict(e) for e in examples], "cache": cache}, run.kd_cache)
-    return {"examples": len(examples), "top_k": cfg.top_k, "temperature": cfg.temperature,
-            "gradient_projections": cfg.gradient_projections if token_map is not None else 0}
+    return {"precision": loop.resolve_precision(precision), "examples": len(examples), "top_k": cfg.top_k,
+            "temperature": cfg.temperature, "gradient_projections": cfg.gradient_projections if token_map is not None else 0}
 
 
 def stage_distill_generator(run) -> dict:
@@ -361,7 +365,7 @@ STAGES = [
           inputs=lambda run: [_rag_paths(run)["base"], run.index_embeddings, run.corpus_file, run.train_file],
           outputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder],
           settings=lambda r: {"seed": r.seed, "teacher_finetune": section_values(r.teacher_finetune),
-                              "max_answer_tokens": r.prompt.max_answer_tokens},
+                              "max_answer_tokens": r.prompt.max_answer_tokens, **training_settings(r)},
           enabled=_finetune),  # one process: the RAG losses reach into submodules, past DDP's wrapper
     Stage("student_init", stage_student_init,
           inputs=lambda run: [_rag_paths(run)["rag"]], outputs=lambda run: [],
@@ -374,12 +378,13 @@ STAGES = [
     Stage("teacher_logits", stage_teacher_logits,
           inputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder, run.index_embeddings, run.corpus_file,
                               run.train_file],
-          outputs=lambda run: [], settings=_kd_settings),
+          outputs=lambda run: [], settings=lambda r: {**_kd_settings(r), **training_settings(r, batched=False)}),
     Stage("distill_generator", stage_distill_generator,
           inputs=lambda run: [run.kd_cache, run.student_init_generator,
                               *([run.student_encoder] if run.recipe.student.reading == "marginalized" else [])],
           outputs=lambda run: [run.student_generator],
-          settings=lambda r: {"seed": r.seed, "distill_generator": section_values(r.distill_generator)}),
+          settings=lambda r: {"seed": r.seed, "distill_generator": section_values(r.distill_generator),
+                              **training_settings(r, batched=False)}),
     Stage("eval_teacher", stage_eval_teacher,
           inputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder, run.index_embeddings, run.eval_file,
                               run.corpus_file],

@@ -164,6 +164,8 @@ class EvalConfig:
 class RunConfig:
     checkpoint_every: int = 50       # optimizer steps between checkpoints
     threads: int = 0                 # torch threads (0: torch's default)
+    precision: str = "auto"          # training's matmuls: "bf16" (autocast, fp32 weights), "fp32", or "auto": bf16 where the hardware has it
+    batching: str = "length"         # "length": batches of similar lengths (little padding); "random": slices of the permutation
 
 
 @dataclass
@@ -318,6 +320,10 @@ def validate(r: Recipe, check_models: bool = True) -> None:
         raise RecipeError(f"abstain.calibration_questions: at least 2, got {r.abstain.calibration_questions}")
     if r.distill_generator.gradient_weight < 0 or r.distill_generator.gradient_projections < 1:
         raise RecipeError("distill_generator.gradient_weight must be >= 0 and gradient_projections >= 1")
+    if r.run.precision not in ("auto", "bf16", "fp32"):
+        raise RecipeError(f"run.precision: expected 'auto', 'bf16' or 'fp32', got {r.run.precision!r}")
+    if r.run.batching not in ("length", "random"):
+        raise RecipeError(f"run.batching: expected 'length' or 'random', got {r.run.batching!r}")
     if r.data.corpus_scope not in ("files", "sampled"):
         raise RecipeError(f"data.corpus_scope: expected 'files' or 'sampled', got {r.data.corpus_scope!r}")
     if r.student.passage_encoder not in ("student", "teacher"):

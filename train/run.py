@@ -127,6 +127,11 @@ class Run:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def mark_done(self, name: str, info: dict) -> None:
+        """Writes the stage's info.json (with what its training loop reported: precision, throughput) and `done`."""
+        training = self.stage_dir(name) / loop.TRAINING_FILE
+        if training.exists():
+            summary = json.loads(training.read_text())
+            info = {**info, "precision": summary["precision"], "training": summary}
         if is_main():
             atomic_write_text(self.stage_dir(name) / "info.json", json.dumps(info, indent=2))
             atomic_write_text(self.stage_dir(name) / "done", "")
@@ -150,7 +155,16 @@ class Run:
 def train_config(cfg, recipe: Recipe) -> loop.TrainConfig:
     return loop.TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                             weight_decay=getattr(cfg, "weight_decay", 0.0), warmup_steps=cfg.warmup_steps,
-                            checkpoint_every=recipe.run.checkpoint_every, seed=recipe.seed)
+                            checkpoint_every=recipe.run.checkpoint_every, seed=recipe.seed,
+                            precision=recipe.run.precision, batching=recipe.run.batching)
+
+
+def training_settings(recipe: Recipe, batched: bool = True) -> dict:
+    """What a stage's result depends on of [run]: bf16 where it resolves so, and length batching in
+    stages that bucket. Left out at what runs did before (fp32, random batches), so that their
+    fingerprints still hold."""
+    return {**({"precision": "bf16"} if loop.resolve_precision(recipe.run.precision) == "bf16" else {}),
+            **({"batching": "length"} if batched and recipe.run.batching == "length" else {})}
 
 
 def save_encoder(model, tokenizer, pooling: str, max_length: int, folder: Path, normalize: bool = True) -> None:

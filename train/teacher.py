@@ -74,6 +74,11 @@ def make_examples(prompter: Prompter, questions, contexts, answers=None) -> list
     return out
 
 
+def example_length(example: Example) -> int:
+    """Its tokens in a batch: `collate` pads every row to the longest prompt + target."""
+    return len(example.prompt) + len(example.target)
+
+
 def collate(examples: list[Example], pad_id: int, device=None):
     """Left-padded batch: every row ends with its target, so the logits we need are the last few.
 

@@ -1,0 +1,118 @@
+"""Training's cheaper steps: batches of similar lengths, bf16 autocast, and what each stage reports."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgerag.data import read_squad  # noqa: E402
+from edgerag.models import load_generator  # noqa: E402
+from edgerag.train import loop  # noqa: E402
+from edgerag.train.distill import teacher_cache  # noqa: E402
+from edgerag.train.recipe import RecipeError, load_recipe  # noqa: E402
+from edgerag.train.teacher import Prompter, answer_loss, example_length, make_examples  # noqa: E402
+from edgerag.train.tiny import make_tiny_project  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield make_tiny_project(tmp_path_factory.mktemp("tiny"))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def examples(tiny):
+    """Examples whose prompts differ in length: one, two or three passages each."""
+    _, tok = load_generator(tiny["generator"])
+    prompter = Prompter(tok, 512, 8)
+    questions = read_squad(tiny["train"])[1][:16]
+    contexts = [[(q.title, q.context)] * (1 + i % 3) for i, q in enumerate(questions)]
+    return tok, make_examples(prompter, questions, contexts)
+
+
+def test_random_batches_are_the_seeded_permutation_sliced():
+    order = np.random.default_rng(7 + 2).permutation(10)
+    batches = loop.epoch_batches(10, 4, seed=7, epoch=2)
+    assert [list(b) for b in batches] == [list(order[0:4]), list(order[4:8]), list(order[8:10])]
+
+
+def test_length_batches_hold_every_example_once_and_pad_less():
+    rng = np.random.default_rng(0)
+    lengths = list(rng.integers(10, 400, size=203))
+    random_batches = loop.epoch_batches(203, 4, seed=0, epoch=0)
+    batches = loop.epoch_batches(203, 4, seed=0, epoch=0, lengths=lengths)
+    assert len(batches) == len(random_batches) == 51
+    assert sorted(int(j) for b in batches for j in b) == list(range(203))
+    real, padded = loop.padding(batches, lengths)
+    real_random, padded_random = loop.padding(random_batches, lengths)
+    assert real == real_random == sum(lengths)
+    assert 1 - real / padded < 0.5 * (1 - real_random / padded_random)
+    # the same epoch gives the same batches (a resumed run sees what the interrupted one would have)
+    again = loop.epoch_batches(203, 4, seed=0, epoch=0, lengths=lengths)
+    assert [list(b) for b in again] == [list(b) for b in batches]
+    # and another epoch other ones
+    assert [list(b) for b in loop.epoch_batches(203, 4, seed=0, epoch=1, lengths=lengths)] != [list(b) for b in batches]
+
+
+def test_precision_resolution():
+    assert loop.resolve_precision("fp32") == "fp32"
+    assert loop.resolve_precision("bf16") == "bf16"
+    expected = ("bf16" if torch.cuda.is_bf16_supported() else "fp32") if torch.cuda.is_available() else \
+        ("bf16" if loop.cpu_has_bf16_units() else "fp32")
+    assert loop.resolve_precision("auto") == expected
+    with pytest.raises(ValueError, match="auto, bf16, fp32"):
+        loop.resolve_precision("fp16")
+
+
+def test_recipe_refuses_an_unknown_precision_or_batching(tmp_path):
+    for line, message in [('precision = "fp8"', "run.precision"), ('batching = "sorted"', "run.batching")]:
+        path = tmp_path / "r.toml"
+        path.write_text(f"[run]\n{line}\n")
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(path, check_models=False)
+
+
+def _train(tiny, examples, tmp_path, **settings):
+    tok, rows = examples
+    model, _ = load_generator(tiny["generator"])
+    cfg = loop.TrainConfig(epochs=4, batch_size=4, lr=2e-3, warmup_steps=1, checkpoint_every=1000, seed=0, **settings)
+    with torch.no_grad():
+        before = float(answer_loss(model, rows, tok.pad_token_id))
+    loop.train(model, rows, lambda m, b: (answer_loss(m, b, tok.pad_token_id), {}), cfg, tmp_path, length=example_length)
+    with torch.no_grad():
+        after = float(answer_loss(model, rows, tok.pad_token_id))
+    return model, before, after, json.loads((tmp_path / loop.TRAINING_FILE).read_text())
+
+
+def test_bf16_training_learns_and_keeps_fp32_weights(tiny, examples, tmp_path):
+    model, before, after, report = _train(tiny, examples, tmp_path, precision="bf16", batching="length")
+    assert after < 0.8 * before
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert report["precision"] == "bf16" and report["batching"] == "length"
+    assert report["examples"] == 4 * 16 and report["steps"] == 16
+    assert report["examples_per_hour"] > 0 and report["tokens_per_second"] > 0
+
+
+def test_the_stage_report_counts_tokens_and_padding(tiny, examples, tmp_path):
+    _, rows = examples
+    _, _, _, bucketed = _train(tiny, examples, tmp_path / "length", precision="fp32", batching="length")
+    _, _, _, shuffled = _train(tiny, examples, tmp_path / "random", precision="fp32", batching="random")
+    assert bucketed["tokens"] == shuffled["tokens"] == 4 * sum(example_length(e) for e in rows)
+    assert bucketed["padding_share_random_batches"] == shuffled["padding_share_random_batches"] == shuffled["padding_share"]
+    assert bucketed["padding_share"] < shuffled["padding_share"]
+    assert bucketed["tokens_computed"] < shuffled["tokens_computed"]
+
+
+def test_teacher_cache_keeps_the_examples_order(tiny, examples):
+    tok, rows = examples
+    model, _ = load_generator(tiny["generator"])
+    one_by_one = teacher_cache(model, rows, tok.pad_token_id, 2.0, 8, batch_size=1)
+    batched = teacher_cache(model, rows, tok.pad_token_id, 2.0, 8, batch_size=4)
+    for a, b, e in zip(one_by_one, batched, rows):
+        assert a["logp"].shape[0] == len(e.target)
+        assert torch.allclose(a["logp"], b["logp"], atol=1e-4)
+        assert torch.equal(a["ids"][:, 0], b["ids"][:, 0])
