@@ -315,7 +315,11 @@ def test_marginalized_student_reads_like_the_teacher(rag_run, tmp_path):
     assert "[teacher_finetune] seeded" in result.stdout and "[distill_encoder] seeded" in result.stdout
     report = json.loads((run / "eval.json").read_text())
     assert report["student"]["reading"] == "marginalized"
-    assert report["student"]["prompt_tokens"] == report["teacher"]["prompt_tokens"]  # the same k contexts
+    # k contexts, one per passage, as the teacher reads them (its passages may differ: the student
+    # retrieves with its own distilled encoder), not the concatenated student's single one
+    concatenated = json.loads((rag_run["run"] / "eval.json").read_text())["student"]["prompt_tokens"]
+    assert report["student"]["prompt_tokens"] > concatenated
+    assert report["student"]["prompt_tokens"] == pytest.approx(report["teacher"]["prompt_tokens"], rel=0.05)
     passages = ROOT.parent / "shared" / "data" / "xquad-en.json.gz"
     refused = edgerag("export", run / "student", "--passages", passages, "--out", tmp_path / "b", env=rag_run["env"])
     assert refused.returncode == 1 and "--k 1" in refused.stderr and not (tmp_path / "b").exists()
