@@ -152,7 +152,7 @@ def cmd_distill(args) -> int:
     require_workstation("distill")
     from edgerag.train.driver import distill
 
-    distill(args.recipe, args.out, resume=args.resume, seed_from=args.seed_from)
+    distill(args.recipe, args.out, resume=args.resume, seed_from=args.seed_from, stop_after=args.stop_after)
     return 0
 
 
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("recipe", help="recipe TOML (see recipes/)")
     d.add_argument("--out", required=True, help="run folder")
     d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    d.add_argument("--stop-after", metavar="STAGE", help="stop once this stage is done (e.g. teacher_finetune, to time "
+                   "or check one stage; --resume goes on from there)")
     d.add_argument("--seed-from", metavar="RUN", help="reuse this run's finished stages whose inputs and settings match "
                    "(its teacher, index, fine-tuning, cached teacher logits, ...)")
     d.set_defaults(func=cmd_distill)

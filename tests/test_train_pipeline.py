@@ -448,3 +448,19 @@ def test_curve_table_of_students(full_run, trimmed_run, tmp_path):
         assert row["f1_gold"] == report["student"]["f1_gold"]
         assert row["params_pct"] == pytest.approx(100 * report["student"]["generator_params"] / rows[0]["generator_params"])
     assert (tmp_path / "curve.png").stat().st_size > 0 and "| model |" in (tmp_path / "curve.md").read_text()
+
+
+def test_training_benchmark_reads_every_training_stage(full_run, tmp_path, capsys):
+    from edgerag.benchmarks import training
+
+    out, _ = full_run
+    assert training.main([str(out), "--threads", "1", "--out", str(tmp_path / "training.json")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "training.json").read_text())
+    assert [r["stage"] for r in report["stages"]] == list(training.TRAINING_STAGES)
+    for row in report["stages"]:
+        assert row["examples_per_hour"] > 0 and row["model_gflops"] > 0, row
+        assert f"| {out.name} | {row['stage']} | {row['precision']} | length |" in printed
+    assert report["gemm_gflops"]["fp32"] > 0 and report["gemm_gflops"]["bf16"] > 0
+    with pytest.raises(SystemExit):
+        training.main([str(tmp_path)])  # not a run folder
