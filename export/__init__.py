@@ -49,6 +49,10 @@ class ExportOptions:
                            "token that keeps it one); free: the generator's own tokens", ("spans", "free"))
     abstain_cost: float = _option(2.0, "a student that learned to abstain: the most F1 points (of 100) its "
                                   "abstentions may cost the answerable held-in questions when the threshold is fitted")
+    abstain_confidence: str = _option("answer", "a student that learned to abstain: what its confidence reads: "
+                                      "answer: 1 - P(no answer) times the geometric mean of the answer tokens' "
+                                      "probabilities (the answer is held back until settled); no_answer: 1 - P(no answer) "
+                                      "alone, decided at the first step", ("answer", "no_answer"))
     max_context: int = _option(2048, "prompt + answer tokens (capped by the generator's own positions)")
     hnsw_m: int = _option(32, "hnswlib M (graph degree)")
     ef_construction: int = _option(200, "hnswlib ef at build time")

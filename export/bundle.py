@@ -468,7 +468,8 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
         stages.update()
         if calibration:
             stages.set_postfix_str("abstention threshold")
-            manifest.abstention = fit_abstention(bundle, manifest, calibration, opts.abstain_cost)
+            manifest.abstention = fit_abstention(bundle, manifest, calibration, opts.abstain_cost,
+                                                 confidence=opts.abstain_confidence)
             manifest.write(bundle)
             stages.update()
         stages.close()
@@ -477,7 +478,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
 
 
 def fit_abstention(bundle: Path, manifest: Manifest, questions: list, max_answer_cost: float = 2.0,
-                   seed: int = 0) -> AbstentionSpec:
+                   seed: int = 0, confidence: str = "answer") -> AbstentionSpec:
     """The abstention of a bundle whose generator learned to answer NO_ANSWER: the threshold with the best
     overall F1 on `questions` (SQuAD 2.0's scoring; metrics.fit_threshold), half of them asked over
     passages that cannot answer them, whose abstentions cost the answerable ones at most
@@ -489,7 +490,7 @@ def fit_abstention(bundle: Path, manifest: Manifest, questions: list, max_answer
 
     tokenizer = Tokenizer.from_file(str(bundle / manifest.generator.tokenizer))
     token_ids = no_answer_token_ids(lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
-    manifest.abstention = AbstentionSpec(NO_ANSWER, token_ids, 0.0)
+    manifest.abstention = AbstentionSpec(NO_ANSWER, token_ids, 0.0, confidence=confidence)
     manifest.write(bundle)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its warning of what the bundle lacks is for users, not for the fit
@@ -504,7 +505,7 @@ def fit_abstention(bundle: Path, manifest: Manifest, questions: list, max_answer
           "of the answerable")
     return AbstentionSpec(NO_ANSWER, token_ids, threshold,
                           fitted={"questions": len(records), "share_unanswerable": 0.5,
-                                  "max_answer_cost": max_answer_cost, **figures})
+                                  "max_answer_cost": max_answer_cost, **figures}, confidence=confidence)
 
 
 def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, questions, passages, prompts,

@@ -64,19 +64,30 @@ class SpanConstraint:
 
 
 class Abstention:
-    """A generator that learned to write NO_ANSWER where its context holds no answer. The answer's
-    confidence is 1 minus the probability that it begins NO_ANSWER (runtime.prompt.no_answer_token_ids)
-    at the first step; below the threshold the generation abstains (it ends there, with no token).
-    Otherwise those tokens are ruled out at the first step, so that the answer is the model's best one
-    that is not NO_ANSWER."""
+    """A generator that learned to write NO_ANSWER where its context holds no answer.
 
-    def __init__(self, token_ids: list[int], threshold: float):
+    The answer's confidence starts as 1 minus the probability that it begins NO_ANSWER
+    (runtime.prompt.no_answer_token_ids) at the first step; below the threshold the generation
+    abstains there, with no token. Otherwise those tokens are ruled out at the first step, so that
+    the answer is the model's best one that is not NO_ANSWER. With `reads_answer`, the confidence is
+    then multiplied by the geometric mean of the probabilities of the answer's tokens, its end
+    included: a model that is unsure of what it writes is unsure of the answer too. That is known
+    once the answer is written (`Generation.settle`), and the answer is held back until then."""
+
+    def __init__(self, token_ids: list[int], threshold: float, reads_answer: bool = False):
         self.token_ids = list(token_ids)
         self.threshold = threshold
+        self.reads_answer = reads_answer
 
     def confidence(self, logits: np.ndarray) -> float:
         probabilities = np.exp(logits.astype(np.float64) - float(logits.max()))
         return float(1.0 - probabilities[self.token_ids].sum() / probabilities.sum())
+
+
+def log_probability(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token]: 0 where -inf logits (ruled-out tokens) take no share."""
+    top = float(logits.max())
+    return float(logits[token]) - top - float(np.log(np.exp(logits - top, dtype=np.float32).sum()))
 
 
 def _squeezed(text: str) -> str:
@@ -90,9 +101,11 @@ class Generation:
                  constraint: SpanConstraint | None = None, abstention: Abstention | None = None):
         self.constraint = constraint
         self.abstention = abstention
-        self.confidence: float | None = None  # with an abstention: set at the first step
+        self.confidence: float | None = None  # with an abstention: set at the first step (and by settle())
         self.abstained = False
-        self.abstain_ms = 0.0  # what the first step's screening took
+        self.abstain_ms = 0.0  # what the abstention's arithmetic took, screening and answer's tokens
+        self._answer_log_probability = 0.0  # of the chosen tokens, where the abstention reads the answer
+        self._scored_tokens = 0
         self.tokens: list[int] = []
         self.prefill_ms = 0.0
         # the time of each forward pass after the prefill, in order, the one that produced a stop
@@ -113,7 +126,27 @@ class Generation:
             logits = self._first_step(logits)
             if logits is None:
                 return self._abstain_token
-        return int(logits.argmax()) if self.constraint is None else self.constraint.choose(logits, self.tokens)
+        token = int(logits.argmax()) if self.constraint is None else self.constraint.choose(logits, self.tokens)
+        self._score(logits, token)
+        return token
+
+    def _score(self, logits: np.ndarray, token: int) -> None:
+        if self.abstention is not None and self.abstention.reads_answer:
+            started = time.perf_counter()
+            self._answer_log_probability += log_probability(logits, token)
+            self._scored_tokens += 1
+            self.abstain_ms += (time.perf_counter() - started) * 1000
+
+    def settle(self) -> None:
+        """Once the answer is written: where the abstention reads it, its confidence takes in the
+        answer's tokens, and below the threshold the answer is an abstention after all."""
+        a = self.abstention
+        if a is None or not a.reads_answer or self.abstained or not self._scored_tokens:
+            return
+        self.confidence *= float(np.exp(self._answer_log_probability / self._scored_tokens))
+        if self.confidence < a.threshold:
+            self.abstained = True
+            self.stop_reason = "abstained"
 
     def _first_step(self, logits: np.ndarray) -> np.ndarray | None:
         """The first step's logits with NO_ANSWER ruled out, or None where the generation abstains."""
@@ -125,7 +158,7 @@ class Generation:
         else:
             logits = logits.copy()
             logits[self.abstention.token_ids] = -np.inf
-        self.abstain_ms = (time.perf_counter() - started) * 1000
+        self.abstain_ms += (time.perf_counter() - started) * 1000
         return logits
 
     @property
@@ -142,10 +175,15 @@ class Generation:
                 return np.array([self._abstain_token], dtype=np.int64)
             logits = np.concatenate([first[None], logits[1:]])
         if self.constraint is None:
-            return logits.argmax(-1)
-        chosen = np.full(len(logits), -1, dtype=np.int64)
-        for j in range(len(logits)):
-            chosen[j] = self.constraint.choose(logits[j], self.tokens + [int(t) for t in draft[:j]])
+            chosen = logits.argmax(-1)
+        else:
+            chosen = np.full(len(logits), -1, dtype=np.int64)
+            for j in range(len(logits)):
+                chosen[j] = self.constraint.choose(logits[j], self.tokens + [int(t) for t in draft[:j]])
+                if j >= len(draft) or chosen[j] != draft[j]:
+                    break
+        for j in range(len(chosen)):  # the tokens the step keeps: its drafts up to the first it rejects, and one more
+            self._score(logits[j], int(chosen[j]))
             if j >= len(draft) or chosen[j] != draft[j]:
                 break
         return chosen

@@ -32,8 +32,10 @@ Format version 1 (every bundle edgerag has written so far):
                   A bundle without it answers from the full top-k passages.
   abstention      optional (added within version 1): a generator that learned to answer NO_ANSWER
                   (runtime.prompt) where its context holds no answer. `token_ids` are the tokens that
-                  answer may begin with; an answer's confidence is 1 minus their probability at the first step,
-                  and below `threshold` (fitted at export on held-in questions) the bundle abstains.
+                  answer may begin with; an answer's confidence is 1 minus their probability at the first step
+                  (`confidence` "no_answer", what bundles without the key mean), or that times the geometric
+                  mean of the probabilities of the answer's tokens, its end included ("answer"). Below
+                  `threshold` (fitted at export on held-in questions) the bundle abstains.
                   A bundle without it always answers.
   files           {name: {"sha256", "bytes"}} for every other file in the bundle.
   sources, parity, versions, created_unix, export_seconds: how it was made, for people.
@@ -182,6 +184,12 @@ class AbstentionSpec:
     token_ids: list[int]              # the tokens it may begin with (runtime.prompt.no_answer_token_ids)
     threshold: float                  # abstain where the confidence is below it, in [0, 1]
     fitted: dict = field(default_factory=dict)  # how the threshold was chosen: questions, figures
+    # "no_answer": 1 - P(NO_ANSWER) at the first step; "answer": that, times the geometric mean of the
+    # probabilities of the answer's tokens (its end included), known once the answer is written
+    confidence: str = "no_answer"
+
+
+CONFIDENCE_KINDS = ("no_answer", "answer")
 
 
 @dataclass
@@ -253,6 +261,9 @@ class Manifest:
                               f"{', '.join(ANSWER_KINDS)}")
         a = manifest.abstention
         if a is not None:
+            if a.confidence not in CONFIDENCE_KINDS:
+                raise BundleError(f"{where}: abstention.confidence is {a.confidence!r}; it must be one of "
+                                  f"{', '.join(CONFIDENCE_KINDS)}")
             if not 0.0 <= a.threshold <= 1.0:
                 raise BundleError(f"{where}: abstention.threshold is {a.threshold}; it must be in [0, 1]")
             vocab = manifest.generator.vocab_size

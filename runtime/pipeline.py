@@ -61,7 +61,8 @@ class Answer:
     citations: list[dict] = field(default_factory=list)
     supported: bool = False
     # where the bundle learned to abstain (manifest.abstention): whether it did, and the answer's
-    # confidence (1 - the probability of the no-answer output), compared with the threshold; None without
+    # confidence (1 - the probability of the no-answer output, times the geometric mean of the answer's
+    # token probabilities where manifest.abstention.confidence is "answer"), compared with the threshold; None without
     abstained: bool = False
     confidence: float | None = None
 
@@ -362,7 +363,10 @@ class Pipeline:
                                         self.generator.stop)
         abstention = None
         if self.abstain_threshold is not None:
-            abstention = Abstention(self.manifest.abstention.token_ids, self.abstain_threshold)
+            abstention = Abstention(self.manifest.abstention.token_ids, self.abstain_threshold,
+                                    reads_answer=self.manifest.abstention.confidence == "answer")
+        # an answer that may yet turn out to be an abstention is not streamed before it is settled
+        hold = abstention is not None and abstention.reads_answer and abstention.threshold > 0
         generation = self.generator.generate(prompt, max_new_tokens, constraint, abstention)
         window = self.manifest.generation.repetition_window
         # A piece is held back while its token is part of a repeating tail, so that a loop which is
@@ -384,10 +388,13 @@ class Pipeline:
                 if stop_reason:
                     break
                 ready = len(pieces) - (periodic_tail(generation.tokens, window // 3) if window else 0)
-                if ready > sent:
+                if ready > sent and not hold:
                     yield "".join(pieces[sent:ready])
                     sent = ready
+            generation.settle()
             tokens = generation.tokens[:cut] if stop_reason == "repetition" else generation.tokens
+            if generation.abstained:
+                tokens, stop_reason = [], ""
             if len(tokens) > sent:
                 yield "".join(pieces[sent:len(tokens)])
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
@@ -397,7 +404,7 @@ class Pipeline:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         decode_s = generation.decode_ms / 1000
         t = time.perf_counter()
-        citation = cite(text, context, passages, question)
+        citation = cite(text, context, passages, question) if text else None
         timings["cite_ms"] = (time.perf_counter() - t) * 1000
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
                       generation.decode_tokens / decode_s if decode_s > 0 else 0.0, stop_reason or generation.stop_reason,

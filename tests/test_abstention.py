@@ -53,6 +53,35 @@ def test_drafted_steps_screen_the_first_position_alike():
     assert g.choose_checking(logits, np.array([1])).tolist() == [1, 2] and not g.abstained
 
 
+def test_a_confidence_that_reads_the_answer_settles_once_it_is_written():
+    first = np.log(np.array([0.1, 0.3, 0.6], np.float32))  # 1 - P(NO_ANSWER) = 0.4; then token 1 at 0.3 / 0.4
+    then = np.log(np.array([0.5, 0.25, 0.25], np.float32))  # the stop token at 0.5
+    for threshold, abstains in ((0.3, True), (0.2, False)):
+        g = generation(Abstention([2], threshold, reads_answer=True))
+        assert g.choose(first) == 1 and not g.abstained and g.confidence == pytest.approx(0.4, abs=1e-6)
+        g.tokens.append(1)
+        assert g.choose(then) == 0
+        g.settle()
+        assert g.confidence == pytest.approx(0.4 * (0.75 * 0.5) ** 0.5, abs=1e-5)
+        assert g.abstained == abstains and (g.stop_reason == "abstained") == abstains
+    alone = generation(Abstention([2], 0.3))  # the first step's confidence alone: settling changes nothing
+    alone.choose(first)
+    alone.tokens.append(1)
+    alone.choose(then)
+    alone.settle()
+    assert alone.confidence == pytest.approx(0.4, abs=1e-6) and not alone.abstained
+
+
+def test_drafted_steps_score_only_the_tokens_they_keep():
+    logits = np.log(np.array([[0.1, 0.3, 0.6], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]], np.float32))
+    g = generation(Abstention([2], 0.0, reads_answer=True))
+    # the first position picks 1 (NO_ANSWER ruled out), which rejects the draft [0, 2]: one token kept
+    assert g.choose_checking(logits, np.array([0, 2])).tolist()[0] == 1
+    g.tokens.append(1)
+    g.settle()
+    assert g.confidence == pytest.approx(0.4 * 0.75, abs=1e-5)
+
+
 # ---------------------------------------------------------------- figures and the fitted threshold
 
 def records(confidences_answerable, f1s, confidences_unanswerable):
@@ -177,6 +206,49 @@ def test_the_bundle_carries_its_fitted_threshold_and_a_load_may_override_it(abst
     forced = never.answer_with_passages(questions[0].question, [(unrelated[0].title, unrelated[0].text)])
     assert not forced.abstained and forced.answer and forced.answer != NO_ANSWER  # ruled out at the first step
     assert forced.confidence < 0.5
+
+
+def test_an_answer_that_may_yet_abstain_is_streamed_whole_once_settled(abstaining_bundle):
+    bundle, questions, _ = abstaining_bundle
+    assert json.loads((bundle / "manifest.json").read_text())["abstention"]["confidence"] == "answer"
+    for threshold in (0.0, 0.5):
+        pipeline = Pipeline.load(bundle, abstain_threshold=threshold, answers="free")
+        for q in questions:
+            stream = pipeline.stream(q.question)
+            pieces = []
+            try:
+                while True:
+                    pieces.append(next(stream))
+            except StopIteration as done:
+                answer = done.value
+            assert "".join(pieces).strip() == answer.answer
+            if threshold > 0:  # held back until settled: one piece, or none for an abstention
+                assert len(pieces) == (0 if answer.abstained else 1)
+            else:  # never abstains: streamed as written
+                assert not answer.abstained and len(pieces) == answer.new_tokens
+
+
+def test_a_bundle_of_the_first_step_confidence_decides_there(abstaining_bundle, tmp_path):
+    import shutil
+
+    from edgerag.runtime import Manifest
+
+    bundle, questions, unrelated = abstaining_bundle
+    older = tmp_path / "older"
+    shutil.copytree(bundle, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["abstention"]["confidence"]  # as bundles exported before the key was written
+    Manifest.from_dict(manifest).write(older)
+    q = questions[0]
+    for passage in [(q.title, q.context), (unrelated[0].title, unrelated[0].text)]:
+        first_step = Pipeline.load(older, abstain_threshold=0.0, answers="free").answer_with_passages(q.question, [passage])
+        reading = Pipeline.load(bundle, abstain_threshold=0.0, answers="free").answer_with_passages(q.question, [passage])
+        assert first_step.answer == reading.answer
+        assert reading.confidence <= first_step.confidence  # times a mean probability, at most 1
+    assert json.loads((older / "manifest.json").read_text())["abstention"]["confidence"] == "no_answer"
+    manifest["abstention"]["confidence"] = "tokens"
+    with pytest.raises(BundleError, match="abstention.confidence is 'tokens'; it must be one of no_answer, answer"):
+        Manifest.from_dict(manifest)
 
 
 def test_eval_unanswerable_reports_squad2_figures_and_citations(abstaining_bundle, tmp_path):
