@@ -371,6 +371,18 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
 TRAINING_FILE = "training.json"
 
 
+def matmul_parameters(model) -> dict:
+    """The weights every token multiplies (linear layers, less a language-model head that only the
+    answer positions reach), and those of them that train: a step's FLOPs are about
+    tokens x (2 x all + 4 x trained) (backward reaches only the trained layers)."""
+    import torch
+
+    linear = [(name, m.weight) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")]
+    return {"matmul_parameters": sum(w.numel() for _, w in linear),
+            "trainable_matmul_parameters": sum(w.numel() for _, w in linear if w.requires_grad)}
+
+
 def throughput(log: list[dict], examples: int, precision: str, batching: str, random_padding, model) -> dict:
     """What a training stage used and how fast it went, from its per-step log: the time is the steps'
     own (forward, backward, optimizer), not checkpoints or loading."""
@@ -378,7 +390,8 @@ def throughput(log: list[dict], examples: int, precision: str, batching: str, ra
     out = {"precision": precision, "batching": batching, "examples": examples, "steps": len(log),
            "seconds": round(seconds, 2), "examples_per_hour": round(examples / seconds * 3600, 1) if seconds else None,
            "parameters": sum(p.numel() for p in model.parameters()),
-           "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+           "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           **matmul_parameters(model)}
     if log and "tokens" in log[0]:
         tokens, padded = sum(e["tokens"] for e in log), sum(e["padded_tokens"] for e in log)
         out.update({"tokens": tokens, "tokens_computed": padded,
