@@ -85,7 +85,7 @@ class Abstention:
 
 
 def log_probability(logits: np.ndarray, token: int) -> float:
-    """log softmax(logits)[token]: 0 where -inf logits (ruled-out tokens) take no share."""
+    """log softmax(logits)[token]; ruled-out tokens (at -inf) take no share of the probability."""
     top = float(logits.max())
     return float(logits[token]) - top - float(np.log(np.exp(logits - top, dtype=np.float32).sum()))
 
