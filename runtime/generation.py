@@ -80,8 +80,15 @@ class Abstention:
         self.reads_answer = reads_answer
 
     def confidence(self, logits: np.ndarray) -> float:
-        probabilities = np.exp(logits.astype(np.float64) - float(logits.max()))
-        return float(1.0 - probabilities[self.token_ids].sum() / probabilities.sum())
+        return self.screen(logits)[0]
+
+    def screen(self, logits: np.ndarray) -> tuple[float, float]:
+        """(1 - P(NO_ANSWER), the log of softmax's denominator once NO_ANSWER is ruled out): one exp
+        over the vocabulary serves both the confidence and the first answer token's probability."""
+        top = float(logits.max())
+        weights = np.exp(logits - top, dtype=np.float32)
+        total, no_answer = float(weights.sum()), float(weights[self.token_ids].sum())
+        return 1.0 - no_answer / total, top + float(np.log(max(total - no_answer, np.finfo(np.float32).tiny)))
 
 
 def log_probability(logits: np.ndarray, token: int) -> float:
@@ -106,6 +113,7 @@ class Generation:
         self.abstain_ms = 0.0  # what the abstention's arithmetic took, screening and answer's tokens
         self._answer_log_probability = 0.0  # of the chosen tokens, where the abstention reads the answer
         self._scored_tokens = 0
+        self._first_log_denominator: float | None = None  # the first step's, from its screening
         self.tokens: list[int] = []
         self.prefill_ms = 0.0
         # the time of each forward pass after the prefill, in order, the one that produced a stop
@@ -133,7 +141,10 @@ class Generation:
     def _score(self, logits: np.ndarray, token: int) -> None:
         if self.abstention is not None and self.abstention.reads_answer:
             started = time.perf_counter()
-            self._answer_log_probability += log_probability(logits, token)
+            if self._scored_tokens == 0 and self._first_log_denominator is not None:
+                self._answer_log_probability += float(logits[token]) - self._first_log_denominator
+            else:
+                self._answer_log_probability += log_probability(logits, token)
             self._scored_tokens += 1
             self.abstain_ms += (time.perf_counter() - started) * 1000
 
@@ -151,7 +162,7 @@ class Generation:
     def _first_step(self, logits: np.ndarray) -> np.ndarray | None:
         """The first step's logits with NO_ANSWER ruled out, or None where the generation abstains."""
         started = time.perf_counter()
-        self.confidence = self.abstention.confidence(logits)
+        self.confidence, self._first_log_denominator = self.abstention.screen(logits)
         if self.confidence < self.abstention.threshold:
             self.abstained = True
             logits = None
