@@ -116,3 +116,62 @@ def test_teacher_cache_keeps_the_examples_order(tiny, examples):
         assert a["logp"].shape[0] == len(e.target)
         assert torch.allclose(a["logp"], b["logp"], atol=1e-4)
         assert torch.equal(a["ids"][:, 0], b["ids"][:, 0])
+
+
+def test_bf16_where_the_hardware_lacks_it_is_refused_at_start(tiny, tmp_path, capsys):
+    from edgerag.train.driver import distill
+    from edgerag.train.run import RunError
+
+    if loop.bf16_units():
+        pytest.skip("this machine has bf16 units: nothing to refuse")
+    recipe = tmp_path / "bf16.toml"
+    recipe.write_text(tiny["recipe"].read_text().replace("[run]\n", '[run]\nprecision = "bf16"\n'))
+    with pytest.raises(RunError, match='run.precision = "bf16": this machine has no bf16 matrix units'):
+        distill(recipe, tmp_path / "run")
+    assert not (tmp_path / "run" / "stages").exists()  # refused before any stage ran
+    assert loop.check_precision("auto") == "fp32"
+    assert capsys.readouterr().out.count("precision auto: fp32 (no bf16 matrix units here)") == 1
+
+
+def test_a_loss_that_turns_nan_stops_the_stage_naming_step_and_batch(tiny, examples, tmp_path):
+    tok, rows = examples
+    model, _ = load_generator(tiny["generator"])
+    cfg = loop.TrainConfig(epochs=1, batch_size=4, lr=2e-3, warmup_steps=1, checkpoint_every=2, seed=0)
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(batch)
+        loss = answer_loss(m, batch, tok.pad_token_id)
+        return (loss * float("nan") if len(calls) == 3 else loss), {}
+
+    with pytest.raises(loop.NonFiniteLoss, match=r"step 3/4: the loss is nan \(fp32\) on the batch of examples \[") as raised:
+        loop.train(model, rows, loss_fn, cfg, tmp_path, length=example_length)
+    assert all(e.question_id in str(raised.value) for e in calls[2])
+    assert "the last checkpoint" in str(raised.value)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    # the cause gone, --resume goes on from step 2
+    log = loop.train(model, rows, lambda m, b: (answer_loss(m, b, tok.pad_token_id), {}), cfg, tmp_path, length=example_length)
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+
+
+def test_bf16_and_fp32_agree_on_the_first_loss_within_bf16_precision(tiny, examples):
+    tok, rows = examples
+    model, _ = load_generator(tiny["generator"])
+    with torch.no_grad():
+        fp32 = float(answer_loss(model, rows[:4], tok.pad_token_id))
+        with loop.autocast("bf16"):
+            bf16 = float(answer_loss(model, rows[:4], tok.pad_token_id))
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+    assert bf16 != fp32  # the matmuls did run in bf16
+
+
+def test_a_padded_batch_gives_the_loss_of_its_examples_one_by_one(tiny, examples):
+    tok, rows = examples
+    model, _ = load_generator(tiny["generator"])
+    batch = rows[:6]
+    assert len({example_length(e) for e in batch}) > 1  # rows of different lengths: padding at work
+    with torch.no_grad():
+        together = float(answer_loss(model, batch, tok.pad_token_id))
+        alone = [float(answer_loss(model, [e], tok.pad_token_id)) for e in batch]
+    weights = [len(e.target) for e in batch]
+    assert together == pytest.approx(sum(a * w for a, w in zip(alone, weights)) / sum(weights), rel=1e-4)

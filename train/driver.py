@@ -67,6 +67,10 @@ def distill(recipe_path, out_dir, resume: bool = False, stop_after: str | None =
     if recipe.teacher.kind == "hf-rag" and world_size > 1:
         raise RunError("hf-rag recipes run on one process: their training stages reach into the RAG model's "
                        "submodules, past DDP's wrapper (run `edgerag distill`, not torchrun)")
+    try:  # every rank refuses alike; rank 0 says what "auto" chose
+        loop.check_precision(recipe.run.precision, say=rank == 0)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls several times slower
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)

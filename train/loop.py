@@ -186,6 +186,30 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_bf16_units() else "fp32"
 
 
+def bf16_units() -> bool:
+    """Whether training's matmuls can run in bf16 here at hardware speed."""
+    import torch
+
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_bf16_units()
+
+
+def check_precision(precision: str, say: bool = True) -> str:
+    """A recipe's precision, resolved, at the start of a run: "bf16" where the hardware lacks bf16
+    units is refused (torch would emulate it, far slower than fp32); "auto" says what it chose."""
+    resolved = resolve_precision(precision)
+    if precision == "bf16" and not bf16_units():
+        raise ValueError('run.precision = "bf16": this machine has no bf16 matrix units (no CUDA GPU with bf16, '
+                         "no AMX or AVX512-BF16 on the CPU), where torch emulates bf16 dozens of times slower "
+                         'than fp32; use "auto" (fp32 here) or "fp32"')
+    if precision == "auto" and say:
+        print(f"[run] precision auto: {resolved}" + ("" if resolved == "bf16" else " (no bf16 matrix units here)"))
+    return resolved
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
 def autocast(precision: str, device_type: str = "cpu"):
     """The context a forward pass runs in: bf16 autocast, or nothing for fp32."""
     import torch
@@ -333,6 +357,14 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
         started = time.perf_counter()
         with autocast(precision, device_type):
             loss, parts = loss_fn(wrapped, shard)
+        if not torch.isfinite(loss.detach()).all():
+            # before the update: the weights and the last checkpoint stay as they were, for --resume
+            named = [getattr(e, "question_id", None) or getattr(getattr(e, "example", None), "question_id", None)
+                     for e in shard]
+            raise NonFiniteLoss(f"[{desc}] step {step + 1}/{total}: the loss is {float(loss.detach())} ({precision}) on the "
+                                f"batch of examples {[int(j) for j in batch_ids]}"
+                                + (f" (questions {named})" if any(named) else "")
+                                + (f"; the last checkpoint ({ckpt_path}) is intact for --resume" if ckpt_path.exists() else ""))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm:
