@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
+
+from .machine import _best, cpu_name
 
 TRAINING_STAGES = ("teacher_finetune", "distill_encoder", "distill_general", "distill_generator")
 
@@ -36,13 +37,7 @@ def gemm_gflops(dtype_name: str, n: int = 2048, repeats: int = 3) -> tuple[float
 
     def best_of(size):
         a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-        torch.mm(a, b)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
-        return 2 * size ** 3 / best / 1e9
+        return 2 * size ** 3 / _best(lambda: torch.mm(a, b), repeats) / 1e9
 
     probe = best_of(512)
     return (probe, 512) if probe < 10 else (best_of(n), n)
@@ -108,15 +103,13 @@ def main(argv=None) -> int:
         parser.error(f"not a run folder (no stages/ inside): {', '.join(missing)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from edgerag.train.loop import cpu_has_bf16_units
-
-    from .machine import cpu_name
+    from edgerag.train.loop import bf16_units
 
     measured = {p: gemm_gflops(p) for p in ("fp32", "bf16")}
     peaks = {p: round(g, 1) for p, (g, _) in measured.items()}
     rows = [row for run in args.runs for row in stage_rows(run)]
     print(f"{cpu_name()}, {torch.get_num_threads()} torch threads, bf16 units: "
-          f"{'yes' if cpu_has_bf16_units() else 'no'}; torch GEMM: "
+          f"{'yes' if bf16_units() else 'no'}; torch GEMM: "
           + ", ".join(f"{p} {g:.1f} GFLOP/s ({n}²)" for p, (g, n) in measured.items()))
     print(table(rows, peaks))
     if args.out:

@@ -404,7 +404,7 @@ class Pipeline:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         decode_s = generation.decode_ms / 1000
         t = time.perf_counter()
-        citation = cite(text, context, passages, question) if text else None
+        citation = cite(text, context, passages, question)
         timings["cite_ms"] = (time.perf_counter() - t) * 1000
         return Answer(question, text, passages, timings, len(prompt), len(tokens),
                       generation.decode_tokens / decode_s if decode_s > 0 else 0.0, stop_reason or generation.stop_reason,

@@ -24,6 +24,21 @@ def tiny_models(tmp_path_factory):
     return encoder, generator, jsonl, squad
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny training project (models, data, recipe: edgerag.train.tiny), one per test module, with
+    torch on one thread: tiny models gain nothing from threads, and spinning OpenMP threads on a busy
+    2-core machine cost a lot. A module may define its own `tiny` instead."""
+    torch = pytest.importorskip("torch")
+    from edgerag.train.tiny import make_tiny_project
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield make_tiny_project(tmp_path_factory.mktemp("tiny"))
+    torch.set_num_threads(threads)
+
+
 def _export(tiny_models, tmp_path_factory, quantize, graph="auto"):
     from edgerag.export import ExportOptions
     from edgerag.export.bundle import export_bundle

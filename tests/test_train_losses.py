@@ -13,17 +13,6 @@ from edgerag.train.retrieval import embed, passage_text  # noqa: E402
 from edgerag.models import load_encoder, load_generator  # noqa: E402
 from edgerag.train.student import calibration_batches, count_params, shrink_encoder, shrink_generator  # noqa: E402
 from edgerag.train.teacher import Prompter, answer_loss, generate, make_examples  # noqa: E402
-from edgerag.train.tiny import make_tiny_project  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    # Tiny models gain nothing from threads, and spinning OpenMP threads on a busy 2-core machine cost a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield make_tiny_project(tmp_path_factory.mktemp("tiny"))
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

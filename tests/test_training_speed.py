@@ -13,15 +13,6 @@ from edgerag.train import loop  # noqa: E402
 from edgerag.train.distill import teacher_cache  # noqa: E402
 from edgerag.train.recipe import RecipeError, load_recipe  # noqa: E402
 from edgerag.train.teacher import Prompter, answer_loss, example_length, make_examples  # noqa: E402
-from edgerag.train.tiny import make_tiny_project  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield make_tiny_project(tmp_path_factory.mktemp("tiny"))
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -179,11 +179,7 @@ def resolve_precision(precision: str) -> str:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
-    import torch
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16_units() else "fp32"
+    return "bf16" if bf16_units() else "fp32"
 
 
 def bf16_units() -> bool:
@@ -221,6 +217,7 @@ def autocast(precision: str, device_type: str = "cpu"):
 
 # ---------------------------------------------------------------- batches
 
+BATCHINGS = ("length", "random")
 BUCKET_WINDOW = 50  # batches whose examples are sorted by length together
 
 
@@ -301,8 +298,8 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
     total = steps_per_epoch * cfg.epochs
     if total == 0:
         return []
-    if cfg.batching not in ("random", "length"):
-        raise ValueError(f"batching: expected 'random' or 'length', got {cfg.batching!r}")
+    if cfg.batching not in BATCHINGS:
+        raise ValueError(f"batching: expected one of {', '.join(BATCHINGS)}, got {cfg.batching!r}")
     precision = resolve_precision(cfg.precision)
     lengths = [length(e) for e in examples] if length is not None else None
     bucketed = lengths if cfg.batching == "length" else None
@@ -347,12 +344,12 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
     model.train()
     device_type = next(model.parameters()).device.type
     bar = tqdm(total=total, initial=step, desc=desc, disable=rank != 0)
-    epoch_cache = {}
+    batches_epoch, batches = None, []
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache = {epoch: batches_of(epoch)}
-        batch_ids = epoch_cache[epoch][i]
+        if epoch != batches_epoch:
+            batches_epoch, batches = epoch, batches_of(epoch)
+        batch_ids = batches[i]
         shard = [examples[j] for j in batch_ids[rank::world_size]] or [examples[batch_ids[0]]]
         started = time.perf_counter()
         with autocast(precision, device_type):

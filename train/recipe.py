@@ -320,10 +320,11 @@ def validate(r: Recipe, check_models: bool = True) -> None:
         raise RecipeError(f"abstain.calibration_questions: at least 2, got {r.abstain.calibration_questions}")
     if r.distill_generator.gradient_weight < 0 or r.distill_generator.gradient_projections < 1:
         raise RecipeError("distill_generator.gradient_weight must be >= 0 and gradient_projections >= 1")
-    if r.run.precision not in ("auto", "bf16", "fp32"):
-        raise RecipeError(f"run.precision: expected 'auto', 'bf16' or 'fp32', got {r.run.precision!r}")
-    if r.run.batching not in ("length", "random"):
-        raise RecipeError(f"run.batching: expected 'length' or 'random', got {r.run.batching!r}")
+    from .loop import BATCHINGS, PRECISIONS
+
+    for key, value, allowed in (("precision", r.run.precision, PRECISIONS), ("batching", r.run.batching, BATCHINGS)):
+        if value not in allowed:
+            raise RecipeError(f"run.{key}: expected one of {', '.join(allowed)}, got {value!r}")
     if r.data.corpus_scope not in ("files", "sampled"):
         raise RecipeError(f"data.corpus_scope: expected 'files' or 'sampled', got {r.data.corpus_scope!r}")
     if r.student.passage_encoder not in ("student", "teacher"):
