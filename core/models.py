@@ -9,7 +9,9 @@ torch and transformers are imported only inside the functions that load weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from edgerag.model_files import PACKAGED_MODELS, ModelSource, packaged_source, read_sentence_transformers_config
@@ -96,8 +98,9 @@ def load_generator(name: str | Path, dtype=None):
     from transformers import AutoModelForCausalLM
 
     source = resolve(name)
-    tokenizer = load_tokenizer(name)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, **source.kwargs())
+    with _gguf_parsed_once() if source.gguf_file else contextlib.nullcontext():
+        tokenizer = load_tokenizer(name)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, **source.kwargs())
     model.eval()
     if source.gguf_file:
         # transformers points the tokenizer's vocab_file at the .gguf, and save_pretrained would copy
@@ -106,6 +109,28 @@ def load_generator(name: str | Path, dtype=None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses a .gguf file anew for the tokenizer, the config and the weights: four times
+    for one model, each about 11 s for SmolLM2's 49k-token vocabulary on a 2-core CPU (pure Python).
+    Within this block each file is parsed once; the parsed reader is only read from."""
+    import gguf
+
+    original, parsed = gguf.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = original(path, *args, **kwargs)
+        return parsed[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def load_tokenizer(name: str | Path):

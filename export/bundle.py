@@ -47,10 +47,13 @@ def embed_passages(model, tokenizer, pooling: str, max_length: int, texts: list[
                    normalize: bool = True) -> np.ndarray:
     import torch
 
-    out = []
+    # batches of similar lengths pad little (pieces run from a few words to a sentence); the rows come back in order
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.inference_mode():
         for start in tqdm(range(0, len(texts), batch_size), desc="embed passages", unit="batch"):
-            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+            rows = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt")
             hidden = model(**batch).last_hidden_state
             if pooling == "cls":
@@ -58,8 +61,8 @@ def embed_passages(model, tokenizer, pooling: str, max_length: int, texts: list[
             else:
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append((torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled).numpy())
-    return np.concatenate(out).astype(np.float32)
+            out[rows] = (torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled).float().numpy()
+    return out
 
 
 def write_passage_store(path: Path, passages: list, documents: list | None = None) -> None:

@@ -64,7 +64,7 @@ def smooth_llama(model, prompt_ids: list[list[int]], alpha: float = DEFAULT_ALPH
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(record(f"{i}.o")))
     with torch.no_grad():
         for ids in prompt_ids:
-            model(torch.tensor([ids]))
+            model.model(torch.tensor([ids]))  # the layers' inputs are all it needs: no LM head over every position
     for h in hooks:
         h.remove()
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from edgerag.data import Passage, Question
-from edgerag.metrics import RECALL_DEPTH, context_figures, score, write_answers
+from edgerag.metrics import RECALL_DEPTH, abstains, context_figures, score, write_answers
 from edgerag.models import load_encoder, load_generator, passage_encoder_folder, read_info
 from edgerag.runtime.compress import Compression, compress_context
 
@@ -69,9 +69,17 @@ def evaluate_folder(folder: Path, questions: list[Question], passages: list[Pass
         start += time.perf_counter() - paused
     prompts = [prompter.prompt(q.question, context(q.question, v, [(passages[r].title, passages[r].text) for r in rows[:k]]))
                for q, v, rows in zip(questions, q_emb, ranked_rows)]
+    # With unanswerable questions in the mix, the open answers are scored as a bundle's are (edgerag.evaluation):
+    # generated with NO_ANSWER ruled out at the first step and their confidence read, an abstention an
+    # empty answer; the answerable half of the abstention figures then reuses them instead of asking again.
+    open_confidences = [] if unanswerable else None
     with torch.inference_mode():
-        open_answers = generate(generator, prompter, prompts, batch_size=batch_size, progress=f"eval {folder.name} open")
+        open_answers = generate(generator, prompter, prompts, batch_size=batch_size, progress=f"eval {folder.name} open",
+                                confidences=open_confidences)
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
+    answered = open_answers
+    if unanswerable:
+        open_answers = ["" if abstains(c, ABSTAIN_AT) else a for a, c in zip(answered, open_confidences)]
 
     gold_prompts = [prompter.prompt(q.question, context(q.question, v, [(q.title, q.context)])) for q, v in zip(questions, q_emb)]
     with torch.inference_mode():
@@ -84,7 +92,8 @@ def evaluate_folder(folder: Path, questions: list[Question], passages: list[Pass
                    "seconds_per_question": round(seconds, 4)})
     if unanswerable:
         result["abstention"] = unanswerable_figures(generator, prompter, context, questions, q_emb, ranked_rows,
-                                                    passages, prompts, k, unanswerable, seed, batch_size)
+                                                    passages, list(zip(answered, open_confidences)), k, unanswerable,
+                                                    seed, batch_size)
     if answers_out is not None:
         write_answers(answers_out, questions, open_answers, gold_answers, ranked_ids)
     return result
@@ -94,10 +103,11 @@ def evaluate_folder(folder: Path, questions: list[Question], passages: list[Pass
 ABSTAIN_AT = 0.5
 
 
-def unanswerable_figures(generator, prompter, context, questions, q_emb, ranked_rows, passages, prompts, k: int,
+def unanswerable_figures(generator, prompter, context, questions, q_emb, ranked_rows, passages, open_answers, k: int,
                          share: float, seed: int, batch_size: int) -> dict:
-    """abstention_figures of a torch generator: its open-domain prompts for the answerable questions, and
-    k passages that cannot answer (built as a bundle's evaluation builds them) for a `share` of them."""
+    """abstention_figures of a torch generator: its open-domain (answer, confidence) for the answerable
+    questions, and k passages that cannot answer (built as a bundle's evaluation builds them) for a
+    `share` of them."""
     import torch
 
     from edgerag.data import unanswerable_passages, unanswerable_sample
@@ -108,17 +118,17 @@ def unanswerable_figures(generator, prompter, context, questions, q_emb, ranked_
     made = unanswerable_sample(questions, share, seed)
     rng = random.Random(seed + 2)
     asked = []
-    for q, v, rows, prompt in zip(questions, q_emb, ranked_rows, prompts):
-        if q.id not in made:
-            asked.append(prompt)
-            continue
-        negatives = unanswerable_passages(q, [passages[r] for r in rows], passages, k, rng)
-        asked.append(prompter.prompt(q.question, context(q.question, v, [(p.title, p.text) for p in negatives])))
+    for q, v, rows in zip(questions, q_emb, ranked_rows):
+        if q.id in made:
+            negatives = unanswerable_passages(q, [passages[r] for r in rows], passages, k, rng)
+            asked.append(prompter.prompt(q.question, context(q.question, v, [(p.title, p.text) for p in negatives])))
     confidences = []
     with torch.inference_mode():
-        answers = generate(generator, prompter, asked, batch_size=batch_size, progress="eval unanswerable",
-                           confidences=confidences)
-    records = [answer_record(q, a, c, q.id not in made) for q, a, c in zip(questions, answers, confidences)]
+        answers = iter(generate(generator, prompter, asked, batch_size=batch_size, progress="eval unanswerable",
+                                confidences=confidences))
+    confidences = iter(confidences)
+    records = [answer_record(q, next(answers), next(confidences), False) if q.id in made
+               else answer_record(q, *open_answers[i], True) for i, q in enumerate(questions)]
     return abstention_figures(records, ABSTAIN_AT)
 
 
