@@ -140,6 +140,36 @@ def test_fused_graph_refuses_what_it_cannot_reproduce():
             check_supported(config)
 
 
+def test_int8_weights_quantized_at_once_are_onnxruntimes_bytes(tiny_models, tmp_path):
+    """export.quantize quantizes a weight's channels at once instead of onnxruntime's per-channel loop:
+    the quantized graph must be byte for byte onnxruntime's, a channel of zeros (scale 1) included."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgerag.export import onnx_export
+    from edgerag.export.quantize import _dynamic_int8
+
+    graph, _ = onnx_export.export_generator(tiny_models[1])
+    graph = onnx_export.split_lm_head(onnx_export.untie_lm_head(graph))
+    matmul_weights = {n.input[1] for n in graph.graph.node if n.op_type == "MatMul"}
+    weight = next(i for i in graph.graph.initializer if i.name in matmul_weights and len(i.dims) == 2)
+    values = numpy_helper.to_array(weight).copy()
+    values[:, 1] = 0.0
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    at_once = _dynamic_int8(onnx.ModelProto.FromString(graph.SerializeToString()))
+    onnx.save_model(graph, str(tmp_path / "in.onnx"))
+    quantize_dynamic(tmp_path / "in.onnx", tmp_path / "out.onnx", op_types_to_quantize=["MatMul"], per_channel=True,
+                     weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    looped = onnx.load(str(tmp_path / "out.onnx"))
+    quantized = [i.name for i in looped.graph.initializer if i.name.endswith("_quantized")]
+    assert weight.name + "_quantized" in quantized and len(quantized) == len(matmul_weights)
+    assert numpy_helper.to_array(next(i for i in at_once.graph.initializer if i.name == weight.name + "_scale"))[1] == 1.0
+    assert {i.name: i.SerializeToString() for i in at_once.graph.initializer} == \
+        {i.name: i.SerializeToString() for i in looped.graph.initializer}
+    assert [n.SerializeToString() for n in at_once.graph.node] == [n.SerializeToString() for n in looped.graph.node]
+
+
 def test_query_embedding_matches_pytorch_and_is_normalized(tiny_models, tiny_bundle):
     from edgerag.export.bundle import embed_passages
     from edgerag.models import load_encoder
