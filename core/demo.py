@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         info = read_info(run / "student")  # a compressed student's settings: its k, selector and template
         export_bundle(query_encoder, generator, Path(args.data) / "xquad-en.json.gz", bundle,
                       str(passage_encoder) if passage_encoder else None,
-                      options=ExportOptions(parity_questions=4, k=info.get("k", ExportOptions.k)),
+                      options=ExportOptions(parity_questions=4, calibration_prompts=8, k=info.get("k", ExportOptions.k)),
                       compression=info.get("compression"), calibration=calibration_questions(run / "student"))
     timings["export_s"] = time.time() - t
 
