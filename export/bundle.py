@@ -97,7 +97,9 @@ def build_index(vectors: np.ndarray, path: Path, m: int, ef_construction: int) -
 
     index = hnswlib.Index(space="ip", dim=vectors.shape[1])
     index.init_index(max_elements=len(vectors), ef_construction=ef_construction, M=m, random_seed=0)
-    index.add_items(vectors, np.arange(len(vectors)))
+    # one thread: threads racing to insert make a different graph each time, so two exports of the same
+    # student would differ in this file alone (the embeddings, not the insertion, are the export's time)
+    index.add_items(vectors, np.arange(len(vectors)), num_threads=1)
     index.save_index(str(path))
 
 

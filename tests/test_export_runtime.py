@@ -215,6 +215,17 @@ def test_retrieval_equals_exact_numpy_search(tiny_bundle):
         np.testing.assert_allclose([p["score"] for p in got], np.sort(scores)[::-1][:5], atol=1e-4)
 
 
+def test_index_of_the_same_vectors_is_the_same_bytes(tmp_path):
+    from edgerag.export.bundle import build_index
+
+    vectors = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    build_index(vectors, tmp_path / "a.bin", m=16, ef_construction=100)
+    build_index(vectors, tmp_path / "b.bin", m=16, ef_construction=100)
+    # two exports of one student must not differ in the index alone (threads racing to insert would)
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+
+
 def test_ask_stream_and_batch_agree(tiny_bundle):
     pipeline = Pipeline.load(tiny_bundle)
     question = "Which team won Super Bowl 50?"
