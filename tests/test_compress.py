@@ -125,6 +125,47 @@ def test_student_reads_a_quarter_of_the_teachers_tokens(compressed_run):
     assert report["student"]["prompt_tokens"] < report["teacher"]["prompt_tokens"]
 
 
+def test_a_teacher_fine_tuned_on_compressed_contexts_reads_them_in_distillation_and_evaluation(compressed_run, tmp_path):
+    """[teacher_finetune] context = "compressed": the teacher learns, gives its distributions and is
+    evaluated over the pieces the student reads, not its whole passages."""
+    from edgerag.train.driver import distill
+
+    tiny, whole, whole_report = compressed_run
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text((whole.parent / "recipe.toml").read_text().replace("[teacher_finetune]", '[teacher_finetune]\ncontext = "compressed"'))
+    out = tmp_path / "run"
+    report = distill(recipe, out, seed_from=whole)
+    import torch
+
+    torch.set_flush_denormal(False)
+    teacher = json.loads((out / "teacher" / "edgerag.json").read_text())
+    assert teacher["template"] == "compact" and Compression.from_dict(teacher["compression"]).budget == 40
+    finetune = json.loads((out / "stages" / "teacher_finetune" / "info.json").read_text())
+    kd = json.loads((out / "stages" / "teacher_logits" / "info.json").read_text())
+    whole_kd = json.loads((whole / "stages" / "teacher_logits" / "info.json").read_text())
+    assert finetune["steps"] > 0 and 0.0 <= finetune["answer_in_context"] <= 100.0  # percent
+    # the teacher now reads about what the student reads, far less than its whole passages
+    assert kd["teacher_prompt_tokens"] < 0.75 * whole_kd["teacher_prompt_tokens"]
+    assert abs(kd["teacher_prompt_tokens"] - kd["student_prompt_tokens"]) < 0.25 * kd["student_prompt_tokens"]
+    assert report["teacher"]["prompt_tokens"] < 0.75 * whole_report["teacher"]["prompt_tokens"]
+    # the whole-context run's teacher folder was seeded by hard links and must not have been rewritten
+    assert "compression" not in json.loads((whole / "teacher" / "edgerag.json").read_text())
+
+
+def test_a_compressed_teacher_needs_the_compress_section(tmp_path):
+    from edgerag.train.recipe import RecipeError, load_recipe
+    from edgerag.train.tiny import make_tiny_project
+
+    tiny = make_tiny_project(tmp_path / "tiny")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(tiny["recipe"].read_text().replace("[teacher_finetune]", '[teacher_finetune]\ncontext = "compressed"'))
+    with pytest.raises(RecipeError, match="compress.enabled"):
+        load_recipe(recipe)
+    recipe.write_text(tiny["recipe"].read_text().replace("[teacher_finetune]", '[teacher_finetune]\ncontext = "gist"'))
+    with pytest.raises(RecipeError, match="'whole' or 'compressed'"):
+        load_recipe(recipe)
+
+
 def test_kl_across_contexts_decreases(compressed_run):
     """The student reading compressed contexts gets closer to the teacher's distribution over the answer
     (which the teacher produced reading full passages)."""

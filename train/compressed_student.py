@@ -8,7 +8,9 @@ edgerag.train.compression_fit; the selection itself is edgerag.runtime.compress,
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from pathlib import Path
 
 from edgerag.data import Passage, Question
 
@@ -27,12 +29,15 @@ def student_piece_embedder(run: Run):
 
 
 def student_query_vectors(run: Run, questions: list[Question]):
+    return query_vectors(run.student_encoder, questions)
+
+
+def query_vectors(encoder_folder, questions: list[Question]):
     from edgerag.model_files import normalizes
     from edgerag.models import load_encoder
 
-    encoder, tok, pooling, max_length = load_encoder(run.student_encoder)
-    return embed(encoder, tok, [q.question for q in questions], pooling, max_length,
-                 normalize=normalizes(run.student_encoder))
+    encoder, tok, pooling, max_length = load_encoder(encoder_folder)
+    return embed(encoder, tok, [q.question for q in questions], pooling, max_length, normalize=normalizes(encoder_folder))
 
 
 def student_prompter(run: Run):
@@ -79,30 +84,67 @@ def fitted_compression(run: Run):
     return Compression(c.passages, c.budget, selector), shares
 
 
-def compressed_student_examples(run: Run, questions: list[Question], examples: list, ranked: list[list[Passage]],
-                                negatives: list[tuple[Question, list[Passage]]] = ()):
-    """The distillation examples with the student's prompt in place of the teacher's: the compressed
-    context of its top `compress.passages` passages (the gold one inserted as the teacher's examples
-    insert it), in the compact template; for `negatives` (a question and passages that cannot answer
-    it, whose example id ends in NEGATIVE_ID), the compressed context of those passages. Targets stay
-    as they are, so the teacher's cached distributions line up with the student's answer positions."""
+@dataclasses.dataclass
+class CompressedReader:
+    """Who reads a compressed context in training: its compression, the encoders of its questions and
+    pieces, and its prompts."""
+    compression: object      # edgerag.runtime.compress.Compression
+    query_encoder: Path
+    piece_encoder: Path
+    prompter: object         # edgerag.train.teacher.Prompter, compact template
+
+
+def student_reader(run: Run) -> CompressedReader:
     from edgerag.models import read_info
     from edgerag.runtime.compress import Compression
 
-    from .compression_fit import answer_share, compressed_contexts
+    return CompressedReader(Compression.from_dict(read_info(run.student_dir)["compression"]), run.student_encoder,
+                            run.student_passage_encoder if run.teacher_passages else run.student_encoder,
+                            student_prompter(run))
+
+
+def teacher_reader(run: Run, compression=None) -> CompressedReader:
+    """The teacher reading a compressed context ([teacher_finetune] context = "compressed"): [compress]'s
+    passages and budget with the default selector, pieces and questions in the teacher's own encoder, or
+    the `compression` its folder records."""
+    from edgerag.models import load_tokenizer
+    from edgerag.runtime.compress import Compression, Selector
+
+    from .teacher import Prompter
+
+    c, p = run.recipe.compress, run.recipe.prompt
+    compression = compression or Compression(c.passages, c.budget, Selector())
+    generator = run.teacher_generator if run.teacher_generator.exists() else run.teacher_base_generator
+    return CompressedReader(compression, run.teacher_encoder, run.teacher_encoder,
+                            Prompter(load_tokenizer(generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True))
+
+
+def compressed_student_examples(run: Run, questions: list[Question], examples: list, ranked: list[list[Passage]],
+                                negatives: list[tuple[Question, list[Passage]]] = ()):
+    return compressed_examples(run, student_reader(run), questions, examples, ranked, negatives,
+                               run.recipe.distill_generator.gold_probability, seed_offset=3)
+
+
+def compressed_examples(run: Run, reader: CompressedReader, questions: list[Question], examples: list,
+                        ranked: list[list[Passage]], negatives: list[tuple[Question, list[Passage]]] = (),
+                        gold_probability: float = 1.0, seed_offset: int = 3):
+    """The examples with `reader`'s prompt in place of theirs: the compressed context of its top
+    `compression.passages` passages (the gold one inserted with `gold_probability` where retrieval missed
+    it), in the compact template; for `negatives` (a question and passages that cannot answer it, whose
+    example id ends in NEGATIVE_ID), the compressed context of those passages. Targets stay as they
+    are, so a teacher's cached distributions line up with the answer positions. Returns them and the
+    share of `questions` whose compressed context holds a gold answer."""
+    from .compression_fit import PieceEmbedder, answer_share, compressed_contexts
     from .teacher import NEGATIVE_ID, Example, rag_context
 
-    r, cfg = run.recipe, run.recipe.distill_generator
-    compression = Compression.from_dict(read_info(run.student_dir)["compression"])
-    prompter = student_prompter(run)
-    rng = random.Random(r.seed + 3)
-    wide = [rag_context(q, found, compression.passages, cfg.gold_probability, rng) for q, found in zip(questions, ranked)]
+    compression, prompter = reader.compression, reader.prompter
+    rng = random.Random(run.recipe.seed + seed_offset)
+    wide = [rag_context(q, found, compression.passages, gold_probability, rng) for q, found in zip(questions, ranked)]
     wide += [[(p.title, p.text) for p in passages[:compression.passages]] for _, passages in negatives]
     asked = list(questions) + [q for q, _ in negatives]
     ids = [q.id for q in questions] + [q.id + NEGATIVE_ID for q, _ in negatives]
-    contexts = compressed_contexts(compression, [q.question for q in asked], student_query_vectors(run, asked),
-                                   wide, student_piece_embedder(run), prompter.encode)
+    contexts = compressed_contexts(compression, [q.question for q in asked], query_vectors(reader.query_encoder, asked),
+                                   wide, PieceEmbedder(reader.piece_encoder, compression.max_piece_words), prompter.encode)
     prompts = {i: prompter.prompt(q.question, ctx) for i, q, ctx in zip(ids, asked, contexts)}
     return [Example(e.question_id, prompts[e.question_id], e.target) for e in examples], \
         round(answer_share(questions, contexts[:len(questions)]), 2)
-

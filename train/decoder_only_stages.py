@@ -30,7 +30,7 @@ from edgerag.runtime.prompt import NO_ANSWER
 
 from . import loop
 from .common_stages import DATA, DISTILL_ENCODER
-from .compressed_student import compressed_student_examples, fitted_compression
+from .compressed_student import compressed_examples, compressed_student_examples, fitted_compression, teacher_reader
 from .loop import atomic_write_text, is_main
 from .recipe import Recipe, parse_layers
 from .retrieval import PassageIndex, embed, passage_text, retrieve_for
@@ -132,17 +132,35 @@ def stage_teacher_finetune(run: Run) -> dict:
     cfg = run.recipe.teacher_finetune
     model, tok, prompter, questions = load_for_stage(run, run.teacher_base_generator, cfg)
     answered, unanswerable = split_negatives(run, questions)
-    ranked = retrieve_for(run, questions, NEGATIVE_DEPTH) if unanswerable else None
+    compressed = cfg.context == "compressed"
+    wide = run.recipe.compress.passages if compressed else cfg.k
+    depth = max(wide, NEGATIVE_DEPTH if unanswerable else 0)
+    ranked = retrieve_for(run, questions, depth) if unanswerable or compressed else None
     examples, _ = rag_examples(run, answered, prompter, cfg.k, cfg.gold_probability, seed_offset=1, ranked=ranked)
-    if unanswerable:
-        examples += negative_examples(prompter, unanswerable, negative_passages(run, unanswerable, ranked, cfg.k, 5))
+    negatives = negative_passages(run, unanswerable, ranked, wide, 5) if unanswerable else []
+    examples += negative_examples(prompter, unanswerable, [ps[:cfg.k] for ps in negatives])
+    from edgerag.models import read_info
+
+    info = {}
+    teacher_info = {k: v for k, v in read_info(run.teacher_dir).items() if k not in ("compression", "template", "k")}
+    if compressed:
+        # the teacher learns to read what the student will: the pieces of its top passages (the gold one
+        # inserted where retrieval missed it, with cfg.gold_probability), chosen by its own encoder
+        reader = teacher_reader(run)
+        examples, share = compressed_examples(run, reader, answered, examples, ranked, list(zip(unanswerable, negatives)),
+                                              cfg.gold_probability, seed_offset=1)
+        info.update(prompt_tokens=round(sum(len(e.prompt) for e in examples) / max(len(examples), 1), 1),
+                    answer_in_context=share)
+        teacher_info.update(compression=reader.compression.to_dict(), template="compact", k=reader.compression.passages)
     train_top_layers(model, cfg.train_layers)
     log = loop.train(model, examples, lambda m, b: (answer_loss(m, b, tok.pad_token_id), {}),
                      train_config(cfg, run.recipe), run.stage_dir("teacher_finetune"), desc="teacher fine-tune",
                      length=example_length)
     save_generator(model.cpu(), tok, run.teacher_generator)
+    if is_main():  # what the teacher reads travels with its folder: evaluation and teacher_logits read it there
+        atomic_write_text(run.teacher_info, json.dumps(teacher_info, indent=2))
     return {"examples": len(examples), "negatives": len(unanswerable), "steps": len(log),
-            "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None}
+            "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None, **info}
 
 
 def calibration_sequences(run: Run, prompter, n: int) -> list[list[int]]:
@@ -304,6 +322,8 @@ def stage_distill_general(run: Run) -> dict:
 
 
 def stage_teacher_logits(run: Run) -> dict:
+    from edgerag.models import read_info
+
     from .distill import teacher_cache
     from .teacher import generate, make_examples
 
@@ -325,6 +345,13 @@ def stage_teacher_logits(run: Run) -> dict:
     # the teacher reads the first k of the passages that cannot answer, the compressed student all of them
     negatives = negative_passages(run, unanswerable, ranked, max(cfg.k, wide), 6)
     examples += negative_examples(prompter, unanswerable, [ps[:cfg.k] for ps in negatives])
+    teacher_compression = read_info(run.teacher_dir).get("compression")
+    if teacher_compression:  # a teacher fine-tuned on compressed contexts reads them here too
+        from edgerag.runtime.compress import Compression
+
+        reader = teacher_reader(run, Compression.from_dict(teacher_compression))
+        examples, _ = compressed_examples(run, reader, answered, examples, ranked, list(zip(unanswerable, negatives)),
+                                          cfg.gold_probability, seed_offset=2)
     projection = None
     if cfg.gradient_weight > 0:
         from .gradient import projection as random_projection
@@ -435,6 +462,11 @@ def stage_eval(run: Run) -> dict:
 
 # ---------------------------------------------------------------- the stage table
 
+def _finetune_values(cfg) -> dict:
+    # context came later: left out at its default, so that earlier runs' stages stay reusable
+    return section_values(cfg, *(["context"] if cfg.context == "whole" else []))
+
+
 def _compress_values(c) -> dict:
     # fit_target came later: left out at its default, so that earlier runs' stages stay reusable
     return section_values(c, *(["fit_target"] if c.fit_target == "answer" else []))
@@ -491,8 +523,8 @@ STAGES = [
     Stage("teacher_finetune", stage_teacher_finetune,
           inputs=lambda run: [run.teacher_base_generator, run.teacher_encoder, run.index_embeddings, run.corpus_file,
                               run.train_file],
-          outputs=lambda run: [run.teacher_generator],
-          settings=lambda r: {"seed": r.seed, "teacher_finetune": section_values(r.teacher_finetune),
+          outputs=lambda run: [run.teacher_generator, run.teacher_info],
+          settings=lambda r: {"seed": r.seed, "teacher_finetune": _finetune_values(r.teacher_finetune),
                               "max_answer_tokens": r.prompt.max_answer_tokens, **_negatives(r), **training_settings(r)},
           parallel=True, enabled=lambda r: r.teacher_finetune.enabled),
     Stage("student_init", stage_student_init,

@@ -62,6 +62,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 5
     train_layers: int = 0            # train only the top N decoder layers (+ final norm); 0: everything
+    context: str = "whole"           # "compressed": read [compress]'s pieces of the top compress.passages passages, as the student does
 
 
 @dataclass
@@ -308,6 +309,11 @@ def validate(r: Recipe, check_models: bool = True) -> None:
         for key in ("passages", "budget", "fit_questions"):
             if getattr(r.compress, key) < 1:
                 raise RecipeError(f"compress.{key}: must be at least 1, got {getattr(r.compress, key)}")
+    if r.teacher_finetune.context not in ("whole", "compressed"):
+        raise RecipeError(f"teacher_finetune.context: 'whole' or 'compressed', got {r.teacher_finetune.context!r}")
+    if r.teacher_finetune.context == "compressed" and not (r.compress.enabled and r.teacher_finetune.enabled):
+        raise RecipeError('teacher_finetune.context = "compressed": the teacher reads [compress]\'s pieces, '
+                          "so it needs compress.enabled = true and teacher_finetune.enabled = true")
     if not 0.0 <= r.abstain.negatives < 1.0:
         raise RecipeError(f"abstain.negatives: a share of the examples, from 0 to below 1, got {r.abstain.negatives}")
     if r.abstain.negatives and r.teacher.kind == "hf-rag":
