@@ -257,6 +257,8 @@ def _seed_path(source: Path, target: Path) -> None:
     if source.is_dir():
         loop.write_folder_atomic(target, lambda tmp: shutil.copytree(source, tmp, copy_function=_link))
     else:
+        if target.exists() and os.path.samefile(source, target):
+            return  # an earlier stage linked it already (rename() between two links of one file does nothing)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         tmp.unlink(missing_ok=True)
