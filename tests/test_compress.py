@@ -152,6 +152,24 @@ def test_a_teacher_fine_tuned_on_compressed_contexts_reads_them_in_distillation_
     assert "compression" not in json.loads((whole / "teacher" / "edgerag.json").read_text())
 
 
+def test_a_compressed_teachers_fine_tuning_depends_on_what_it_reads(compressed_run):
+    """Its stage settings (its fingerprint, which --seed-from matches) name the compression and the
+    prompt; a whole-passage teacher's stay as they were before the key existed."""
+    import dataclasses
+
+    from edgerag.train.decoder_only_stages import STAGES
+    from edgerag.train.recipe import load_recipe
+
+    _, whole, _ = compressed_run
+    stage = next(s for s in STAGES if s.name == "teacher_finetune")
+    recipe = load_recipe(whole.parent / "recipe.toml")
+    assert "context" not in stage.settings(recipe)["teacher_finetune"] and "compress" not in stage.settings(recipe)
+    compressed = dataclasses.replace(recipe, teacher_finetune=dataclasses.replace(recipe.teacher_finetune, context="compressed"))
+    tighter = dataclasses.replace(compressed, compress=dataclasses.replace(compressed.compress, budget=20))
+    assert stage.settings(compressed) != stage.settings(tighter)
+    assert stage.settings(compressed)["prompt"]["max_prompt_tokens"] == recipe.prompt.max_prompt_tokens
+
+
 def test_a_compressed_teacher_needs_the_compress_section(tmp_path):
     from edgerag.train.recipe import RecipeError, load_recipe
     from edgerag.train.tiny import make_tiny_project

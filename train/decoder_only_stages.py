@@ -34,8 +34,8 @@ from .compressed_student import compressed_examples, compressed_student_examples
 from .loop import atomic_write_text, is_main
 from .recipe import Recipe, parse_layers
 from .retrieval import PassageIndex, embed, passage_text, retrieve_for
-from .run import (Run, RunError, Stage, local_files, question_to_dict, save_encoder, save_generator, section_values,
-                  train_config, training_settings, write_jsonl)
+from .run import (Run, RunError, Stage, finetune_values, local_files, question_to_dict, save_encoder, save_generator,
+                  section_values, train_config, training_settings, write_jsonl)
 from .teacher import example_length
 
 
@@ -335,23 +335,32 @@ def stage_teacher_logits(run: Run) -> dict:
     # one retrieval for the teacher's top k, the compressed student's wider look and the negatives
     ranked = retrieve_for(run, questions, max(cfg.k, wide, NEGATIVE_DEPTH if unanswerable else 0))
     examples, contexts = rag_examples(run, answered, prompter, cfg.k, cfg.gold_probability, seed_offset=2, ranked=ranked)
-    n_seq = 0
-    if cfg.seq_kd:
-        # Sequence-level KD: the teacher's own answers become extra targets.
-        answers = generate(teacher, prompter, [e.prompt for e in examples], progress="teacher answers")
-        extra = [(q, c, a) for q, c, a in zip(answered, contexts, answers) if a and a not in q.answers]
-        examples += make_examples(prompter, [x[0] for x in extra], [x[1] for x in extra], [x[2] for x in extra])
-        n_seq = len(extra)
     # the teacher reads the first k of the passages that cannot answer, the compressed student all of them
     negatives = negative_passages(run, unanswerable, ranked, max(cfg.k, wide), 6)
-    examples += negative_examples(prompter, unanswerable, [ps[:cfg.k] for ps in negatives])
+    reader = None
     teacher_compression = read_info(run.teacher_dir).get("compression")
-    if teacher_compression:  # a teacher fine-tuned on compressed contexts reads them here too
+    if teacher_compression:
+        # a teacher fine-tuned on compressed contexts reads them here too: the student's own wide
+        # contexts (the same gold insertions, seed offset 3), selected by the teacher's encoder
         from edgerag.runtime.compress import Compression
 
         reader = teacher_reader(run, Compression.from_dict(teacher_compression))
-        examples, _ = compressed_examples(run, reader, answered, examples, ranked, list(zip(unanswerable, negatives)),
-                                          cfg.gold_probability, seed_offset=2)
+        examples, _ = compressed_examples(run, reader, answered, examples, ranked, (), cfg.gold_probability, seed_offset=3)
+    n_seq = 0
+    if cfg.seq_kd:
+        # Sequence-level KD: the teacher's own answers, to the prompts it reads, become extra targets.
+        answers = generate(teacher, prompter, [e.prompt for e in examples], progress="teacher answers")
+        extra = [(q, c, a) for q, c, a in zip(answered, contexts, answers) if a and a not in q.answers]
+        extras = make_examples(prompter, [x[0] for x in extra], [x[1] for x in extra], [x[2] for x in extra])
+        if reader is not None:  # an extra reads its question's compressed prompt
+            prompt_of = {e.question_id: e.prompt for e in examples}
+            extras = [dataclasses.replace(e, prompt=prompt_of[e.question_id]) for e in extras]
+        examples += extras
+        n_seq = len(extra)
+    asked_negatives = negative_examples(prompter, unanswerable, [ps[:cfg.k] for ps in negatives])
+    if reader is not None:
+        asked_negatives, _ = compressed_examples(run, reader, [], asked_negatives, [], list(zip(unanswerable, negatives)))
+    examples += asked_negatives
     projection = None
     if cfg.gradient_weight > 0:
         from .gradient import projection as random_projection
@@ -462,9 +471,8 @@ def stage_eval(run: Run) -> dict:
 
 # ---------------------------------------------------------------- the stage table
 
-def _finetune_values(cfg) -> dict:
-    # context came later: left out at its default, so that earlier runs' stages stay reusable
-    return section_values(cfg, *(["context"] if cfg.context == "whole" else []))
+def _compressed_teacher(r: Recipe) -> bool:
+    return r.teacher_finetune.context == "compressed"
 
 
 def _compress_values(c) -> dict:
@@ -523,9 +531,11 @@ STAGES = [
     Stage("teacher_finetune", stage_teacher_finetune,
           inputs=lambda run: [run.teacher_base_generator, run.teacher_encoder, run.index_embeddings, run.corpus_file,
                               run.train_file],
-          outputs=lambda run: [run.teacher_generator, run.teacher_info],
-          settings=lambda r: {"seed": r.seed, "teacher_finetune": _finetune_values(r.teacher_finetune),
-                              "max_answer_tokens": r.prompt.max_answer_tokens, **_negatives(r), **training_settings(r)},
+          outputs=lambda run: [run.teacher_generator, *([run.teacher_info] if _compressed_teacher(run.recipe) else [])],
+          settings=lambda r: {"seed": r.seed, "teacher_finetune": finetune_values(r.teacher_finetune),
+                              "max_answer_tokens": r.prompt.max_answer_tokens, **_negatives(r), **training_settings(r),
+                              **({"compress": _compress_values(r.compress), "prompt": section_values(r.prompt)}
+                                 if _compressed_teacher(r) else {})},
           parallel=True, enabled=lambda r: r.teacher_finetune.enabled),
     Stage("student_init", stage_student_init,
           inputs=lambda run: [run.teacher_generator, run.teacher_encoder, run.train_file, run.corpus_file,

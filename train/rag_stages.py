@@ -30,7 +30,7 @@ from .rag_model import (PASSAGE_MAX_LENGTH, QUESTION_MAX_LENGTH, RagExample, ans
                         cut_bart, doc_scores_for, dpr_bert, load_rag, make_rag_examples, marginal_logprobs,
                         nll, rag_marginal, save_dpr_encoder, student_input, target_labels)
 from .retrieval import DPR_PASSAGE_FORMAT, PassageIndex, embed
-from .run import Stage, local_files, save_generator, section_values, train_config, training_settings
+from .run import Stage, finetune_values, local_files, save_generator, section_values, train_config, training_settings
 from .teacher import right_pad
 
 
@@ -364,7 +364,7 @@ STAGES = [
     Stage("teacher_finetune", stage_teacher_finetune,
           inputs=lambda run: [_rag_paths(run)["base"], run.index_embeddings, run.corpus_file, run.train_file],
           outputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder],
-          settings=lambda r: {"seed": r.seed, "teacher_finetune": section_values(r.teacher_finetune),
+          settings=lambda r: {"seed": r.seed, "teacher_finetune": finetune_values(r.teacher_finetune),
                               "max_answer_tokens": r.prompt.max_answer_tokens, **training_settings(r)},
           enabled=_finetune),  # one process: the RAG losses reach into submodules, past DDP's wrapper
     Stage("student_init", stage_student_init,

@@ -207,6 +207,12 @@ def section_values(cfg, *drop: str) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
 
 
+def finetune_values(cfg) -> dict:
+    """[teacher_finetune]'s values, less `context` at its default "whole": that key came later, and
+    earlier runs' fine-tuned teachers stay reusable by --seed-from."""
+    return section_values(cfg, *(["context"] if cfg.context == "whole" else []))
+
+
 def local_files(*names: str) -> list[Path]:
     """The recipe's model names that are files or folders here (hub ids are named by their settings)."""
     return [Path(n) for n in names if n and Path(n).exists()]
