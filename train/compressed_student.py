@@ -19,13 +19,17 @@ from .retrieval import embed, retrieve_for
 from .run import Run
 
 
+def student_piece_encoder(run: Run) -> Path:
+    """The encoder that embeds the student's passages and their pieces (as `edgerag export` will)."""
+    return run.student_passage_encoder if run.teacher_passages else run.student_encoder
+
+
 def student_piece_embedder(run: Run):
-    """Piece vectors by the encoder that embeds the student's passages (as `edgerag export` will)."""
     from edgerag.runtime.compress import MAX_PIECE_WORDS
 
     from .compression_fit import PieceEmbedder
 
-    return PieceEmbedder(run.student_passage_encoder if run.teacher_passages else run.student_encoder, MAX_PIECE_WORDS)
+    return PieceEmbedder(student_piece_encoder(run), MAX_PIECE_WORDS)
 
 
 def student_query_vectors(run: Run, questions: list[Question]):
@@ -99,8 +103,7 @@ def student_reader(run: Run) -> CompressedReader:
     from edgerag.runtime.compress import Compression
 
     return CompressedReader(Compression.from_dict(read_info(run.student_dir)["compression"]), run.student_encoder,
-                            run.student_passage_encoder if run.teacher_passages else run.student_encoder,
-                            student_prompter(run))
+                            student_piece_encoder(run), student_prompter(run))
 
 
 def teacher_reader(run: Run, compression=None) -> CompressedReader:

@@ -126,6 +126,8 @@ def load_for_stage(run: Run, folder, cfg):
 
 
 def stage_teacher_finetune(run: Run) -> dict:
+    from edgerag.models import read_info
+
     from .student import train_top_layers
     from .teacher import answer_loss
 
@@ -139,8 +141,6 @@ def stage_teacher_finetune(run: Run) -> dict:
     examples, _ = rag_examples(run, answered, prompter, cfg.k, cfg.gold_probability, seed_offset=1, ranked=ranked)
     negatives = negative_passages(run, unanswerable, ranked, wide, 5) if unanswerable else []
     examples += negative_examples(prompter, unanswerable, [ps[:cfg.k] for ps in negatives])
-    from edgerag.models import read_info
-
     info = {}
     teacher_info = {k: v for k, v in read_info(run.teacher_dir).items() if k not in ("compression", "template", "k")}
     if compressed:
@@ -337,7 +337,7 @@ def stage_teacher_logits(run: Run) -> dict:
     examples, contexts = rag_examples(run, answered, prompter, cfg.k, cfg.gold_probability, seed_offset=2, ranked=ranked)
     # the teacher reads the first k of the passages that cannot answer, the compressed student all of them
     negatives = negative_passages(run, unanswerable, ranked, max(cfg.k, wide), 6)
-    reader = None
+    asked_negatives = negative_examples(prompter, unanswerable, [ps[:cfg.k] for ps in negatives])
     teacher_compression = read_info(run.teacher_dir).get("compression")
     if teacher_compression:
         # a teacher fine-tuned on compressed contexts reads them here too: the student's own wide
@@ -345,21 +345,20 @@ def stage_teacher_logits(run: Run) -> dict:
         from edgerag.runtime.compress import Compression
 
         reader = teacher_reader(run, Compression.from_dict(teacher_compression))
-        examples, _ = compressed_examples(run, reader, answered, examples, ranked, (), cfg.gold_probability, seed_offset=3)
+        both, _ = compressed_examples(run, reader, answered, examples + asked_negatives, ranked,
+                                      list(zip(unanswerable, negatives)), cfg.gold_probability, seed_offset=3)
+        examples, asked_negatives = both[:len(examples)], both[len(examples):]
     n_seq = 0
     if cfg.seq_kd:
         # Sequence-level KD: the teacher's own answers, to the prompts it reads, become extra targets.
         answers = generate(teacher, prompter, [e.prompt for e in examples], progress="teacher answers")
         extra = [(q, c, a) for q, c, a in zip(answered, contexts, answers) if a and a not in q.answers]
         extras = make_examples(prompter, [x[0] for x in extra], [x[1] for x in extra], [x[2] for x in extra])
-        if reader is not None:  # an extra reads its question's compressed prompt
+        if teacher_compression:  # an extra reads its question's compressed prompt
             prompt_of = {e.question_id: e.prompt for e in examples}
             extras = [dataclasses.replace(e, prompt=prompt_of[e.question_id]) for e in extras]
         examples += extras
         n_seq = len(extra)
-    asked_negatives = negative_examples(prompter, unanswerable, [ps[:cfg.k] for ps in negatives])
-    if reader is not None:
-        asked_negatives, _ = compressed_examples(run, reader, [], asked_negatives, [], list(zip(unanswerable, negatives)))
     examples += asked_negatives
     projection = None
     if cfg.gradient_weight > 0:
