@@ -323,6 +323,34 @@ def test_bundle_prompt_equals_the_training_prompt(compressed_run, compressed_bun
     assert checked == len(questions)
 
 
+def test_one_process_embeds_a_passages_pieces_once_per_encoder(compressed_run, tmp_path):
+    """The stages of a run share a piece embedder per encoder folder: the same passages are not embedded
+    again, a batch of every passage gives each one's vectors alone, and a folder rewritten since gets
+    its own embedder."""
+    import shutil
+
+    from edgerag.data import read_passages
+    from edgerag.train.compression_fit import PieceEmbedder, shared_piece_embedder
+
+    _, out, _ = compressed_run
+    folder = tmp_path / "encoder"
+    shutil.copytree(out / "student" / "query_encoder", folder)
+    passages = [(p.title, p.text) for p in read_passages(out / "data" / "corpus.jsonl")][:6]
+    shared = shared_piece_embedder(folder, 24)
+    assert shared_piece_embedder(folder, 24) is shared
+    assert shared_piece_embedder(folder, 12) is not shared
+    together = shared(passages)
+    alone = PieceEmbedder(folder, 24)
+    for passage, vectors in zip(passages, together):
+        np.testing.assert_allclose(vectors, alone([passage])[0], atol=2e-2)  # int8 steps: one rounding apart
+    assert shared([passages[0]])[0] is together[0]  # from the cache, not embedded again
+    config = folder / "config.json"
+    tmp = folder / "config.json.tmp"
+    tmp.write_text(config.read_text())
+    tmp.replace(config)  # how a stage rewrites a folder: a new file
+    assert shared_piece_embedder(folder, 24) is not shared
+
+
 def test_bundle_answers_from_the_compressed_context(compressed_bundle, compressed_run):
     from edgerag.runtime import Pipeline
 

@@ -27,9 +27,9 @@ def student_piece_encoder(run: Run) -> Path:
 def student_piece_embedder(run: Run):
     from edgerag.runtime.compress import MAX_PIECE_WORDS
 
-    from .compression_fit import PieceEmbedder
+    from .compression_fit import shared_piece_embedder
 
-    return PieceEmbedder(student_piece_encoder(run), MAX_PIECE_WORDS)
+    return shared_piece_embedder(student_piece_encoder(run), MAX_PIECE_WORDS)
 
 
 def student_query_vectors(run: Run, questions: list[Question]):
@@ -137,7 +137,7 @@ def compressed_examples(run: Run, reader: CompressedReader, questions: list[Ques
     example id ends in NEGATIVE_ID), the compressed context of those passages. Targets stay as they
     are, so a teacher's cached distributions line up with the answer positions. Returns them and the
     share of `questions` whose compressed context holds a gold answer."""
-    from .compression_fit import PieceEmbedder, answer_share, compressed_contexts
+    from .compression_fit import answer_share, compressed_contexts, shared_piece_embedder
     from .teacher import NEGATIVE_ID, Example, rag_context
 
     compression, prompter = reader.compression, reader.prompter
@@ -147,7 +147,7 @@ def compressed_examples(run: Run, reader: CompressedReader, questions: list[Ques
     asked = list(questions) + [q for q, _ in negatives]
     ids = [q.id for q in questions] + [q.id + NEGATIVE_ID for q, _ in negatives]
     contexts = compressed_contexts(compression, [q.question for q in asked], query_vectors(reader.query_encoder, asked),
-                                   wide, PieceEmbedder(reader.piece_encoder, compression.max_piece_words), prompter.encode)
+                                   wide, shared_piece_embedder(reader.piece_encoder, compression.max_piece_words), prompter.encode)
     prompts = {i: prompter.prompt(q.question, ctx) for i, q, ctx in zip(ids, asked, contexts)}
     return [Example(e.question_id, prompts[e.question_id], e.target) for e in examples], \
         round(answer_share(questions, contexts[:len(questions)]), 2)

@@ -8,6 +8,8 @@ student (its encoders, its fitted selector, its distillation examples) is edgera
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from edgerag.metrics import normalize_answer
@@ -50,8 +52,32 @@ class PieceEmbedder:
         return [self.cache[p] for p in passages]
 
 
+# the embedders of this process (shared_piece_embedder): a run's stages read the same passages again
+_EMBEDDERS: dict[tuple, PieceEmbedder] = {}
+_MAX_EMBEDDERS = 4
+
+
+def shared_piece_embedder(encoder_folder, max_piece_words: int, passage_format: str = "{title}: {text}") -> PieceEmbedder:
+    """A PieceEmbedder kept for the rest of the process, so that the stages of one run (the teacher's
+    fine-tuning, its distillation cache, the evaluations) embed each passage's pieces once. Keyed by
+    the folder's files as they are now (name, size, mtime, inode): an encoder trained since, whose files
+    are written anew (atomically), gets a new embedder."""
+    from edgerag.models import resolve
+
+    folder = Path(resolve(str(encoder_folder)).path)
+    files = tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino)
+                  for f in sorted(folder.iterdir()) if f.is_file() for st in [f.stat()])
+    key = (str(folder.resolve()), files, max_piece_words, passage_format)
+    if key not in _EMBEDDERS:
+        while len(_EMBEDDERS) >= _MAX_EMBEDDERS:
+            _EMBEDDERS.pop(next(iter(_EMBEDDERS)))
+        _EMBEDDERS[key] = PieceEmbedder(folder, max_piece_words, passage_format)
+    return _EMBEDDERS[key]
+
+
 def compressed_contexts(compression: Compression, questions: list[str], query_vectors, contexts, embedder, encode):
     """Each question's compressed context, from its (title, text) passages in rank order."""
+    embedder([p for passages in contexts for p in passages])  # every piece at once: batches of similar lengths
     return [compress_context(compression, q, v, passages, embedder(passages), encode)
             for q, v, passages in zip(questions, query_vectors, contexts)]
 

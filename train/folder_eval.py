@@ -49,9 +49,9 @@ def evaluate_folder(folder: Path, questions: list[Question], passages: list[Pass
     prompter = Prompter(gen_tok, max_prompt_tokens or info.get("max_prompt_tokens", 512),
                         max_answer_tokens or info.get("max_answer_tokens", 24), compact=info.get("template") == "compact")
     if compression is not None:
-        from .compression_fit import PieceEmbedder
+        from .compression_fit import shared_piece_embedder
 
-        pieces = PieceEmbedder(passage_encoder_folder(folder) or folder / "query_encoder", compression.max_piece_words)
+        pieces = shared_piece_embedder(passage_encoder_folder(folder) or folder / "query_encoder", compression.max_piece_words)
 
     def context(question: str, vector, found: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """What the generator reads: the passages, or their selected pieces (a compressed student)."""
