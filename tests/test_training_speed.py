@@ -109,6 +109,35 @@ def test_teacher_cache_keeps_the_examples_order(tiny, examples):
         assert torch.equal(a["ids"][:, 0], b["ids"][:, 0])
 
 
+def test_a_killed_teacher_cache_resumes_from_its_checkpoint(tiny, examples, tmp_path, monkeypatch):
+    """A teacher cache stopped after its third batch resumes from the batches it saved and gives the cache
+    of an uninterrupted call; a checkpoint made for other examples is not trusted."""
+    from edgerag.train import distill
+
+    tok, rows = examples
+    model, _ = load_generator(tiny["generator"])
+    whole = teacher_cache(model, rows, tok.pad_token_id, 2.0, 8, batch_size=2)
+    checkpoint = tmp_path / "checkpoint.pt"
+    monkeypatch.setattr(distill, "INTERRUPT_AFTER_BATCH", 3)
+    with pytest.raises(loop.Interrupted):
+        teacher_cache(model, rows, tok.pad_token_id, 2.0, 8, batch_size=2, checkpoint=checkpoint, checkpoint_every=1)
+    monkeypatch.setattr(distill, "INTERRUPT_AFTER_BATCH", None)
+    saved = torch.load(checkpoint, weights_only=False)["cache"]
+    assert sum(x is not None for x in saved) == 6  # three batches of two
+
+    calls = []
+    real = distill.target_logits
+    monkeypatch.setattr(distill, "target_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = teacher_cache(model, rows, tok.pad_token_id, 2.0, 8, batch_size=2, checkpoint=checkpoint, checkpoint_every=1)
+    assert len(calls) == len(rows) // 2 - 3  # only the batches not saved
+    for a, b in zip(whole, resumed):
+        assert torch.equal(a["ids"], b["ids"]) and torch.allclose(a["logp"], b["logp"])
+
+    calls.clear()
+    teacher_cache(model, rows[1:], tok.pad_token_id, 2.0, 8, batch_size=2, checkpoint=checkpoint)
+    assert len(calls) == -(-(len(rows) - 1) // 2)  # other examples: every batch again
+
+
 def test_bf16_where_the_hardware_lacks_it_is_refused_at_start(tiny, tmp_path, capsys):
     from edgerag.train.driver import distill
     from edgerag.train.run import RunError

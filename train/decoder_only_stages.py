@@ -308,7 +308,8 @@ def stage_general_cache(run: Run) -> dict:
     examples = general_examples(run, tok, cfg.passages, cfg.chunk_tokens)
     cache = teacher_cache(teacher.to(loop.device()), examples, tok.pad_token_id, cfg.temperature, cfg.top_k,
                           hidden=cfg.hidden_weight > 0, progress="teacher logits (corpus text)",
-                          precision=run.recipe.run.precision)
+                          precision=run.recipe.run.precision, checkpoint=run.stage_dir("general_cache") / "checkpoint.pt",
+                          checkpoint_every=run.recipe.run.checkpoint_every)
     loop.atomic_torch_save({"examples": [dataclasses.asdict(e) for e in examples], "cache": cache}, run.general_cache)
     return {"precision": loop.resolve_precision(run.recipe.run.precision), "examples": len(examples), "top_k": cfg.top_k,
             "temperature": cfg.temperature}
@@ -366,7 +367,9 @@ def stage_teacher_logits(run: Run) -> dict:
 
         projection = random_projection(teacher.config.vocab_size, cfg.gradient_projections, run.recipe.seed)
     cache = teacher_cache(teacher, examples, tok.pad_token_id, cfg.temperature, cfg.top_k, hidden=cfg.hidden_weight > 0,
-                          progress="teacher logits", gradient_projection=projection, precision=run.recipe.run.precision)
+                          progress="teacher logits", gradient_projection=projection, precision=run.recipe.run.precision,
+                          checkpoint=run.stage_dir("teacher_logits") / "checkpoint.pt",
+                          checkpoint_every=run.recipe.run.checkpoint_every)
     info = {"precision": loop.resolve_precision(run.recipe.run.precision), "examples": len(examples), "negatives": len(unanswerable), "seq_kd_examples": n_seq, "top_k": cfg.top_k, "temperature": cfg.temperature,
             "teacher_prompt_tokens": round(sum(len(e.prompt) for e in examples) / max(len(examples), 1), 1)}
     if run.recipe.compress.enabled:

@@ -8,6 +8,7 @@ position at temperature T), so extra epochs never re-run the teacher.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .retrieval import embed_batch
 from .teacher import Example, target_logits
@@ -61,11 +62,15 @@ def encoder_loss_fn(tokenizer, pooling: str, max_length: int, passage_embeddings
 
 def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: float, top_k: int, hidden: bool = False,
                   batch_size: int = 4, progress: str | None = None, gradient_projection=None,
-                  precision: str = "fp32") -> list[dict]:
+                  precision: str = "fp32", checkpoint: Path | None = None, checkpoint_every: int = 25) -> list[dict]:
     """Per example, in the order given: top-k teacher log-probs at temperature T and their token ids, at
     each position that predicts a target token (and the final hidden state there, for hidden-state
     alignment; and with `gradient_projection`, the teacher's projected input gradient, train/gradient.py).
-    The teacher reads the examples in batches of similar lengths (little padding), under `precision`."""
+    The teacher reads the examples in batches of similar lengths (little padding), under `precision`.
+
+    `checkpoint`: a file that holds what is cached so far, saved every `checkpoint_every` batches; a
+    later call with the same examples and settings starts from it (a killed stage loses at most that
+    many batches). One made for other examples or settings is ignored and replaced."""
     import torch
     from tqdm.auto import tqdm
 
@@ -74,12 +79,20 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
     from .teacher import example_length
 
     out = [None] * len(examples)
+    key = _cache_key(examples, temperature, top_k, hidden, gradient_projection, precision) if checkpoint else None
+    saved = _read_cache_checkpoint(checkpoint, key) if checkpoint else None
+    if saved is not None:
+        out = saved
+        print(f"[{progress or 'teacher cache'}] resumed: {sum(x is not None for x in out)} of {len(out)} examples "
+              f"cached before, from {checkpoint}")
     teacher.eval()
     token_map = token_space_map(teacher, gradient_projection).detach() if gradient_projection is not None else None
     by_length = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
+    batches = [by_length[start:start + batch_size] for start in range(0, len(examples), batch_size)]
+    todo = [rows for rows in batches if any(out[i] is None for i in rows)]
     device_type = next(teacher.parameters()).device.type
-    for start in tqdm(range(0, len(examples), batch_size), desc=progress, disable=progress is None):
-        rows = by_length[start:start + batch_size]
+    bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc=progress, disable=progress is None)
+    for done, rows in enumerate(todo, 1):
         chunk = [examples[i] for i in rows]
         gradients = None
         with loop.autocast(precision, device_type):
@@ -98,7 +111,47 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
             if gradients is not None:
                 item["gradient"] = gradients[row].detach().float().cpu()
             out[rows[row]] = item
+        bar.update()
+        if checkpoint is not None and done % checkpoint_every == 0 and done < len(todo):
+            loop.atomic_torch_save({"key": key, "cache": out}, checkpoint)
+            if INTERRUPT_AFTER_BATCH is not None and done >= INTERRUPT_AFTER_BATCH:
+                raise loop.Interrupted(f"test hook: stopped after batch {done}")
+    bar.close()
     return out
+
+
+# A test hook standing in for a killed process: raise after the checkpoint of this batch.
+INTERRUPT_AFTER_BATCH: int | None = None
+
+
+def _cache_key(examples: list[Example], temperature, top_k, hidden, gradient_projection, precision) -> str:
+    """What a teacher cache depends on besides the teacher: its examples and settings."""
+    import hashlib
+
+    digest = hashlib.sha256(repr((temperature, top_k, hidden, precision)).encode())
+    for e in examples:
+        digest.update(repr((e.question_id, list(e.prompt), list(e.target))).encode())
+    if gradient_projection is not None:
+        digest.update(gradient_projection.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_cache_checkpoint(path: Path, key: str) -> list | None:
+    """The cache saved so far under `key`, or None (no file, another key's, or one that does not read)."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a file that does not read is replaced, never half-trusted
+        print(f"[teacher cache] checkpoint {path} does not read ({type(e).__name__}: {e}); starting again")
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        print(f"[teacher cache] checkpoint {path} was made for other examples or settings; starting again")
+        return None
+    return saved["cache"]
 
 
 def logits_and_gradients(model, examples: list[Example], pad_id: int, hidden: bool, token_map, create_graph: bool):
