@@ -325,7 +325,7 @@ def test_bundle_prompt_equals_the_training_prompt(compressed_run, compressed_bun
 
 def test_one_process_embeds_a_passages_pieces_once_per_encoder(compressed_run, tmp_path):
     """The stages of a run share a piece embedder per encoder folder: the same passages are not embedded
-    again, a batch of every passage gives each one's vectors alone, and a folder rewritten since gets
+    again, a passage's vectors are the same whatever came with it, and a folder rewritten since gets
     its own embedder."""
     import shutil
 
@@ -342,13 +342,42 @@ def test_one_process_embeds_a_passages_pieces_once_per_encoder(compressed_run, t
     together = shared(passages)
     alone = PieceEmbedder(folder, 24)
     for passage, vectors in zip(passages, together):
-        np.testing.assert_allclose(vectors, alone([passage])[0], atol=2e-2)  # int8 steps: one rounding apart
+        assert np.array_equal(vectors, alone([passage])[0])  # the same bytes: resumed runs read the same
     assert shared([passages[0]])[0] is together[0]  # from the cache, not embedded again
     config = folder / "config.json"
     tmp = folder / "config.json.tmp"
     tmp.write_text(config.read_text())
     tmp.replace(config)  # how a stage rewrites a folder: a new file
     assert shared_piece_embedder(folder, 24) is not shared
+
+
+def test_a_runs_stages_share_the_piece_vectors(compressed_run, monkeypatch):
+    """The student's distillation examples, built twice in one process (as teacher_logits and a later
+    stage would), embed the pieces the first time only."""
+    from edgerag.models import load_tokenizer
+    from edgerag.train import compression_fit, retrieval
+    from edgerag.train.compressed_student import compressed_student_examples
+    from edgerag.train.decoder_only_stages import rag_examples
+    from edgerag.train.recipe import load_recipe
+    from edgerag.train.retrieval import retrieve_for
+    from edgerag.train.run import Run
+    from edgerag.train.teacher import Prompter
+
+    _, out, _ = compressed_run
+    run = Run(out, load_recipe(out / "recipe.toml", check_models=False))
+    questions = run.questions("train")[:6]
+    ranked = retrieve_for(run, questions, run.recipe.compress.passages)
+    prompter = Prompter(load_tokenizer(run.teacher_generator), 384, 8)
+    examples, _ = rag_examples(run, questions, prompter, 1, 1.0, seed_offset=2, ranked=ranked)
+    monkeypatch.setattr(compression_fit, "_EMBEDDERS", {})  # the fixture's run, in this process, embedded them already
+    texts = []
+    real = retrieval.embed
+    monkeypatch.setattr(retrieval, "embed", lambda model, tok, batch, *a, **k: texts.extend(batch) or real(model, tok, batch, *a, **k))
+    first, _ = compressed_student_examples(run, questions, examples, ranked)
+    embedded = len(texts)
+    again, _ = compressed_student_examples(run, questions, examples, ranked)
+    assert embedded > 0 and len(texts) == embedded  # the second time: every piece from the cache
+    assert [e.prompt for e in first] == [e.prompt for e in again]
 
 
 def test_bundle_answers_from_the_compressed_context(compressed_bundle, compressed_run):

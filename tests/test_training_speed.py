@@ -60,7 +60,8 @@ def test_precision_resolution():
 
 
 def test_recipe_refuses_an_unknown_precision_or_batching(tmp_path):
-    for line, message in [('precision = "fp8"', "run.precision"), ('batching = "sorted"', "run.batching")]:
+    for line, message in [('precision = "fp8"', "run.precision"), ('batching = "sorted"', "run.batching"),
+                          ("checkpoint_every = 0", "run.checkpoint_every")]:
         path = tmp_path / "r.toml"
         path.write_text(f"[run]\n{line}\n")
         with pytest.raises(RecipeError, match=message):
@@ -136,6 +137,17 @@ def test_a_killed_teacher_cache_resumes_from_its_checkpoint(tiny, examples, tmp_
     calls.clear()
     teacher_cache(model, rows[1:], tok.pad_token_id, 2.0, 8, batch_size=2, checkpoint=checkpoint)
     assert len(calls) == -(-(len(rows) - 1) // 2)  # other examples: every batch again
+
+    checkpoint.unlink()
+    monkeypatch.setattr(distill, "INTERRUPT_AFTER_BATCH", 3)
+    with pytest.raises(loop.Interrupted):
+        teacher_cache(model, rows, tok.pad_token_id, 2.0, 8, batch_size=2, checkpoint=checkpoint, checkpoint_every=1)
+    monkeypatch.setattr(distill, "INTERRUPT_AFTER_BATCH", None)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)  # another teacher: what the first one cached is not trusted
+    calls.clear()
+    teacher_cache(model, rows, tok.pad_token_id, 2.0, 8, batch_size=2, checkpoint=checkpoint)
+    assert len(calls) == len(rows) // 2
 
 
 def test_bf16_where_the_hardware_lacks_it_is_refused_at_start(tiny, tmp_path, capsys):

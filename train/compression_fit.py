@@ -36,19 +36,16 @@ class PieceEmbedder:
     def __call__(self, passages: list[tuple[str, str]]) -> list[np.ndarray]:
         from .retrieval import embed
 
-        missing = list(dict.fromkeys(p for p in passages if p not in self.cache))
-        pieces = [split_pieces(text, self.max_piece_words) for _, text in missing]
-        texts = [self.passage_format.format(title=title, text=piece) for (title, _), ps in zip(missing, pieces) for piece in ps]
-        if texts:
-            flat = embed(self.model, self.tokenizer, texts, self.pooling, self.max_length, normalize=self.normalize)
-            stored = PieceVectors.pack([flat])  # the bundle's int8 rounding
-            flat = stored.of(0)
-        else:
-            flat = np.zeros((0, self.model.config.hidden_size), np.float32)
-        start = 0
-        for passage, ps in zip(missing, pieces):
-            self.cache[passage] = flat[start:start + len(ps)]
-            start += len(ps)
+        for passage in dict.fromkeys(p for p in passages if p not in self.cache):
+            # a batch of its own pieces only: a passage's vectors do not depend on which passages, or
+            # which earlier stage of the process, came with it (padding shifts float results)
+            title, text = passage
+            texts = [self.passage_format.format(title=title, text=piece) for piece in split_pieces(text, self.max_piece_words)]
+            if texts:
+                vectors = embed(self.model, self.tokenizer, texts, self.pooling, self.max_length, normalize=self.normalize)
+                self.cache[passage] = PieceVectors.pack([vectors]).of(0)  # the bundle's int8 rounding
+            else:
+                self.cache[passage] = np.zeros((0, self.model.config.hidden_size), np.float32)
         return [self.cache[p] for p in passages]
 
 
@@ -60,15 +57,17 @@ _MAX_EMBEDDERS = 4
 def shared_piece_embedder(encoder_folder, max_piece_words: int, passage_format: str = "{title}: {text}") -> PieceEmbedder:
     """A PieceEmbedder kept for the rest of the process, so that the stages of one run (the teacher's
     fine-tuning, its distillation cache, the evaluations) embed each passage's pieces once. Keyed by
-    the folder's files as they are now (name, size, mtime, inode): an encoder trained since, whose files
-    are written anew (atomically), gets a new embedder."""
+    the folder's files as they are now (path, size, mtime, inode): an encoder trained since, whose files
+    are written anew (atomically), gets a new embedder, and the old one is dropped."""
     from edgerag.models import resolve
 
-    folder = Path(resolve(str(encoder_folder)).path)
-    files = tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino)
-                  for f in sorted(folder.iterdir()) if f.is_file() for st in [f.stat()])
-    key = (str(folder.resolve()), files, max_piece_words, passage_format)
+    folder = Path(resolve(str(encoder_folder)).path).resolve()
+    files = tuple((str(f.relative_to(folder)), st.st_size, st.st_mtime_ns, st.st_ino)
+                  for f in sorted(folder.rglob("*")) if f.is_file() for st in [f.stat()])
+    key = (str(folder), files, max_piece_words, passage_format)
     if key not in _EMBEDDERS:
+        for stale in [k for k in _EMBEDDERS if k[0] == key[0] and k[1] != key[1]]:  # the folder as it was
+            del _EMBEDDERS[stale]
         while len(_EMBEDDERS) >= _MAX_EMBEDDERS:
             _EMBEDDERS.pop(next(iter(_EMBEDDERS)))
         _EMBEDDERS[key] = PieceEmbedder(folder, max_piece_words, passage_format)
@@ -77,7 +76,6 @@ def shared_piece_embedder(encoder_folder, max_piece_words: int, passage_format: 
 
 def compressed_contexts(compression: Compression, questions: list[str], query_vectors, contexts, embedder, encode):
     """Each question's compressed context, from its (title, text) passages in rank order."""
-    embedder([p for passages in contexts for p in passages])  # every piece at once: batches of similar lengths
     return [compress_context(compression, q, v, passages, embedder(passages), encode)
             for q, v, passages in zip(questions, query_vectors, contexts)]
 

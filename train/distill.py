@@ -79,7 +79,8 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
     from .teacher import example_length
 
     out = [None] * len(examples)
-    key = _cache_key(examples, temperature, top_k, hidden, gradient_projection, precision) if checkpoint else None
+    key = _cache_key(teacher, examples, temperature, top_k, hidden, gradient_projection,
+                     loop.resolve_precision(precision)) if checkpoint else None
     saved = _read_cache_checkpoint(checkpoint, key) if checkpoint else None
     if saved is not None:
         out = saved
@@ -107,9 +108,10 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
             values, indices = torch.log_softmax(sel / temperature, dim=-1).topk(top_k, dim=-1)
             item = {"logp": values.cpu(), "ids": indices.to(torch.int32).cpu()}
             if hidden:
-                item["hidden"] = h[row, h.shape[1] - len(e.target):].float().cpu()
+                # clone: a view would keep (and save) the whole batch's hidden states
+                item["hidden"] = h[row, h.shape[1] - len(e.target):].float().cpu().clone()
             if gradients is not None:
-                item["gradient"] = gradients[row].detach().float().cpu()
+                item["gradient"] = gradients[row].detach().float().cpu().clone()
             out[rows[row]] = item
         bar.update()
         if checkpoint is not None and done % checkpoint_every == 0 and done < len(todo):
@@ -124,11 +126,16 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
 INTERRUPT_AFTER_BATCH: int | None = None
 
 
-def _cache_key(examples: list[Example], temperature, top_k, hidden, gradient_projection, precision) -> str:
-    """What a teacher cache depends on besides the teacher: its examples and settings."""
+def _cache_key(teacher, examples: list[Example], temperature, top_k, hidden, gradient_projection, precision) -> str:
+    """What a teacher cache depends on: the teacher's weights, its examples and settings."""
     import hashlib
 
+    import torch
+
     digest = hashlib.sha256(repr((temperature, top_k, hidden, precision)).encode())
+    for name, tensor in teacher.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     for e in examples:
         digest.update(repr((e.question_id, list(e.prompt), list(e.target))).encode())
     if gradient_projection is not None:

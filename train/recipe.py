@@ -163,7 +163,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    checkpoint_every: int = 50       # optimizer steps between checkpoints
+    checkpoint_every: int = 50       # optimizer steps (teacher caches: batches) between checkpoints
     threads: int = 0                 # torch threads (0: torch's default)
     precision: str = "auto"          # training's matmuls: "bf16" (autocast, fp32 weights), "fp32", or "auto": bf16 where the hardware has it
     batching: str = "length"         # "length": batches of similar lengths (little padding); "random": slices of the permutation
@@ -322,6 +322,8 @@ def validate(r: Recipe, check_models: bool = True) -> None:
         raise RecipeError(f"eval.unanswerable: a share of the questions, from 0 to below 1, got {r.eval.unanswerable}")
     if r.eval.unanswerable and r.teacher.kind == "hf-rag":
         raise RecipeError("eval.unanswerable: abstention figures are taken for decoder-only runs only")
+    if r.run.checkpoint_every < 1:
+        raise RecipeError(f"run.checkpoint_every: at least 1, got {r.run.checkpoint_every}")
     if r.abstain.calibration_questions < 2:
         raise RecipeError(f"abstain.calibration_questions: at least 2, got {r.abstain.calibration_questions}")
     if r.distill_generator.gradient_weight < 0 or r.distill_generator.gradient_projections < 1:
