@@ -149,6 +149,11 @@ def test_a_killed_teacher_cache_resumes_from_its_checkpoint(tiny, examples, tmp_
     teacher_cache(model, rows, tok.pad_token_id, 2.0, 8, batch_size=2, checkpoint=checkpoint)
     assert len(calls) == len(rows) // 2
 
+    checkpoint.write_bytes(b"half a file")  # one that does not read: set aside, every batch again
+    calls.clear()
+    teacher_cache(model, rows, tok.pad_token_id, 2.0, 8, batch_size=2, checkpoint=checkpoint)
+    assert len(calls) == len(rows) // 2 and (tmp_path / "checkpoint.pt.unreadable").exists()
+
 
 def test_bf16_where_the_hardware_lacks_it_is_refused_at_start(tiny, tmp_path, capsys):
     from edgerag.train.driver import distill

@@ -81,11 +81,12 @@ def teacher_cache(teacher, examples: list[Example], pad_id: int, temperature: fl
     out = [None] * len(examples)
     key = _cache_key(teacher, examples, temperature, top_k, hidden, gradient_projection,
                      loop.resolve_precision(precision)) if checkpoint else None
-    saved = _read_cache_checkpoint(checkpoint, key) if checkpoint else None
+    desc = progress or "teacher cache"
+    saved = _read_cache_checkpoint(checkpoint, key, desc) if checkpoint else None
     if saved is not None:
         out = saved
-        print(f"[{progress or 'teacher cache'}] resumed: {sum(x is not None for x in out)} of {len(out)} examples "
-              f"cached before, from {checkpoint}")
+        print(f"[{desc}] resumed: {sum(x is not None for x in out)} of {len(out)} examples cached before, "
+              f"from {checkpoint}")
     teacher.eval()
     token_map = token_space_map(teacher, gradient_projection).detach() if gradient_projection is not None else None
     by_length = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
@@ -143,20 +144,15 @@ def _cache_key(teacher, examples: list[Example], temperature, top_k, hidden, gra
     return digest.hexdigest()
 
 
-def _read_cache_checkpoint(path: Path, key: str) -> list | None:
-    """The cache saved so far under `key`, or None (no file, another key's, or one that does not read)."""
-    import torch
+def _read_cache_checkpoint(path: Path, key: str, desc: str) -> list | None:
+    """The cache saved so far under `key`, or None (no file, one that does not read, or another key's)."""
+    from .loop import read_checkpoint
 
-    path = Path(path)
-    if not path.exists():
+    saved = read_checkpoint(path, desc, keys=("key", "cache"))
+    if saved is None:
         return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a file that does not read is replaced, never half-trusted
-        print(f"[teacher cache] checkpoint {path} does not read ({type(e).__name__}: {e}); starting again")
-        return None
-    if not isinstance(saved, dict) or saved.get("key") != key:
-        print(f"[teacher cache] checkpoint {path} was made for other examples or settings; starting again")
+    if saved["key"] != key:
+        print(f"[{desc}] checkpoint {path} was made for other examples or settings; starting again")
         return None
     return saved["cache"]
 

@@ -244,10 +244,13 @@ def padding(batches, lengths) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- the loop
 
-def _read_checkpoint(path: Path, desc: str) -> dict | None:
+TRAIN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "log", "rng")
+
+
+def read_checkpoint(path: Path, desc: str, keys=TRAIN_CHECKPOINT_KEYS) -> dict | None:
     """The stage's checkpoint, or None. Checkpoints are renamed into place whole, so a killed save
-    leaves only checkpoint.pt.tmp behind; a checkpoint that still does not read is set aside, never
-    half-trusted, and the stage starts again."""
+    leaves only checkpoint.pt.tmp behind; a checkpoint that still does not read (or lacks one of
+    `keys`) is set aside, never half-trusted, and the stage starts again."""
     import torch
 
     path = Path(path)
@@ -255,7 +258,7 @@ def _read_checkpoint(path: Path, desc: str) -> dict | None:
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not {"model", "optimizer", "scheduler", "step", "log", "rng"} <= set(ckpt):
+        if not set(keys) <= set(ckpt):
             raise ValueError("keys missing")
         return ckpt
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside the same way
@@ -328,7 +331,7 @@ def train(model, examples: list, loss_fn, cfg: TrainConfig, stage_dir: Path, des
     ckpt = None
     if resume:  # rank 0 reads the checkpoint (setting aside one that does not read) before the others do
         if rank == 0:
-            ckpt = _read_checkpoint(ckpt_path, desc)
+            ckpt = read_checkpoint(ckpt_path, desc)
         barrier()
         if rank != 0 and ckpt_path.exists():
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
