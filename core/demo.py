@@ -25,6 +25,22 @@ def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
 
 
+def said(pipeline, answer) -> str:
+    """The answer, or for a declined one why, and what the bundle would have answered with abstention
+    off: a declined question still shows what the model read into its passages."""
+    if not answer.abstained:
+        return answer.answer
+    if answer.confidence is None or pipeline.abstain_threshold is None:
+        return "(no answer: nothing was retrieved)"
+    threshold, pipeline.abstain_threshold = pipeline.abstain_threshold, 0.0
+    try:
+        guess = pipeline.ask(answer.question).answer
+    finally:
+        pipeline.abstain_threshold = threshold
+    return (f"(no answer: its confidence {answer.confidence:.3f} is below the bundle's threshold {threshold:.3f}; "
+            f'with abstention off it would say "{guess}")')
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="../shared/data")
@@ -66,8 +82,10 @@ def main(argv=None) -> int:
     for question in QUESTIONS:
         answer = pipeline.ask(question)
         top = answer.passages[0]
-        said = "(no answer: the passages do not hold one)" if answer.abstained else answer.answer
-        print(f"Q: {question}\nA: {said}\n   top passage: {top['title']} (score {top['score']:.3f}); "
+        print(f"Q: {question}\nA: {said(pipeline, answer)}")
+        for citation in answer.citations:
+            print(f"   source: {citation['title']}: \"{citation['sentence']}\"")
+        print(f"   top passage: {top['title']} (score {top['score']:.3f}); "
               f"prefill {answer.timings['prefill_ms']:.0f} ms for {answer.prompt_tokens} tokens, "
               f"{answer.tokens_per_second:.1f} tok/s, total {answer.timings['total_ms']:.0f} ms")
 

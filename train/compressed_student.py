@@ -147,7 +147,8 @@ def compressed_examples(run: Run, reader: CompressedReader, questions: list[Ques
     asked = list(questions) + [q for q, _ in negatives]
     ids = [q.id for q in questions] + [q.id + NEGATIVE_ID for q, _ in negatives]
     contexts = compressed_contexts(compression, [q.question for q in asked], query_vectors(reader.query_encoder, asked),
-                                   wide, shared_piece_embedder(reader.piece_encoder, compression.max_piece_words), prompter.encode)
+                                   wide, shared_piece_embedder(reader.piece_encoder, compression.max_piece_words), prompter.encode,
+                                   progress="compressed contexts")
     prompts = {i: prompter.prompt(q.question, ctx) for i, q, ctx in zip(ids, asked, contexts)}
     return [Example(e.question_id, prompts[e.question_id], e.target) for e in examples], \
         round(answer_share(questions, contexts[:len(questions)]), 2)

@@ -74,10 +74,15 @@ def shared_piece_embedder(encoder_folder, max_piece_words: int, passage_format: 
     return _EMBEDDERS[key]
 
 
-def compressed_contexts(compression: Compression, questions: list[str], query_vectors, contexts, embedder, encode):
-    """Each question's compressed context, from its (title, text) passages in rank order."""
-    return [compress_context(compression, q, v, passages, embedder(passages), encode)
-            for q, v, passages in zip(questions, query_vectors, contexts)]
+def compressed_contexts(compression: Compression, questions: list[str], query_vectors, contexts, embedder, encode,
+                        progress: str | None = None):
+    """Each question's compressed context, from its (title, text) passages in rank order; a bar named
+    `progress` where given (a large cache embeds thousands of passages' pieces first)."""
+    from tqdm import tqdm
+
+    rows = tqdm(zip(questions, query_vectors, contexts), total=len(questions), desc=progress, unit="question",
+                disable=progress is None)
+    return [compress_context(compression, q, v, passages, embedder(passages), encode) for q, v, passages in rows]
 
 
 def answer_share(questions, contexts) -> float:
