@@ -107,6 +107,10 @@ class Pipeline:
     # abstain where an answer's confidence is below it (None: the bundle cannot abstain; 0: never)
     abstain_threshold: float | None = field(init=False)
     _next_label: int = field(init=False, repr=False)
+    # the encoder export embedded passages and pieces with (its passage encoder, where it ships one),
+    # loaded on first use: a bundle that is only asked never needs it
+    _passage_embedder_loaded: PassageEmbedder | None = field(default=None, init=False, repr=False)
+    _passage_embedder_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
         self.token_ids = TokenIds(self.tokenizer)
@@ -234,16 +238,16 @@ class Pipeline:
             return list(self.store)
 
     def add_passages(self, passages: list[tuple[str, str, str]], batch_size: int = 64) -> int:
-        """Add (id, title, text) passages to the in-memory index, embedded with the bundle's query encoder.
+        """Add (id, title, text) passages to the in-memory index, embedded as export embedded the bundle's
+        (its passage encoder, else its query encoder).
 
         Passages whose id the bundle already holds are skipped, so a corpus that overlaps the
         bundle's own passages does not duplicate them. Returns how many were added.
         """
-        fmt = self.manifest.index.passage_format
         added = 0
         for start in range(0, len(passages), batch_size):
             chunk = list({p[0]: p for p in passages[start:start + batch_size]}.values())  # each id once
-            vectors = self.encoder.encode([fmt.format(title=title, text=text) for _, title, text in chunk])
+            vectors = self._passage_embedder().embed([(title, text) for _, title, text in chunk])
             with self._retrieval_lock:  # the check and the add as one step: concurrent adds cannot duplicate
                 known = self.store.has_ids([pid for pid, _, _ in chunk])
                 keep = [i for i, p in enumerate(chunk) if p[0] not in known]
@@ -272,9 +276,12 @@ class Pipeline:
         return self._changed(sync_documents(self.path, folder, options, self._passage_embedder()))
 
     def _passage_embedder(self) -> PassageEmbedder:
-        # the query encoder's session serves where it also embeds passages; a passage encoder loads per change
-        shared = self.encoder if self.manifest.passage_encoder is None else None
-        return PassageEmbedder(self.path, self.manifest, shared)
+        # the query encoder's session serves where it also embeds passages; a passage encoder loads once
+        with self._passage_embedder_lock:
+            if self._passage_embedder_loaded is None:
+                shared = self.encoder if self.manifest.passage_encoder is None else None
+                self._passage_embedder_loaded = PassageEmbedder(self.path, self.manifest, shared)
+            return self._passage_embedder_loaded
 
     def _changed(self, change: CorpusChange) -> CorpusChange:
         if change.changed:
@@ -315,12 +322,12 @@ class Pipeline:
         return [self._added_pieces[int(r)] if int(r) in self._added_pieces else self.pieces.of(int(r)) for r in rows]
 
     def _embed_pieces(self, passages: list[tuple[str, str]]) -> list[np.ndarray]:
-        """Piece vectors of passages the bundle does not store, embedded with its query encoder (as
-        add_passages embeds whole passages)."""
-        fmt, out = self.manifest.index.passage_format, []
+        """Piece vectors of passages the bundle does not store, embedded as export embedded the stored
+        ones (its passage encoder, else its query encoder), each passage's pieces in a batch of their own."""
+        out = []
         for title, text in passages:
             pieces = split_pieces(text, self.compression.max_piece_words)
-            out.append(self.encoder.encode([fmt.format(title=title, text=p) for p in pieces]) if pieces
+            out.append(self._passage_embedder().embed([(title, p) for p in pieces]) if pieces
                        else np.zeros((0, self.manifest.query_encoder.dim), np.float32))
         return out
 

@@ -302,6 +302,39 @@ def test_a_passage_encoder_is_shipped_and_embeds_what_is_added(tiny_models, tmp_
                             spec.max_length).encode(formatted)[0]
     np.testing.assert_allclose(stored, embedding(manifest.passage_encoder), atol=1e-5)
     assert np.abs(stored - embedding(manifest.query_encoder)).max() > 1e-2
+    # a passage added in memory (edgerag eval --corpus) is embedded the same way
+    assert pipeline.add_passages([("added-in-memory", title, text)]) == 1
+    added = np.asarray(pipeline.index.get_items([pipeline._next_label - 1]))[0]
+    np.testing.assert_allclose(added, embedding(manifest.passage_encoder), atol=1e-5)
+
+
+def test_pieces_read_from_given_passages_are_embedded_by_the_passage_encoder(tiny_models, tmp_path):
+    """A compressed bundle with its own passage encoder: the pieces of a passage given to the pipeline
+    (answer_with_passages, an added passage) get the vectors export stored for the same passage, not
+    the query encoder's, so it reads the same context from either."""
+    pytest.importorskip("torch")
+    from edgerag.export import ExportOptions
+    from edgerag.export.bundle import export_bundle
+    from edgerag.train.tiny import make_tiny_encoder, tiny_corpus_texts
+
+    encoder, generator, _, squad = tiny_models
+    other = make_tiny_encoder(tmp_path / "passage-encoder", tiny_corpus_texts(), heads=4, max_length=64,
+                              initializer_range=0.02, seed=1)
+    compression = {"passages": 4, "budget": 40, "selector": {"dense": 1.0, "lexical": 0.5}, "max_piece_words": 12}
+    bundle = export_bundle(str(encoder), str(generator), squad, tmp_path / "bundle", passage_encoder=str(other),
+                           options=ExportOptions(quantize="none", quantize_encoder="none", max_new_tokens=4,
+                                                 max_context=256, parity_questions=2), compression=compression)
+    pipeline = Pipeline.load(bundle)
+    row = next(r for r in range(pipeline.size) if len(pipeline.pieces.of(r)) > 1)
+    _, title, text = pipeline.store.get([row])[0]
+    stored = pipeline.pieces.of(row)  # int8 with a scale per vector: within half a step of the float ones
+    given = pipeline._embed_pieces([(title, text)])[0]
+    assert given.shape == stored.shape
+    assert np.abs(given - stored).max() <= np.abs(stored).max() / 127 + 1e-5
+    fmt = pipeline.manifest.index.passage_format
+    by_query_encoder = pipeline.encoder.encode([fmt.format(title=title, text=p)
+                                                for p in split_pieces(text, compression["max_piece_words"])])
+    assert np.abs(by_query_encoder - stored).max() > 1e-2
 
 
 @pytest.mark.skipif(not (ROOT / ".venv-base" / ".installed").exists(), reason="make install-base builds the base venv")
