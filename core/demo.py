@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgerag.metrics import abstains
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "Which NFL team represented the AFC at Super Bowl 50?",
@@ -25,20 +27,14 @@ def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
 
 
-def said(pipeline, answer) -> str:
-    """The answer, or for a declined one why, and what the bundle would have answered with abstention
-    off: a declined question still shows what the model read into its passages."""
-    if not answer.abstained:
+def said(answer, threshold: float | None) -> str:
+    """The answer, or for one the bundle declines (an answer written with abstention off, whose
+    confidence is below `threshold`) why, and what it would have said: a declined question still
+    shows what the model read into its passages."""
+    if not abstains(answer.confidence, threshold):
         return answer.answer
-    if answer.confidence is None or pipeline.abstain_threshold is None:
-        return "(no answer: nothing was retrieved)"
-    threshold, pipeline.abstain_threshold = pipeline.abstain_threshold, 0.0
-    try:
-        guess = pipeline.ask(answer.question).answer
-    finally:
-        pipeline.abstain_threshold = threshold
     return (f"(no answer: its confidence {answer.confidence:.3f} is below the bundle's threshold {threshold:.3f}; "
-            f'with abstention off it would say "{guess}")')
+            f'with abstention off it would say "{answer.answer}")')
 
 
 def main(argv=None) -> int:
@@ -78,12 +74,17 @@ def main(argv=None) -> int:
     t = time.time()
     pipeline = Pipeline.load(bundle)
     timings["load_s"] = time.time() - t
+    # every answer written with its confidence, and declined by comparison, as `edgerag eval` does:
+    # a declined answer is generated once and can still be shown
+    threshold = pipeline.abstain_threshold
+    if threshold is not None:
+        pipeline.abstain_threshold = 0.0
     print("\n== asking the bundle (onnxruntime only) ==")
     for question in QUESTIONS:
         answer = pipeline.ask(question)
         top = answer.passages[0]
-        print(f"Q: {question}\nA: {said(pipeline, answer)}")
-        for citation in answer.citations:
+        print(f"Q: {question}\nA: {said(answer, threshold)}")
+        for citation in [] if abstains(answer.confidence, threshold) else answer.citations:
             print(f"   source: {citation['title']}: \"{citation['sentence']}\"")
         print(f"   top passage: {top['title']} (score {top['score']:.3f}); "
               f"prefill {answer.timings['prefill_ms']:.0f} ms for {answer.prompt_tokens} tokens, "
