@@ -464,3 +464,44 @@ def test_training_benchmark_reads_every_training_stage(full_run, tmp_path, capsy
     assert report["gemm_gflops"]["fp32"] > 0 and report["gemm_gflops"]["bf16"] > 0
     with pytest.raises(SystemExit):
         training.main([str(tmp_path)])  # not a run folder
+
+
+def test_a_question_asked_first_travels_from_the_recipe_to_the_device(full_run, tiny, tmp_path, capsys):
+    """[prompt] question = "first": teacher and student train on prompts that ask before the passages,
+    their folders say so, and the bundle builds the same prompts and gives the folder's answers."""
+    from edgerag.cli import main
+    from edgerag.evaluation import evaluate_model
+    from edgerag.models import load_tokenizer
+    from edgerag.runtime import Pipeline
+    from edgerag.train.teacher import Prompter
+
+    recipe = variant(tiny, tmp_path, lambda t: t.replace("[prompt]\n", '[prompt]\nquestion = "first"\n'))
+    out = tmp_path / "run"
+    distill(recipe, out, seed_from=full_run[0])
+    seeded, ran = stage_events(capsys.readouterr().out)
+    assert {"data", "index", "distill_encoder"} <= seeded  # nothing there reads a prompt
+    assert {"teacher_finetune", "teacher_logits", "distill_generator", "eval"} <= ran
+    for folder in ("teacher", "student"):
+        assert json.loads((out / folder / "edgerag.json").read_text())["question"] == "first"
+
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(out / "student"), "--passages", str(tiny["eval"]), "--out", str(bundle),
+                 "--quantize", "none", "--quantize-encoder", "none"]) == 0
+    pipeline = Pipeline.load(bundle)
+    info = json.loads((out / "student" / "edgerag.json").read_text())
+    prompter = Prompter(load_tokenizer(out / "student" / "generator"), info["max_prompt_tokens"], question="first")
+    passages = [("Title", "some passage text about the river"), ("Other", "more text")]
+    question = "Where does the river flow?"
+    ids = pipeline.prompt_ids(question, passages)
+    assert ids == prompter.prompt(question, passages)
+    text = prompter.tokenizer.decode(ids)
+    assert text.index(question) < text.index("some passage text")
+
+    folder_result = evaluate_model(out / "student", tiny["eval"], n=None, k=2, batch_size=1,
+                                   answers_out=tmp_path / "folder.jsonl")
+    bundle_result = evaluate_model(bundle, tiny["eval"], n=None, k=2, answers_out=tmp_path / "bundle.jsonl",
+                                   answers="free")
+    assert bundle_result["f1"] == pytest.approx(folder_result["f1"])
+    rows = [(json.loads(a)["answer"], json.loads(b)["answer"]) for a, b in
+            zip((tmp_path / "folder.jsonl").read_text().splitlines(), (tmp_path / "bundle.jsonl").read_text().splitlines())]
+    assert rows and all(a == b for a, b in rows)

@@ -51,7 +51,8 @@ def student_prompter(run: Run):
     from .teacher import Prompter
 
     p = run.recipe.prompt
-    return Prompter(load_tokenizer(run.teacher_generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True)
+    return Prompter(load_tokenizer(run.teacher_generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True,
+                    question=p.question)
 
 
 def fitted_compression(run: Run):
@@ -78,7 +79,7 @@ def fitted_compression(run: Run):
         teacher, tokenizer = load_generator(run.teacher_generator)
         p = run.recipe.prompt
         positives = teacher_positives(teacher.to(loop.device()).eval(),
-                                      Prompter(tokenizer, p.max_prompt_tokens, p.max_answer_tokens),
+                                      Prompter(tokenizer, p.max_prompt_tokens, p.max_answer_tokens, question=p.question),
                                       questions, contexts, compression.max_piece_words)
         del teacher
     selector, shares = fit_selector(compression, questions, student_query_vectors(run, questions), contexts,
@@ -119,7 +120,8 @@ def teacher_reader(run: Run, compression=None) -> CompressedReader:
     compression = compression or Compression(c.passages, c.budget, Selector())
     generator = run.teacher_generator if run.teacher_generator.exists() else run.teacher_base_generator
     return CompressedReader(compression, run.teacher_encoder, run.teacher_encoder,
-                            Prompter(load_tokenizer(generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True))
+                            Prompter(load_tokenizer(generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True,
+                                     question=p.question))
 
 
 def compressed_student_examples(run: Run, questions: list[Question], examples: list, ranked: list[list[Passage]],
