@@ -126,14 +126,13 @@ def cmd_export(args) -> int:
         max_prompt_tokens = info.get("max_prompt_tokens") if info.get("family") == "encoder-decoder" else None
         compression = info.get("compression")  # a student that reads a compressed context
         calibration = calibration_questions(args.model_folder)  # a student that learned to abstain
-        question = info.get("question", "end")  # where its prompts ask the question
     else:
         if not (args.query_encoder and args.generator):
             raise ValueError("export needs a model folder (with query_encoder/ and generator/) "
                              "or both --query-encoder and --generator")
         query_encoder, generator = args.query_encoder, args.generator
         passage_format = max_prompt_tokens = compression = calibration = None
-        info, question = {}, "end"
+        info = {}
     options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)
                                if f.metadata.get("cli", True)})
     if args.model_folder and "k" in info and options.k == ExportOptions.k:
@@ -142,7 +141,7 @@ def cmd_export(args) -> int:
         raise ValueError(f"{args.model_folder} reads one passage at a time, marginalized (student.reading); the device "
                          "concatenates its passages, which for one passage is exactly that student's input: pass --k 1")
     out = export_bundle(query_encoder, generator, args.passages, args.out, args.passage_encoder, options,
-                        passage_format, max_prompt_tokens, compression, calibration, question)
+                        passage_format, max_prompt_tokens, compression, calibration)
     manifest = read_manifest(out)
     print(f"bundle written to {out} ({manifest.megabytes:.1f} MB, {manifest.passages.count} passages)")
     print(json.dumps(manifest.parity, indent=2))

@@ -344,14 +344,13 @@ def same_model(a: str, b: str) -> bool:
 def export_bundle(query_encoder: str, generator: str, passages_file: str | Path, out: str | Path,
                   passage_encoder: str | None = None, options: ExportOptions | None = None,
                   passage_format: str | None = None, max_prompt_tokens: int | None = None,
-                  compression: dict | None = None, calibration: list | None = None, question: str = "end") -> Path:
+                  compression: dict | None = None, calibration: list | None = None) -> Path:
     """passage_format: how a passage is written for the passage encoder (default IndexSpec's);
     max_prompt_tokens: an encoder-decoder student's context as it was trained (its edgerag.json);
     compression: a compressed-context student's settings (its edgerag.json): the bundle then carries
     every passage's piece vectors and the compact prompt template; calibration: held-in questions (with
     their passages) of a generator that learned to answer NO_ANSWER: the bundle then abstains below a
-    threshold fitted on them (fit_abstention); question: where a decoder-only generator's prompts ask
-    the question (runtime.prompt.question_at), as it was trained."""
+    threshold fitted on them (fit_abstention)."""
     opts = options or ExportOptions()
     from transformers.utils import logging as hf_logging
 
@@ -447,8 +446,7 @@ def export_bundle(query_encoder: str, generator: str, passages_file: str | Path,
             stages.update(2)
         else:
             gen_spec, prompt_spec, generator_parity = export_decoder_only_generator(
-                gen_folder, bundle, work, questions, passages, prompts, opts, stages, compact=compression is not None,
-                question=question)
+                gen_folder, bundle, work, questions, passages, prompts, opts, stages, compact=compression is not None)
 
         stages.set_postfix_str("manifest")
         manifest = Manifest(
@@ -516,13 +514,12 @@ def fit_abstention(bundle: Path, manifest: Manifest, questions: list, max_answer
 
 
 def export_decoder_only_generator(gen_folder: Path, bundle: Path, work: Path, questions, passages, prompts,
-                                  opts: ExportOptions, stages, compact: bool = False,
-                                  question: str = "end") -> tuple[GeneratorSpec, PromptSpec, dict]:
+                                  opts: ExportOptions, stages, compact: bool = False) -> tuple[GeneratorSpec, PromptSpec, dict]:
     """A causal LM -> generator.onnx (fused Llama graph or Optimum's trace, quantized, optimized) and its
     tokenizer in `bundle`; (spec, prompt, parity against PyTorch). compact: the compressed-context template."""
     gen_model, gen_tokenizer = load_generator(str(gen_folder))
     vocab = gen_tokenizer.get_vocab()
-    template = PromptTemplate.for_vocab(vocab.get, compact, question)
+    template = PromptTemplate.for_vocab(vocab.get, compact)
     stop = stop_token_ids(gen_tokenizer, template)
     gen_graph, gen_builder = onnx_export.export_generator(gen_folder, gen_model, opts.graph)
     onnx_export.save(gen_graph, work / "generator.fp32.onnx")

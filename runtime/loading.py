@@ -87,7 +87,7 @@ def _open(bundle: Path, manifest: Manifest, threads: int | None, reuse_prefix: s
         with _reading(bundle, gen.onnx, *filter(None, [gen.decoder_onnx, gen.weights])):
             # read_manifest has refused families without a generation loop here
             generator = GENERATORS[gen.family](bundle, manifest, threads, reuse_prefix,
-                                               tokenizer.encode(template.opening, add_special_tokens=False).ids,
+                                               tokenizer.encode(template.prefix, add_special_tokens=False).ids,
                                                prompt_lookup)
         return_freed_memory()
     return BundleParts(encoder, index, store, generator, tokenizer, template, idx.count, compression, pieces)

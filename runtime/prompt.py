@@ -5,9 +5,6 @@ A prompt is built from pieces that are tokenized one by one and concatenated as 
 
     prefix + passage(rank 1) + passage(rank 2) + ... + question
 
-The question's text goes where "{question}" stands: in the question piece, in the prefix (so that a
-causal model reads the passages knowing what is asked), or in both.
-
 Tokenizing the pieces separately makes truncation exact and identical on both sides.
 
 Truncation rule, when the prompt would not fit in `max_prompt_tokens`:
@@ -72,27 +69,6 @@ RAG_CONCAT = {
 }
 
 
-QUESTION_PLACES = ("end", "first", "both")
-
-
-def question_at(template: dict, place: str) -> dict:
-    """The template with the question asked where `place` says: after the passages ("end"), before
-    them ("first": a causal model then reads the passages knowing what is asked), or both."""
-    if place not in QUESTION_PLACES:
-        raise ValueError(f"the question goes at one of {', '.join(QUESTION_PLACES)}, not {place!r}")
-    if place == "end":
-        return template
-    asked = "Question: {question}"
-    moved = dict(template)
-    if "Context:\n" in template["prefix"]:
-        moved["prefix"] = template["prefix"].replace("Context:\n", asked + "\nContext:\n", 1)
-    else:
-        moved["prefix"] = template["prefix"] + asked + "\n"
-    if place == "first":
-        moved["question"] = template["question"].replace(asked, "", 1).lstrip("\n")
-    return moved
-
-
 @dataclass(frozen=True)
 class PromptTemplate:
     prefix: str
@@ -104,22 +80,17 @@ class PromptTemplate:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @property
-    def opening(self) -> str:
-        """The text every prompt starts with: the prefix up to the question, if the prefix asks it."""
-        return self.prefix.partition("{question}")[0]
-
     @classmethod
     def from_dict(cls, d: dict) -> "PromptTemplate":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
     @classmethod
-    def for_vocab(cls, token_to_id, compact: bool = False, question: str = "end") -> "PromptTemplate":
+    def for_vocab(cls, token_to_id, compact: bool = False) -> "PromptTemplate":
         """ChatML where the tokenizer knows <|im_start|>, a plain template otherwise (their compact
-        forms for a compressed context), with the question where `question` says (question_at)."""
+        forms for a compressed context)."""
         chat = token_to_id("<|im_start|>") is not None
-        return cls(**question_at({(True, False): CHATML, (False, False): PLAIN,
-                                  (True, True): CHATML_COMPACT, (False, True): PLAIN_COMPACT}[chat, compact], question))
+        return cls(**{(True, False): CHATML, (False, False): PLAIN,
+                      (True, True): CHATML_COMPACT, (False, True): PLAIN_COMPACT}[chat, compact])
 
 
 class PromptError(ValueError):
@@ -191,20 +162,17 @@ def build_prompt_ids(encode, template: PromptTemplate, question: str, passages, 
     question = question.strip()
     if not question:
         raise PromptError("the question is empty")
-    p_open, in_prefix, p_close = template.prefix.partition("{question}")
-    q_open, in_question, q_close = template.question.partition("{question}")
-    in_question = bool(in_question) or not in_prefix  # a template that never names it asks at the end
-    copies = bool(in_prefix) + in_question
-    p_open, p_close, q_open, q_close = encode(p_open), encode(p_close), encode(q_open), encode(q_close)
-    q_ids = encode(question)
+    prefix = encode(template.prefix)
+    before_q, _, after_q = template.question.partition("{question}")
+    q_open, q_ids, q_close = encode(before_q), encode(question), encode(after_q)
     end = encode(template.passage_end)
     blocks = [(encode(template.passage.format(rank=rank, title=title)), encode(text))
               for rank, (title, text) in enumerate(passages, start=1)]
 
-    fixed = len(p_open) + len(p_close) + len(q_open) + len(q_close)
-    if fixed + copies > max_prompt_tokens:
+    fixed = len(prefix) + len(q_open) + len(q_close)
+    if fixed + 1 > max_prompt_tokens:
         raise PromptError(f"the context ({max_prompt_tokens} tokens) cannot hold the prompt template ({fixed} tokens)")
-    overflow = fixed + copies * len(q_ids) + sum(len(h) + len(t) + len(end) for h, t in blocks) - max_prompt_tokens
+    overflow = fixed + len(q_ids) + sum(len(h) + len(t) + len(end) for h, t in blocks) - max_prompt_tokens
     while overflow > 0 and blocks:
         header, text = blocks[-1]
         if len(text) > overflow:
@@ -214,8 +182,8 @@ def build_prompt_ids(encode, template: PromptTemplate, question: str, passages, 
             blocks.pop()
             overflow -= len(header) + len(text) + len(end)
     if overflow > 0:
-        q_ids = q_ids[:len(q_ids) - -(-overflow // copies)]
-    ids = p_open + (q_ids if in_prefix else []) + p_close
+        q_ids = q_ids[:len(q_ids) - overflow]
+    ids = list(prefix)
     for header, text in blocks:
         ids += header + text + end
-    return ids + q_open + (q_ids if in_question else []) + q_close
+    return ids + q_open + q_ids + q_close

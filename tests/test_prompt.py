@@ -1,7 +1,6 @@
 import pytest
 
-from edgerag.runtime.prompt import (CHATML, CHATML_COMPACT, PLAIN, PLAIN_COMPACT, PromptError, PromptTemplate,
-                                     build_prompt_ids, question_at)
+from edgerag.runtime.prompt import CHATML, PLAIN, PromptError, PromptTemplate, build_prompt_ids
 
 TEMPLATE = PromptTemplate.from_dict(PLAIN)
 
@@ -52,37 +51,3 @@ def test_context_smaller_than_template_is_refused():
 def test_template_choice_follows_vocabulary():
     assert PromptTemplate.for_vocab({"<|im_start|>": 1}.get).prefix == CHATML["prefix"]
     assert PromptTemplate.for_vocab({}.get).prefix == PLAIN["prefix"]
-
-
-@pytest.mark.parametrize("base", [PLAIN, CHATML, CHATML_COMPACT, PLAIN_COMPACT])
-def test_question_first_is_asked_before_the_passages_and_once(base):
-    template = PromptTemplate.from_dict(question_at(base, "first"))
-    text = decode(build_prompt_ids(encode, template, "Who won?", [("A", "alpha"), ("B", "beta")], 10_000))
-    assert text.count("Who won?") == 1
-    assert text.index("Who won?") < text.index("alpha") < text.index("beta")
-    assert text.endswith(base["question"].partition("{question}")[2])  # the answer still starts where it did
-    # the opening, whose KV the device computes once for every prompt, stops short of the question
-    assert text.startswith(template.opening) and "Who" not in template.opening and "{" not in template.opening
-
-
-def test_question_both_places_and_end_is_unchanged():
-    both = PromptTemplate.from_dict(question_at(CHATML_COMPACT, "both"))
-    text = decode(build_prompt_ids(encode, both, "Who won?", [("A", "alpha")], 10_000))
-    assert text.count("Who won?") == 2 and text.index("Who won?") < text.index("alpha") < text.rindex("Who won?")
-    assert question_at(CHATML_COMPACT, "end") == CHATML_COMPACT
-    assert PromptTemplate.for_vocab({"<|im_start|>": 1}.get, True, "both") == both
-
-
-def test_a_question_asked_twice_is_cut_in_both_places_within_the_budget():
-    both = PromptTemplate.from_dict(question_at(PLAIN_COMPACT, "both"))
-    question = "q" * 100
-    ids = build_prompt_ids(encode, both, question, [("A", "a" * 100)], 150)
-    text = decode(ids)
-    assert len(ids) <= 150 and "a" not in text.replace("Answer", "")  # the passage went first
-    first, second = text.split("\n")[0], text.split("\n")[-2]
-    assert first == second and first.startswith("Question: qq")  # the same question, cut alike
-
-
-def test_an_unknown_question_place_is_refused():
-    with pytest.raises(ValueError, match="first"):
-        question_at(PLAIN, "middle")

@@ -51,8 +51,7 @@ def student_prompter(run: Run):
     from .teacher import Prompter
 
     p = run.recipe.prompt
-    return Prompter(load_tokenizer(run.teacher_generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True,
-                    question=p.question)
+    return Prompter(load_tokenizer(run.teacher_generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True)
 
 
 def fitted_compression(run: Run):
@@ -79,7 +78,7 @@ def fitted_compression(run: Run):
         teacher, tokenizer = load_generator(run.teacher_generator)
         p = run.recipe.prompt
         positives = teacher_positives(teacher.to(loop.device()).eval(),
-                                      Prompter(tokenizer, p.max_prompt_tokens, p.max_answer_tokens, question=p.question),
+                                      Prompter(tokenizer, p.max_prompt_tokens, p.max_answer_tokens),
                                       questions, contexts, compression.max_piece_words)
         del teacher
     selector, shares = fit_selector(compression, questions, student_query_vectors(run, questions), contexts,
@@ -120,8 +119,7 @@ def teacher_reader(run: Run, compression=None) -> CompressedReader:
     compression = compression or Compression(c.passages, c.budget, Selector())
     generator = run.teacher_generator if run.teacher_generator.exists() else run.teacher_base_generator
     return CompressedReader(compression, run.teacher_encoder, run.teacher_encoder,
-                            Prompter(load_tokenizer(generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True,
-                                     question=p.question))
+                            Prompter(load_tokenizer(generator), p.max_prompt_tokens, p.max_answer_tokens, compact=True))
 
 
 def compressed_student_examples(run: Run, questions: list[Question], examples: list, ranked: list[list[Passage]],

@@ -34,15 +34,14 @@ from .compressed_student import compressed_examples, compressed_student_examples
 from .loop import atomic_write_text, is_main
 from .recipe import Recipe, parse_layers
 from .retrieval import PassageIndex, embed, passage_text, retrieve_for
-from .run import (Run, RunError, Stage, finetune_values, local_files, prompt_values, question_to_dict, save_encoder, save_generator,
+from .run import (Run, RunError, Stage, finetune_values, local_files, question_to_dict, save_encoder, save_generator,
                   section_values, train_config, training_settings, write_jsonl)
 from .teacher import example_length
 
 
 def folder_info(run: Run, **extra) -> dict:
     p = run.recipe.prompt
-    return {"max_prompt_tokens": p.max_prompt_tokens, "max_answer_tokens": p.max_answer_tokens,
-            **({"question": p.question} if p.question != "end" else {}), **extra}
+    return {"max_prompt_tokens": p.max_prompt_tokens, "max_answer_tokens": p.max_answer_tokens, **extra}
 
 
 def stage_teacher(run: Run) -> dict:
@@ -122,8 +121,7 @@ def load_for_stage(run: Run, folder, cfg):
 
     model, tok = load_generator(folder)
     model.to(loop.device())
-    return model, tok, Prompter(tok, cfg.max_prompt_tokens, run.recipe.prompt.max_answer_tokens,
-                                   question=run.recipe.prompt.question), \
+    return model, tok, Prompter(tok, cfg.max_prompt_tokens, run.recipe.prompt.max_answer_tokens), \
         run.questions("train")[:cfg.examples]
 
 
@@ -210,8 +208,7 @@ def stage_student_init(run: Run) -> dict:
         del teacher
     else:
         model, s_tok = teacher, tok
-    prompter = Prompter(s_tok, run.recipe.prompt.max_prompt_tokens, run.recipe.prompt.max_answer_tokens,
-                        question=run.recipe.prompt.question)
+    prompter = Prompter(s_tok, run.recipe.prompt.max_prompt_tokens, run.recipe.prompt.max_answer_tokens)
     batches = calibration_batches(calibration_sequences(run, prompter, s.calibration_passages), s_tok.pad_token_id)
     layers = parse_layers(s.layers, model.config.num_hidden_layers, "student.layers")
     info["generator"] = {**shrink_generator(model, layers, s.intermediate_size, s.kv_heads, batches),
@@ -496,15 +493,8 @@ def _kd_settings(r: Recipe) -> dict:
             **{k: getattr(g, k) for k in ("examples", "k", "gold_probability", "max_prompt_tokens", "seq_kd",
                                            "temperature", "top_k")},
             **({"gradient_projections": g.gradient_projections} if g.gradient_weight > 0 else {}),
-            **({"compress": _compress_values(r.compress), "prompt": prompt_values(r.prompt)} if r.compress.enabled
-               else _asked(r)),
+            **({"compress": _compress_values(r.compress), "prompt": section_values(r.prompt)} if r.compress.enabled else {}),
             **_negatives(r), **training_settings(r, batched=False)}
-
-
-def _asked(r: Recipe) -> dict:
-    """Where the prompts ask the question, for stages whose settings name no other [prompt] key (none
-    at the default, so that earlier runs stay reusable)."""
-    return {"question": r.prompt.question} if r.prompt.question != "end" else {}
 
 
 def _compress_inputs(run: Run) -> list[Path]:
@@ -534,7 +524,7 @@ STAGES = [
     Stage("teacher", stage_teacher,
           inputs=lambda run: local_files(run.recipe.teacher.query_encoder, run.recipe.teacher.generator),
           outputs=_teacher_outputs,
-          settings=lambda r: {"teacher": section_values(r.teacher), "prompt": prompt_values(r.prompt),
+          settings=lambda r: {"teacher": section_values(r.teacher), "prompt": section_values(r.prompt),
                               "finetune": r.teacher_finetune.enabled}),
     Stage("index", stage_index,
           inputs=lambda run: [run.teacher_encoder, run.corpus_file],
@@ -546,21 +536,21 @@ STAGES = [
           outputs=lambda run: [run.teacher_generator, *([run.teacher_info] if _compressed_teacher(run.recipe) else [])],
           settings=lambda r: {"seed": r.seed, "teacher_finetune": finetune_values(r.teacher_finetune),
                               "max_answer_tokens": r.prompt.max_answer_tokens, **_negatives(r), **training_settings(r),
-                              **({"compress": _compress_values(r.compress), "prompt": prompt_values(r.prompt)}
-                                 if _compressed_teacher(r) else _asked(r))},
+                              **({"compress": _compress_values(r.compress), "prompt": section_values(r.prompt)}
+                                 if _compressed_teacher(r) else {})},
           parallel=True, enabled=lambda r: r.teacher_finetune.enabled),
     Stage("student_init", stage_student_init,
           inputs=lambda run: [run.teacher_generator, run.teacher_encoder, run.train_file, run.corpus_file,
                               *local_files(run.recipe.student.generator, run.recipe.student.query_encoder)],
           outputs=lambda run: [],
-          settings=lambda r: {"seed": r.seed, "student": section_values(r.student, "passage_encoder"), "prompt": prompt_values(r.prompt)}),
+          settings=lambda r: {"seed": r.seed, "student": section_values(r.student, "passage_encoder"), "prompt": section_values(r.prompt)}),
     DISTILL_ENCODER,
     Stage("student_folder", stage_student_folder,
           inputs=lambda run: [run.student_init_info, *([run.teacher_encoder] if run.teacher_passages else []),
                               *_compress_inputs(run)],
           outputs=lambda run: [run.student_info, *([run.student_passage_encoder] if run.teacher_passages else []),
                                *([run.student_dir / CALIBRATION_FILE] if run.recipe.abstain.negatives else [])],
-          settings=lambda r: {"passage_encoder": r.student.passage_encoder, "prompt": prompt_values(r.prompt),
+          settings=lambda r: {"passage_encoder": r.student.passage_encoder, "prompt": section_values(r.prompt),
                               "teacher": r.teacher.generator,
                               **({"compress": _compress_values(r.compress)} if r.compress.enabled else {}),
                               **({"abstain": section_values(r.abstain)} if r.abstain.negatives else {})}),
@@ -591,13 +581,13 @@ STAGES = [
                               run.eval_file, run.corpus_file],
           outputs=lambda run: [],
           settings=lambda r: {"eval": section_values(r.eval, "questions", *_no_unanswerable(r)),
-                              "prompt": prompt_values(r.prompt)}),
+                              "prompt": section_values(r.prompt)}),
     Stage("eval", stage_eval,
           inputs=lambda run: [run.student_encoder, run.student_generator, run.student_info, run.teacher_result,
                               run.eval_file, run.corpus_file, *([run.index_embeddings] if run.teacher_passages else [])],
           outputs=lambda run: [run.eval_report],
           settings=lambda r: {"eval": section_values(r.eval, "questions", *_no_unanswerable(r)),
-                              "prompt": prompt_values(r.prompt), "dataset": r.data.eval,
+                              "prompt": section_values(r.prompt), "dataset": r.data.eval,
                               "passage_encoder": r.student.passage_encoder}),
 ]
 

@@ -47,8 +47,7 @@ def evaluate_folder(folder: Path, questions: list[Question], passages: list[Pass
     index = PassageIndex(passages, passage_embeddings)
     compression = Compression.from_dict(info["compression"]) if info.get("compression") else None
     prompter = Prompter(gen_tok, max_prompt_tokens or info.get("max_prompt_tokens", 512),
-                        max_answer_tokens or info.get("max_answer_tokens", 24), compact=info.get("template") == "compact",
-                        question=info.get("question", "end"))
+                        max_answer_tokens or info.get("max_answer_tokens", 24), compact=info.get("template") == "compact")
     if compression is not None:
         from .compression_fit import shared_piece_embedder
 

@@ -30,7 +30,7 @@ from .rag_model import (PASSAGE_MAX_LENGTH, QUESTION_MAX_LENGTH, RagExample, ans
                         cut_bart, doc_scores_for, dpr_bert, load_rag, make_rag_examples, marginal_logprobs,
                         nll, rag_marginal, save_dpr_encoder, student_input, target_labels)
 from .retrieval import DPR_PASSAGE_FORMAT, PassageIndex, embed
-from .run import Stage, finetune_values, local_files, prompt_values, save_generator, section_values, train_config, training_settings
+from .run import Stage, finetune_values, local_files, save_generator, section_values, train_config, training_settings
 from .teacher import right_pad
 
 
@@ -356,7 +356,7 @@ STAGES = [
     Stage("teacher", stage_teacher,
           inputs=lambda run: local_files(run.recipe.teacher.rag, run.recipe.teacher.context_encoder),
           outputs=_teacher_outputs,
-          settings=lambda r: {"teacher": section_values(r.teacher), "prompt": prompt_values(r.prompt),
+          settings=lambda r: {"teacher": section_values(r.teacher), "prompt": section_values(r.prompt),
                               "finetune": _finetune(r)}),
     Stage("index", stage_index,
           inputs=lambda run: [_rag_paths(run)["passage_encoder"], run.corpus_file],
@@ -374,7 +374,7 @@ STAGES = [
     Stage("student_folder", stage_student_folder,
           inputs=lambda run: [run.student_init_info, _rag_paths(run)["passage_encoder"]],
           outputs=lambda run: [run.student_info, run.student_passage_encoder],
-          settings=lambda r: {"reading": r.student.reading, "prompt": prompt_values(r.prompt), "teacher": r.teacher.rag}),
+          settings=lambda r: {"reading": r.student.reading, "prompt": section_values(r.prompt), "teacher": r.teacher.rag}),
     Stage("teacher_logits", stage_teacher_logits,
           inputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder, run.index_embeddings, run.corpus_file,
                               run.train_file],
@@ -389,11 +389,11 @@ STAGES = [
           inputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder, run.index_embeddings, run.eval_file,
                               run.corpus_file],
           outputs=lambda run: [],
-          settings=lambda r: {"eval": section_values(r.eval, "questions", "unanswerable"), "prompt": prompt_values(r.prompt)}),
+          settings=lambda r: {"eval": section_values(r.eval, "questions", "unanswerable"), "prompt": section_values(r.prompt)}),
     Stage("eval", stage_eval,
           inputs=lambda run: [run.student_encoder, run.student_generator, run.student_info, run.teacher_result,
                               run.eval_file, run.corpus_file, run.index_embeddings],
           outputs=lambda run: [run.eval_report],
-          settings=lambda r: {"eval": section_values(r.eval, "questions", "unanswerable"), "prompt": prompt_values(r.prompt),
+          settings=lambda r: {"eval": section_values(r.eval, "questions", "unanswerable"), "prompt": section_values(r.prompt),
                               "dataset": r.data.eval, "reading": r.student.reading}),
 ]

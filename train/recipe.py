@@ -17,8 +17,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgerag.runtime.prompt import QUESTION_PLACES
-
 
 class RecipeError(ValueError):
     pass
@@ -39,7 +37,6 @@ class DataConfig:
 class PromptConfig:
     max_prompt_tokens: int = 512
     max_answer_tokens: int = 24
-    question: str = "end"            # where the prompt asks it: after the passages, "first" (before them) or "both"
 
 
 @dataclass
@@ -289,12 +286,7 @@ def load_recipe(path: str | Path, check_models: bool = True) -> Recipe:
 def validate(r: Recipe, check_models: bool = True) -> None:
     if r.teacher.kind not in ("decoder-only", "hf-rag"):
         raise RecipeError(f"teacher.kind: expected 'decoder-only' or 'hf-rag', got {r.teacher.kind!r}")
-    if r.prompt.question not in QUESTION_PLACES:
-        raise RecipeError(f"prompt.question: expected one of {', '.join(QUESTION_PLACES)}, got {r.prompt.question!r}")
     if r.teacher.kind == "hf-rag":
-        if r.prompt.question != "end":
-            raise RecipeError("prompt.question: a hf-rag student reads RAG's own context format, with the question "
-                              "after its passages; leave it at \"end\"")
         for key in ("rag", "context_encoder"):
             if not getattr(r.teacher, key):
                 raise RecipeError(f"teacher.{key}: a hf-rag teacher needs it")

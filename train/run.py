@@ -213,12 +213,6 @@ def finetune_values(cfg) -> dict:
     return section_values(cfg, *(["context"] if cfg.context == "whole" else []))
 
 
-def prompt_values(cfg) -> dict:
-    """[prompt]'s values, less `question` at its default "end": that key came later, and earlier runs'
-    stages stay reusable by --seed-from."""
-    return section_values(cfg, *(["question"] if cfg.question == "end" else []))
-
-
 def local_files(*names: str) -> list[Path]:
     """The recipe's model names that are files or folders here (hub ids are named by their settings)."""
     return [Path(n) for n in names if n and Path(n).exists()]

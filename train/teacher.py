@@ -27,11 +27,10 @@ NEGATIVE_ID = "#no-answer"
 class Prompter:
     """Token-level prompt building for one tokenizer."""
 
-    def __init__(self, tokenizer, max_prompt_tokens: int, max_answer_tokens: int = 24, compact: bool = False,
-                 question: str = "end"):
+    def __init__(self, tokenizer, max_prompt_tokens: int, max_answer_tokens: int = 24, compact: bool = False):
         self.tokenizer = tokenizer
         vocab = tokenizer.get_vocab()
-        self.template = PromptTemplate.for_vocab(lambda t: vocab.get(t), compact, question)
+        self.template = PromptTemplate.for_vocab(lambda t: vocab.get(t), compact)
         self.max_prompt_tokens = max_prompt_tokens
         self.max_answer_tokens = max_answer_tokens
         end = self.encode(self.template.answer_end)
