@@ -464,3 +464,30 @@ def test_training_benchmark_reads_every_training_stage(full_run, tmp_path, capsy
     assert report["gemm_gflops"]["fp32"] > 0 and report["gemm_gflops"]["bf16"] > 0
     with pytest.raises(SystemExit):
         training.main([str(tmp_path)])  # not a run folder
+
+
+def test_fresh_distillation_questions_are_not_the_teachers(full_run, tiny, tmp_path, capsys):
+    """[distill_generator] questions = "fresh": the teacher's distributions are cached on the train
+    questions after its fine-tuning ones (the default caches them on the same ones)."""
+    from edgerag.train.recipe import load_recipe
+    from edgerag.train.run import Run
+    from edgerag.train.teacher import NEGATIVE_ID
+
+    def asked(out):
+        saved = torch.load(Path(out) / "stages" / "teacher_logits" / "cache.pt", weights_only=False)
+        return {e["question_id"].removesuffix(NEGATIVE_ID) for e in saved["examples"]}
+
+    first = full_run[0]
+    train_questions = Run(first, load_recipe(tiny["recipe"])).questions("train")
+    teachers = {q.id for q in train_questions[:16]}  # the tiny recipe fine-tunes on 16
+    assert asked(first) <= teachers
+
+    recipe = variant(tiny, tmp_path, lambda t: t.replace("[distill_generator]\n", '[distill_generator]\nquestions = "fresh"\n'))
+    out = tmp_path / "run"
+    distill(recipe, out, seed_from=first)
+    seeded, ran = stage_events(capsys.readouterr().out)
+    assert {"teacher_finetune", "distill_encoder", "general_cache", "distill_general"} <= seeded
+    assert {"teacher_logits", "distill_generator", "eval"} <= ran
+    fresh = asked(out)
+    assert fresh and not fresh & teachers
+    assert fresh <= {q.id for q in train_questions[16:32]}

@@ -92,3 +92,13 @@ def test_parse_layers():
 def test_bad_toml_names_the_file(tmp_path):
     with pytest.raises(RecipeError, match="not valid TOML"):
         load_recipe(write(tmp_path, "[student\n"))
+
+
+def test_fresh_distillation_questions_need_enough_train_questions(tmp_path):
+    with pytest.raises(RecipeError, match=r"distill_generator\.questions: expected 'teacher' or 'fresh'"):
+        load_recipe(write(tmp_path, '[distill_generator]\nquestions = "new"\n'), check_models=False)
+    text = ('[data]\ntrain_questions = 300\n[teacher_finetune]\nexamples = 200\n'
+            '[distill_generator]\nexamples = 150\nquestions = "fresh"\n')
+    with pytest.raises(RecipeError, match=r"data\.train_questions \(300\) must be at least 350"):
+        load_recipe(write(tmp_path, text), check_models=False)
+    assert load_recipe(write(tmp_path, text.replace("300", "350")), check_models=False).distill_generator.questions == "fresh"

@@ -34,8 +34,8 @@ from .compressed_student import compressed_examples, compressed_student_examples
 from .loop import atomic_write_text, is_main
 from .recipe import Recipe, parse_layers
 from .retrieval import PassageIndex, embed, passage_text, retrieve_for
-from .run import (Run, RunError, Stage, finetune_values, local_files, question_to_dict, save_encoder, save_generator,
-                  section_values, train_config, training_settings, write_jsonl)
+from .run import (Run, RunError, Stage, distill_questions, distill_values, finetune_values, local_files, question_to_dict,
+                  save_encoder, save_generator, section_values, train_config, training_settings, write_jsonl)
 from .teacher import example_length
 
 
@@ -112,9 +112,9 @@ def split_negatives(run: Run, questions: list) -> tuple[list, list]:
 NEGATIVE_DEPTH = 20
 
 
-def load_for_stage(run: Run, folder, cfg):
+def load_for_stage(run: Run, folder, cfg, questions: list | None = None):
     """A generator on the training device, its tokenizer, the prompter of a stage's settings, and the
-    stage's training questions."""
+    stage's training questions (default: the first cfg.examples)."""
     from edgerag.models import load_generator
 
     from .teacher import Prompter
@@ -122,7 +122,7 @@ def load_for_stage(run: Run, folder, cfg):
     model, tok = load_generator(folder)
     model.to(loop.device())
     return model, tok, Prompter(tok, cfg.max_prompt_tokens, run.recipe.prompt.max_answer_tokens), \
-        run.questions("train")[:cfg.examples]
+        run.questions("train")[:cfg.examples] if questions is None else questions
 
 
 def stage_teacher_finetune(run: Run) -> dict:
@@ -329,7 +329,7 @@ def stage_teacher_logits(run: Run) -> dict:
     from .teacher import generate, make_examples
 
     cfg = run.recipe.distill_generator
-    teacher, tok, prompter, questions = load_for_stage(run, run.teacher_generator, cfg)
+    teacher, tok, prompter, questions = load_for_stage(run, run.teacher_generator, cfg, distill_questions(run))
     compress = run.recipe.compress
     answered, unanswerable = split_negatives(run, questions)
     wide = compress.passages if compress.enabled else 0
@@ -493,6 +493,7 @@ def _kd_settings(r: Recipe) -> dict:
             **{k: getattr(g, k) for k in ("examples", "k", "gold_probability", "max_prompt_tokens", "seq_kd",
                                            "temperature", "top_k")},
             **({"gradient_projections": g.gradient_projections} if g.gradient_weight > 0 else {}),
+            **({"questions": g.questions} if g.questions != "teacher" else {}),
             **({"compress": _compress_values(r.compress), "prompt": section_values(r.prompt)} if r.compress.enabled else {}),
             **_negatives(r), **training_settings(r, batched=False)}
 
@@ -574,7 +575,7 @@ STAGES = [
     Stage("distill_generator", stage_distill_generator,
           inputs=lambda run: [run.kd_cache, run.student_generator_start, run.teacher_generator],
           outputs=lambda run: [run.student_generator],
-          settings=lambda r: {"seed": r.seed, "distill_generator": section_values(r.distill_generator), **training_settings(r)},
+          settings=lambda r: {"seed": r.seed, "distill_generator": distill_values(r.distill_generator), **training_settings(r)},
           parallel=True),
     Stage("eval_teacher", stage_eval_teacher,
           inputs=lambda run: [run.teacher_encoder, run.teacher_generator, run.teacher_info, run.index_embeddings,

@@ -30,7 +30,7 @@ from .rag_model import (PASSAGE_MAX_LENGTH, QUESTION_MAX_LENGTH, RagExample, ans
                         cut_bart, doc_scores_for, dpr_bert, load_rag, make_rag_examples, marginal_logprobs,
                         nll, rag_marginal, save_dpr_encoder, student_input, target_labels)
 from .retrieval import DPR_PASSAGE_FORMAT, PassageIndex, embed
-from .run import Stage, finetune_values, local_files, save_generator, section_values, train_config, training_settings
+from .run import Stage, distill_questions, distill_values, finetune_values, local_files, save_generator, section_values, train_config, training_settings
 from .teacher import right_pad
 
 
@@ -198,7 +198,7 @@ def stage_teacher_logits(run) -> dict:
     cfg, reading = run.recipe.distill_generator, run.recipe.student.reading
     model, tok = load_rag(_rag_paths(run)["rag"])
     model.to(loop.device())
-    questions = run.questions("train")[:cfg.examples]
+    questions = distill_questions(run)
     examples = _examples(run, model.generator, tok.generator, questions, cfg.k, cfg.max_prompt_tokens,
                          cfg.gold_probability, 2, run.teacher_encoder)
     vectors, pad_id = _passage_vectors(run), model.config.generator.pad_token_id
@@ -348,6 +348,7 @@ def _kd_settings(r) -> dict:
     return {"seed": r.seed, "reading": r.student.reading, "max_answer_tokens": r.prompt.max_answer_tokens,
             **{k: getattr(r.distill_generator, k) for k in ("examples", "k", "gold_probability", "max_prompt_tokens",
                                                             "temperature", "top_k", "gradient_projections")},
+            **({"questions": "fresh"} if r.distill_generator.questions == "fresh" else {}),
             "gradient": r.distill_generator.gradient_weight > 0}
 
 
@@ -383,7 +384,7 @@ STAGES = [
           inputs=lambda run: [run.kd_cache, run.student_init_generator,
                               *([run.student_encoder] if run.recipe.student.reading == "marginalized" else [])],
           outputs=lambda run: [run.student_generator],
-          settings=lambda r: {"seed": r.seed, "distill_generator": section_values(r.distill_generator),
+          settings=lambda r: {"seed": r.seed, "distill_generator": distill_values(r.distill_generator),
                               **training_settings(r, batched=False)}),
     Stage("eval_teacher", stage_eval_teacher,
           inputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder, run.index_embeddings, run.eval_file,

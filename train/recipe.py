@@ -112,6 +112,8 @@ class GeneratorDistillConfig:
     gradient_projections: int = 16   # random projections per input position for gradient matching
     warmup_steps: int = 5
     train_layers: int = 0            # train only the top N decoder layers (+ final norm); 0: everything
+    questions: str = "teacher"       # "teacher": the first train questions, those the teacher was fine-tuned on;
+                                     # "fresh": the next ones, whose answers the teacher has not learned by heart
 
 
 @dataclass
@@ -284,6 +286,14 @@ def load_recipe(path: str | Path, check_models: bool = True) -> Recipe:
 
 
 def validate(r: Recipe, check_models: bool = True) -> None:
+    g, ft = r.distill_generator, r.teacher_finetune
+    if g.questions not in ("teacher", "fresh"):
+        raise RecipeError(f"distill_generator.questions: expected 'teacher' or 'fresh', got {g.questions!r}")
+    if g.questions == "fresh" and ft.enabled and r.data.train_questions \
+            and r.data.train_questions < ft.examples + g.examples:
+        raise RecipeError(f"distill_generator.questions = 'fresh' takes the {g.examples} train questions after the "
+                          f"teacher's {ft.examples}: data.train_questions ({r.data.train_questions}) must be at least "
+                          f"{ft.examples + g.examples}")
     if r.teacher.kind not in ("decoder-only", "hf-rag"):
         raise RecipeError(f"teacher.kind: expected 'decoder-only' or 'hf-rag', got {r.teacher.kind!r}")
     if r.teacher.kind == "hf-rag":

@@ -213,6 +213,20 @@ def finetune_values(cfg) -> dict:
     return section_values(cfg, *(["context"] if cfg.context == "whole" else []))
 
 
+def distill_values(cfg) -> dict:
+    """[distill_generator]'s values, less `questions` at its default "teacher": that key came later,
+    and earlier runs' distillation stays reusable by --seed-from."""
+    return section_values(cfg, *(["questions"] if cfg.questions == "teacher" else []))
+
+
+def distill_questions(run) -> list:
+    """The train questions the generator's distillation asks: the teacher's fine-tuning ones, or with
+    `questions = "fresh"` the next ones (the teacher's answers there are its reading, not its memory)."""
+    g, ft = run.recipe.distill_generator, run.recipe.teacher_finetune
+    first = ft.examples if g.questions == "fresh" and ft.enabled else 0
+    return run.questions("train")[first:first + g.examples]
+
+
 def local_files(*names: str) -> list[Path]:
     """The recipe's model names that are files or folders here (hub ids are named by their settings)."""
     return [Path(n) for n in names if n and Path(n).exists()]
