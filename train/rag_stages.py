@@ -30,7 +30,8 @@ from .rag_model import (PASSAGE_MAX_LENGTH, QUESTION_MAX_LENGTH, RagExample, ans
                         cut_bart, doc_scores_for, dpr_bert, load_rag, make_rag_examples, marginal_logprobs,
                         nll, rag_marginal, save_dpr_encoder, student_input, target_labels)
 from .retrieval import DPR_PASSAGE_FORMAT, PassageIndex, embed
-from .run import Stage, distill_questions, distill_values, finetune_values, local_files, save_generator, section_values, train_config, training_settings
+from .run import (Stage, distill_questions, distill_values, finetune_values, local_files, save_generator, section_values,
+                  train_config, training_settings)
 from .teacher import right_pad
 
 
