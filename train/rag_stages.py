@@ -349,7 +349,7 @@ def _kd_settings(r) -> dict:
     return {"seed": r.seed, "reading": r.student.reading, "max_answer_tokens": r.prompt.max_answer_tokens,
             **{k: getattr(r.distill_generator, k) for k in ("examples", "k", "gold_probability", "max_prompt_tokens",
                                                             "temperature", "top_k", "gradient_projections")},
-            **({"questions": "fresh"} if r.distill_generator.questions == "fresh" else {}),
+            **({"questions": r.distill_generator.questions} if r.distill_generator.questions != "teacher" else {}),
             "gradient": r.distill_generator.gradient_weight > 0}
 
 
