@@ -15,7 +15,9 @@ from edgerag.runtime.session import ORT_DTYPES
 class SpanConstraint:
     """Answers that are spans of what the generator read. At each step the token chosen is the model's
     most likely one that keeps the answer a substring of the context (case and runs of white space
-    aside), or a stop token; where none of its CANDIDATES most likely tokens does, the answer ends.
+    aside), or a stop token; where none of its CANDIDATES most likely tokens does, the answer ends. A
+    span starts where a word of the context starts, and a stop is allowed where a word ends: spans are
+    matched case aside, so "existence, Warsaw" would otherwise let the answer be "Ce, Warsaw".
     Checked on text, not token ids: an answer's first token is often spelled otherwise in the context
     (no leading space after the template's line break)."""
 
@@ -37,22 +39,32 @@ class SpanConstraint:
         whole = text.rstrip("\ufffd")
         span = _squeezed(whole).lstrip()
         if len(whole) == len(text):
-            return bool(span) and span in self.context  # white space alone is no answer
+            return bool(span) and any(True for _ in self._found(span))  # white space alone is no answer
         # a character whose bytes are split over tokens decodes to U+FFFD until its last byte comes:
         # allowed where the context has a character of several bytes (not ASCII) after the span
         if len(text) - len(whole) > 3:
             return False
+        return any(following and ord(following) > 127 for following in self._found(span))
+
+    def ends_word(self, text: str) -> bool:
+        """Whether an answer of `text` may stop: it is empty, or a span of the context that ends a word."""
+        span = _squeezed(text).lstrip()
+        return not span or not span[-1].isalnum() or any(not f.isalnum() for f in self._found(span))
+
+    def _found(self, span: str) -> Iterator[str]:
+        """For each place `span` occurs in the context starting a word: the character after it ("" at the end)."""
         at = self.context.find(span)
         while at >= 0:
             following = self.context[at + len(span):at + len(span) + 1]
-            if following and ord(following) > 127:
-                return True
+            first = (span or following)[:1]  # an empty span: a character whose bytes are still coming
+            if at == 0 or not first.isalnum() or not self.context[at - 1].isalnum():
+                yield following
             at = self.context.find(span, at + 1)
-        return False
 
     def choose(self, logits: np.ndarray, tokens: list[int]) -> int:
         so_far = self.decode(tokens)  # once a step, not once a candidate
-        can_stop = not so_far.endswith("\ufffd")  # no stop inside a character: its bytes must all come first
+        # no stop inside a character (its bytes must all come first), nor inside a word
+        can_stop = not so_far.endswith("\ufffd") and self.ends_word(so_far)
 
         def fits(token: int) -> bool:
             return can_stop if token in self.stop else self.allows(tokens + [token], so_far)

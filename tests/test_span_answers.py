@@ -27,12 +27,13 @@ def test_the_most_likely_token_that_keeps_a_span_is_chosen(tokenizer):
     context = "the denver broncos won the game"
     constraint = constraint_for(tokenizer, context)
     ids = tokenizer.encode("the denver broncos", add_special_tokens=False).ids
+    the = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]) == "the")
     logits = np.zeros(tokenizer.get_vocab_size(), np.float32)
-    off_span = tokenizer.encode("the paris", add_special_tokens=False).ids[1]
-    logits[off_span], logits[ids[1]] = 5.0, 4.0  # the model prefers a token the context does not continue with
-    assert constraint.choose(logits, ids[:1]) == ids[1]
-    logits[0] = 6.0  # a stop token ends the answer wherever it is the most likely
-    assert constraint.choose(logits, ids[:1]) == 0
+    off_span = tokenizer.encode("the paris", add_special_tokens=False).ids[the]
+    logits[off_span], logits[ids[the]] = 5.0, 4.0  # the model prefers a token the context does not continue with
+    assert constraint.choose(logits, ids[:the]) == ids[the]
+    logits[0] = 6.0  # a stop token ends the answer where it is the most likely and a word has ended
+    assert constraint.choose(logits, ids[:the]) == 0
     assert constraint.choose(np.zeros_like(logits), tokenizer.encode("zebra", add_special_tokens=False).ids) == 0
 
 
@@ -80,3 +81,26 @@ def test_a_character_split_over_tokens_is_allowed_to_finish(tokenizer):
         ids = tokenizer.encode(word, add_special_tokens=False).ids
         assert all(constraint.allows(ids[:i]) for i in range(1, len(ids) + 1))
     assert not constraint.allows(tokenizer.encode("zurich", add_special_tokens=False).ids)
+
+
+def test_a_span_starts_where_a_word_starts(tokenizer):
+    # matched case aside, "Ce, Warsaw" is in "existence, warsaw"; it must not start inside "existence"
+    constraint = constraint_for(tokenizer, "throughout its existence, warsaw has been a city")
+    assert not constraint.allows(tokenizer.encode("Ce, Warsaw", add_special_tokens=False).ids)
+    assert constraint.allows(tokenizer.encode("existence, Warsaw", add_special_tokens=False).ids)
+    assert constraint.allows(tokenizer.encode(" Warsaw", add_special_tokens=False).ids)
+    # a word inside another elsewhere still counts where it also stands alone
+    assert constraint_for(tokenizer, "a citadel in the city").allows(tokenizer.encode("city", add_special_tokens=False).ids)
+
+
+def test_a_stop_inside_a_word_is_refused(tokenizer):
+    context = "the denver broncos won the game"
+    constraint = constraint_for(tokenizer, context)
+    assert constraint.ends_word("the denver") and constraint.ends_word("Broncos") and constraint.ends_word("")
+    assert not constraint.ends_word("the denv") and not constraint.ends_word("bronc")
+    ids = tokenizer.encode("denver", add_special_tokens=False).ids
+    assert len(ids) > 1 and constraint.allows(ids[:1]) and not constraint.ends_word(tokenizer.decode(ids[:1]))
+    logits = np.zeros(tokenizer.get_vocab_size(), np.float32)
+    logits[0], logits[ids[1]] = 6.0, 1.0  # the stop is the most likely token, but the answer stands inside "denver"
+    assert constraint.choose(logits, ids[:1]) == ids[1]
+    assert constraint.choose(logits, ids) == 0
