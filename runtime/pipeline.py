@@ -377,7 +377,8 @@ class Pipeline:
         generation = self.generator.generate(prompt, max_new_tokens, constraint, abstention)
         window = self.manifest.generation.repetition_window
         # A piece is held back while its token is part of a repeating tail, so that a loop which is
-        # then cut is never streamed: streamed text and the answer's text stay the same.
+        # then cut is never streamed, and while it is white space that may end the answer (whose text
+        # is stripped): streamed text and the answer's text stay the same.
         with self.answers_in_flight:  # the background huge-page work waits while an answer is generated
             pieces, sent, stop_reason = [], 0, ""
             for token in generation:
@@ -395,15 +396,18 @@ class Pipeline:
                 if stop_reason:
                     break
                 ready = len(pieces) - (periodic_tail(generation.tokens, window // 3) if window else 0)
+                while ready > sent and not pieces[ready - 1].strip():
+                    ready -= 1
                 if ready > sent and not hold:
-                    yield "".join(pieces[sent:ready])
+                    yield _stripped("".join(pieces[sent:ready]), first=not sent, last=False)
                     sent = ready
             generation.settle()
             tokens = generation.tokens[:cut] if stop_reason == "repetition" else generation.tokens
             if generation.abstained:
                 tokens, stop_reason = [], ""
-            if len(tokens) > sent:
-                yield "".join(pieces[sent:len(tokens)])
+            rest = _stripped("".join(pieces[sent:len(tokens)]), first=not sent, last=True)
+            if rest:
+                yield rest
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
                        decode_steps=generation.decode_steps, decode_tokens=generation.decode_tokens,
                        reused_prompt_tokens=generation.reused_prompt_tokens, abstain_ms=generation.abstain_ms,
@@ -486,6 +490,12 @@ class Pipeline:
             context = self._context_timed(q, vector, passages, piece_vectors, timings)
             answers.append(_drain(self._answer(q, passages, context, max_new_tokens, timings, started)))
         return answers
+
+
+def _stripped(chunk: str, first: bool, last: bool) -> str:
+    """A streamed chunk of the answer as its stripped text has it: no white space before the first, nor after the last."""
+    chunk = chunk.lstrip() if first else chunk
+    return chunk.rstrip() if last else chunk
 
 
 def _drain(stream: Iterator[str]) -> Answer:
