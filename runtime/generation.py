@@ -39,6 +39,8 @@ class SpanConstraint:
         whole = text.rstrip("\ufffd")
         span = _squeezed(whole).lstrip()
         if len(whole) == len(text):
+            if text[-1:].isspace():  # only where the context has white space (or a passage's end) there
+                return bool(span) and any(f in ("", " ", "\x00") for f in self._found(span))
             return bool(span) and any(True for _ in self._found(span))  # white space alone is no answer
         # a character whose bytes are split over tokens decodes to U+FFFD until its last byte comes:
         # allowed where the context has a character of several bytes (not ASCII) after the span
@@ -49,7 +51,7 @@ class SpanConstraint:
     def ends_word(self, text: str) -> bool:
         """Whether an answer of `text` may stop: it is empty, or a span of the context that ends a word."""
         span = _squeezed(text).lstrip()
-        return not span or not span[-1].isalnum() or any(not f.isalnum() for f in self._found(span))
+        return not span or not _in_word(span[-1]) or any(not _in_word(f) for f in self._found(span))
 
     def _found(self, span: str) -> Iterator[str]:
         """For each place `span` occurs in the context starting a word: the character after it ("" at the end)."""
@@ -57,7 +59,7 @@ class SpanConstraint:
         while at >= 0:
             following = self.context[at + len(span):at + len(span) + 1]
             first = (span or following)[:1]  # an empty span: a character whose bytes are still coming
-            if at == 0 or not first.isalnum() or not self.context[at - 1].isalnum():
+            if at == 0 or not _in_word(first) or not _in_word(self.context[at - 1]):
                 yield following
             at = self.context.find(span, at + 1)
 
@@ -107,6 +109,17 @@ def log_probability(logits: np.ndarray, token: int) -> float:
     """log softmax(logits)[token]; ruled-out tokens (at -inf) take no share of the probability."""
     top = float(logits.max())
     return float(logits[token]) - top - float(np.log(np.exp(logits - top, dtype=np.float32).sum()))
+
+
+# scripts written without spaces between words (Thai, Lao, Myanmar, Khmer, CJK, Japanese kana, Hangul
+# with its attached particles): any of their characters may start or end an answer
+_UNSPACED = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x2E80, 0xD7FF), (0xF900, 0xFAFF),
+             (0xFF66, 0xFFDC), (0x20000, 0x3FFFF))
+
+
+def _in_word(char: str) -> bool:
+    """Whether `char` is part of a word that a span may not start or end inside of."""
+    return char.isalnum() and not any(low <= ord(char) <= high for low, high in _UNSPACED)
 
 
 def _squeezed(text: str) -> str:

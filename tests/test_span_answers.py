@@ -104,3 +104,16 @@ def test_a_stop_inside_a_word_is_refused(tokenizer):
     logits[0], logits[ids[1]] = 6.0, 1.0  # the stop is the most likely token, but the answer stands inside "denver"
     assert constraint.choose(logits, ids[:1]) == ids[1]
     assert constraint.choose(logits, ids) == 0
+
+
+def test_a_space_does_not_end_a_word_the_context_continues(tokenizer):
+    constraint = constraint_for(tokenizer, "the denver broncos won")
+    assert constraint.allows(tokenizer.encode("the ", add_special_tokens=False).ids)  # "the denver"
+    prefix = tokenizer.encode("bronc", add_special_tokens=False).ids
+    space = tokenizer.encode(" ", add_special_tokens=False).ids
+    assert len(space) == 1 and not constraint.allows(prefix + space)  # "bronc " is nowhere in the context
+
+
+def test_scripts_without_spaces_keep_their_spans():
+    constraint = SpanConstraint("北京是中国的首都。", lambda ids: "".join(map(chr, ids)), (0,))
+    assert constraint.allows([ord(c) for c in "中国"]) and constraint.ends_word("北京")
