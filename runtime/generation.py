@@ -65,11 +65,11 @@ class SpanConstraint:
 
     def choose(self, logits: np.ndarray, tokens: list[int]) -> int:
         so_far = self.decode(tokens)  # once a step, not once a candidate
-        # no stop inside a character (its bytes must all come first), nor inside a word
-        can_stop = not so_far.endswith("\ufffd") and self.ends_word(so_far)
 
         def fits(token: int) -> bool:
-            return can_stop if token in self.stop else self.allows(tokens + [token], so_far)
+            if token in self.stop:  # no stop inside a character (its bytes must all come first), nor inside a word
+                return not so_far.endswith("\ufffd") and self.ends_word(so_far)
+            return self.allows(tokens + [token], so_far)
         best = int(logits.argmax())
         if fits(best):
             return best
