@@ -412,7 +412,9 @@ class Pipeline:
                        decode_steps=generation.decode_steps, decode_tokens=generation.decode_tokens,
                        reused_prompt_tokens=generation.reused_prompt_tokens, abstain_ms=generation.abstain_ms,
                        total_ms=(time.perf_counter() - started) * 1000)
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        # A cut (length, deadline, cancel) can fall between the bytes of one character, which decode to
+        # U+FFFD; the stream never sent that half, and the answer's text keeps none of it either.
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
         decode_s = generation.decode_ms / 1000
         t = time.perf_counter()
         citation = cite(text, context, passages, question)

@@ -121,6 +121,54 @@ def test_repetition_window_comes_from_the_manifest(looping_bundle, tmp_path):
     assert answer.stop_reason == "length" and answer.new_tokens == 48
 
 
+@pytest.fixture(scope="module")
+def half_character_bundle(tiny_models, tmp_path_factory):
+    """A tiny model that always says the byte 0xC3, the first of the two bytes of "é": its layers add
+    nothing, every embedding carries a large first coordinate, and the LM head reads only that one into
+    the byte's token."""
+    import torch
+
+    from edgerag.export import ExportOptions
+    from edgerag.export.bundle import export_bundle
+    from edgerag.models import load_generator
+
+    encoder, generator, _, squad = tiny_models
+    model, tokenizer = load_generator(str(generator))
+    lead_byte = tokenizer.convert_tokens_to_ids("\u00c3")  # byte 0xC3 in the byte-level alphabet
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        embeddings[:, 0] = 8.0
+        model.config.tie_word_embeddings = False
+        model.lm_head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[lead_byte, 0] = 10.0
+    folder = tmp_path_factory.mktemp("half-character") / "generator"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path_factory.mktemp("bundles") / "half-character"
+    return export_bundle(str(encoder), str(folder), squad, out, options=ExportOptions(
+        quantize="none", quantize_encoder="none", max_new_tokens=8, max_context=256, parity_questions=2, k=1))
+
+
+def test_an_answer_cut_inside_a_character_keeps_no_half_of_it(half_character_bundle):
+    pipeline = Pipeline.load(half_character_bundle, answers="free")
+    stream = pipeline.stream(QUESTIONS[0], max_new_tokens=1)
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(stream))
+        except StopIteration as done:
+            answer = done.value
+            break
+    assert answer.new_tokens == 1 and answer.stop_reason == "length"
+    half = pipeline.tokenizer.token_to_id("\u00c3")
+    assert pipeline.tokenizer.decode([half]) == "\ufffd"   # what the answer's text was before
+    assert answer.answer == "".join(pieces).strip() == ""
+
+
 def test_stop_reasons(tiny_bundle):
     pipeline = Pipeline.load(tiny_bundle)
     assert pipeline.ask(QUESTIONS[0], max_new_tokens=1).stop_reason in ("length", "stop")
