@@ -377,10 +377,10 @@ class Pipeline:
         generation = self.generator.generate(prompt, max_new_tokens, constraint, abstention)
         window = self.manifest.generation.repetition_window
         # A piece is held back while its token is part of a repeating tail, so that a loop which is
-        # then cut is never streamed, and while it is white space that may end the answer (whose text
-        # is stripped): streamed text and the answer's text stay the same.
+        # then cut is never streamed, and white space is held back while it may end the answer (whose
+        # text is stripped): streamed text and the answer's text stay the same.
         with self.answers_in_flight:  # the background huge-page work waits while an answer is generated
-            pieces, sent, stop_reason = [], 0, ""
+            pieces, sent, stop_reason, streamed = [], 0, "", StrippedText()
             for token in generation:
                 if len(generation.tokens) == 1:
                     timings["ttft_ms"] = (time.perf_counter() - started) * 1000
@@ -396,16 +396,16 @@ class Pipeline:
                 if stop_reason:
                     break
                 ready = len(pieces) - (periodic_tail(generation.tokens, window // 3) if window else 0)
-                while ready > sent and not pieces[ready - 1].strip():
-                    ready -= 1
                 if ready > sent and not hold:
-                    yield _stripped("".join(pieces[sent:ready]), first=not sent, last=False)
+                    chunk = streamed.add("".join(pieces[sent:ready]))
                     sent = ready
+                    if chunk:
+                        yield chunk
             generation.settle()
             tokens = generation.tokens[:cut] if stop_reason == "repetition" else generation.tokens
             if generation.abstained:
                 tokens, stop_reason = [], ""
-            rest = _stripped("".join(pieces[sent:len(tokens)]), first=not sent, last=True)
+            rest = streamed.add("".join(pieces[sent:len(tokens)]))
             if rest:
                 yield rest
         timings.update(prefill_ms=generation.prefill_ms, decode_ms=generation.decode_ms,
@@ -494,10 +494,23 @@ class Pipeline:
         return answers
 
 
-def _stripped(chunk: str, first: bool, last: bool) -> str:
-    """A streamed chunk of the answer as its stripped text has it: no white space before the first, nor after the last."""
-    chunk = chunk.lstrip() if first else chunk
-    return chunk.rstrip() if last else chunk
+class StrippedText:
+    """Streams a text stripped: what `add` returns, joined, is the text added so far without its white
+    space at the start, and without the white space at its end, which is held until more text follows it
+    (a piece such as ".\n" sends its "." at once and its newline only if the answer goes on)."""
+
+    def __init__(self):
+        self.started = False
+        self.held = ""
+
+    def add(self, chunk: str) -> str:
+        text = self.held + chunk
+        if not self.started:
+            text = text.lstrip()
+        body = text.rstrip()
+        self.held = text[len(body):]
+        self.started = self.started or bool(body)
+        return body
 
 
 def _drain(stream: Iterator[str]) -> Answer:

@@ -11,6 +11,7 @@ import pytest
 from edgerag.runtime import BundleError, Pipeline, PromptError
 from edgerag.runtime.manifest import MANIFEST, dump_manifest, file_record
 from edgerag.runtime.generation import repetition_cut
+from edgerag.runtime.pipeline import StrippedText
 
 QUESTIONS = ["Which team won Super Bowl 50?", "What is the capital of Poland?", "Where is Victoria?",
              "What is the atomic number of oxygen?", "Who were the Normans?", "What is geology?",
@@ -119,6 +120,19 @@ def test_repetition_window_comes_from_the_manifest(looping_bundle, tmp_path):
     (copy / MANIFEST).write_bytes(dump_manifest(data))
     answer = Pipeline.load(copy, answers="free").ask("Which team won Super Bowl 50?")
     assert answer.stop_reason == "length" and answer.new_tokens == 48
+
+
+@pytest.mark.parametrize("pieces, text", [
+    (["Den", "ver", ".\n"], "Denver."),                 # a piece that ends in white space: its text now, its newline never
+    (["\n", " ", " Den", "ver"], "Denver"),
+    (["Den", " \n", "ver", " "], "Den \nver"),          # white space inside the answer is kept
+    (["  ", "\t"], ""),
+])
+def test_streamed_chunks_join_to_the_stripped_text(pieces, text):
+    streamed = StrippedText()
+    chunks = [streamed.add(piece) for piece in pieces]
+    assert "".join(chunks) == "".join(pieces).strip() == text
+    assert all(chunk == chunk.rstrip() for chunk in chunks)   # nothing streamed that the end may strip
 
 
 @pytest.fixture(scope="module")
