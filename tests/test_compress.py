@@ -324,9 +324,9 @@ def test_bundle_prompt_equals_the_training_prompt(compressed_run, compressed_bun
 
 
 def test_one_process_embeds_a_passages_pieces_once_per_encoder(compressed_run, tmp_path):
-    """The stages of a run share a piece embedder per encoder folder: the same passages are not embedded
-    again, a passage's vectors are the same whatever came with it, and a folder rewritten since gets
-    its own embedder."""
+    """The stages of a run share a piece embedder per encoder (what its folder's files hold): the same
+    passages are not embedded again, a passage's vectors are the same whatever came with it, a copy of
+    the folder shares the embedder, and a folder whose files change gets its own."""
     import shutil
 
     from edgerag.data import read_passages
@@ -344,11 +344,17 @@ def test_one_process_embeds_a_passages_pieces_once_per_encoder(compressed_run, t
     for passage, vectors in zip(passages, together):
         assert np.array_equal(vectors, alone([passage])[0])  # the same bytes: resumed runs read the same
     assert shared([passages[0]])[0] is together[0]  # from the cache, not embedded again
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert shared_piece_embedder(copy, 24) is shared  # the same files elsewhere: a student keeping the teacher's encoder
     config = folder / "config.json"
     tmp = folder / "config.json.tmp"
     tmp.write_text(config.read_text())
     tmp.replace(config)  # how a stage rewrites a folder: a new file
-    assert shared_piece_embedder(folder, 24) is not shared
+    assert shared_piece_embedder(folder, 24) is shared  # rewritten with the same bytes
+    tmp.write_text(config.read_text() + "\n")
+    tmp.replace(config)
+    assert shared_piece_embedder(folder, 24) is not shared  # new contents, a new embedder
 
 
 def test_a_runs_stages_share_the_piece_vectors(compressed_run, monkeypatch):

@@ -57,21 +57,40 @@ _MAX_EMBEDDERS = 4
 def shared_piece_embedder(encoder_folder, max_piece_words: int, passage_format: str = "{title}: {text}") -> PieceEmbedder:
     """A PieceEmbedder kept for the rest of the process, so that the stages of one run (the teacher's
     fine-tuning, its distillation cache, the evaluations) embed each passage's pieces once. Keyed by
-    the folder's files as they are now (path, size, mtime, inode): an encoder trained since, whose files
-    are written anew (atomically), gets a new embedder, and the old one is dropped."""
+    what the folder's files hold: a student that keeps the teacher's passage encoder in a copy of its
+    own shares the teacher's vectors, and an encoder trained since (its files written anew) gets a new
+    embedder."""
     from edgerag.models import resolve
 
     folder = Path(resolve(str(encoder_folder)).path).resolve()
-    files = tuple((str(f.relative_to(folder)), st.st_size, st.st_mtime_ns, st.st_ino)
-                  for f in sorted(folder.rglob("*")) if f.is_file() for st in [f.stat()])
-    key = (str(folder), files, max_piece_words, passage_format)
+    key = (_content_digest(folder), max_piece_words, passage_format)
     if key not in _EMBEDDERS:
-        for stale in [k for k in _EMBEDDERS if k[0] == key[0] and k[1] != key[1]]:  # the folder as it was
-            del _EMBEDDERS[stale]
         while len(_EMBEDDERS) >= _MAX_EMBEDDERS:
             _EMBEDDERS.pop(next(iter(_EMBEDDERS)))
         _EMBEDDERS[key] = PieceEmbedder(folder, max_piece_words, passage_format)
     return _EMBEDDERS[key]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _content_digest(folder: Path) -> str:
+    """sha256 over a folder's file names and bytes, read once per state of its files (path, size,
+    mtime, inode): a stage that asks again costs a stat of each file, not a read of the weights."""
+    import hashlib
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    state = (str(folder),) + tuple((str(f.relative_to(folder)), st.st_size, st.st_mtime_ns, st.st_ino)
+                                   for f in files for st in [f.stat()])
+    if state not in _DIGESTS:
+        digest = hashlib.sha256()
+        for (name, size, *_), f in zip(state[1:], files):
+            digest.update(f"{name}\x00{size}\x00".encode())
+            with open(f, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        _DIGESTS[state] = digest.hexdigest()
+    return _DIGESTS[state]
 
 
 def compressed_contexts(compression: Compression, questions: list[str], query_vectors, contexts, embedder, encode,
