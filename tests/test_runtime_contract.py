@@ -60,10 +60,9 @@ def test_repetition_cut():
     assert repetition_cut([4] * 40, 0) is None                    # 0 turns it off
 
 
-@pytest.fixture(scope="module")
-def looping_bundle(tiny_models, tmp_path_factory):
-    """A tiny model made to loop: its layers add nothing, and its untied LM head sends every token to
-    its pair (t -> t^1), so greedy decoding alternates two tokens until the limit."""
+def _bundle_with_head(tiny_models, tmp_path_factory, name: str, head, max_new_tokens: int):
+    """The tiny generator with layers that add nothing (each token's hidden state is its embedding)
+    and an untied LM head of weights `head(embeddings, tokenizer)`, exported without quantization."""
     import torch
 
     from edgerag.export import ExportOptions
@@ -76,19 +75,37 @@ def looping_bundle(tiny_models, tmp_path_factory):
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-        embeddings = model.model.embed_tokens.weight.detach().clone()
+        weights = head(model.model.embed_tokens.weight, tokenizer)
+        model.config.tie_word_embeddings = False
+        model.lm_head = torch.nn.Linear(weights.shape[1], weights.shape[0], bias=False)
+        model.lm_head.weight.copy_(weights)
+    folder = tmp_path_factory.mktemp(name) / "generator"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return export_bundle(str(encoder), str(folder), squad, tmp_path_factory.mktemp("bundles") / name, options=ExportOptions(
+        quantize="none", quantize_encoder="none", max_new_tokens=max_new_tokens, max_context=256, parity_questions=2, k=1))
+
+
+def _streamed(stream) -> tuple[list[str], object]:
+    """A stream's chunks and the Answer it returns."""
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(stream))
+        except StopIteration as done:
+            return pieces, done.value
+
+
+@pytest.fixture(scope="module")
+def looping_bundle(tiny_models, tmp_path_factory):
+    """A tiny model made to loop: its LM head sends every token to its pair (t -> t^1), so greedy
+    decoding alternates two tokens until the limit."""
+    def pairs(embeddings, tokenizer):
         special = set(tokenizer.all_special_ids)
         pair = [t if t in special or (t ^ 1) in special or (t ^ 1) >= len(embeddings) else t ^ 1
                 for t in range(len(embeddings))]
-        model.config.tie_word_embeddings = False
-        model.lm_head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False)
-        model.lm_head.weight.copy_(embeddings[pair])
-    folder = tmp_path_factory.mktemp("looping") / "generator"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    out = tmp_path_factory.mktemp("bundles") / "looping"
-    return export_bundle(str(encoder), str(folder), squad, out, options=ExportOptions(
-        quantize="none", quantize_encoder="none", max_new_tokens=48, max_context=256, parity_questions=2, k=1))
+        return embeddings.detach().clone()[pair]
+    return _bundle_with_head(tiny_models, tmp_path_factory, "looping", pairs, max_new_tokens=48)
 
 
 def test_a_looping_answer_is_cut_and_says_so(looping_bundle):
@@ -101,14 +118,7 @@ def test_a_looping_answer_is_cut_and_says_so(looping_bundle):
 
 
 def test_a_cut_loop_is_never_streamed(looping_bundle):
-    stream = Pipeline.load(looping_bundle, answers="free").stream("Which team won Super Bowl 50?")
-    pieces = []
-    while True:
-        try:
-            pieces.append(next(stream))
-        except StopIteration as done:
-            answer = done.value
-            break
+    pieces, answer = _streamed(Pipeline.load(looping_bundle, answers="free").stream("Which team won Super Bowl 50?"))
     assert answer.stop_reason == "repetition" and "".join(pieces).strip() == answer.answer
 
 
@@ -137,46 +147,19 @@ def test_streamed_chunks_join_to_the_stripped_text(pieces, text):
 
 @pytest.fixture(scope="module")
 def half_character_bundle(tiny_models, tmp_path_factory):
-    """A tiny model that always says the byte 0xC3, the first of the two bytes of "é": its layers add
-    nothing, every embedding carries a large first coordinate, and the LM head reads only that one into
-    the byte's token."""
-    import torch
-
-    from edgerag.export import ExportOptions
-    from edgerag.export.bundle import export_bundle
-    from edgerag.models import load_generator
-
-    encoder, generator, _, squad = tiny_models
-    model, tokenizer = load_generator(str(generator))
-    lead_byte = tokenizer.convert_tokens_to_ids("\u00c3")  # byte 0xC3 in the byte-level alphabet
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embeddings = model.model.embed_tokens.weight
+    """A tiny model that always says the byte 0xC3, the first of the two bytes of "é": every embedding
+    carries a large first coordinate, and the LM head reads only that one, into the byte's token."""
+    def lead_byte_only(embeddings, tokenizer):
         embeddings[:, 0] = 8.0
-        model.config.tie_word_embeddings = False
-        model.lm_head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False)
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[lead_byte, 0] = 10.0
-    folder = tmp_path_factory.mktemp("half-character") / "generator"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    out = tmp_path_factory.mktemp("bundles") / "half-character"
-    return export_bundle(str(encoder), str(folder), squad, out, options=ExportOptions(
-        quantize="none", quantize_encoder="none", max_new_tokens=8, max_context=256, parity_questions=2, k=1))
+        weights = embeddings.new_zeros(embeddings.shape)
+        weights[tokenizer.convert_tokens_to_ids("\u00c3"), 0] = 10.0  # byte 0xC3 in the byte-level alphabet
+        return weights
+    return _bundle_with_head(tiny_models, tmp_path_factory, "half-character", lead_byte_only, max_new_tokens=8)
 
 
 def test_an_answer_cut_inside_a_character_keeps_no_half_of_it(half_character_bundle):
     pipeline = Pipeline.load(half_character_bundle, answers="free")
-    stream = pipeline.stream(QUESTIONS[0], max_new_tokens=1)
-    pieces = []
-    while True:
-        try:
-            pieces.append(next(stream))
-        except StopIteration as done:
-            answer = done.value
-            break
+    pieces, answer = _streamed(pipeline.stream(QUESTIONS[0], max_new_tokens=1))
     assert answer.new_tokens == 1 and answer.stop_reason == "length"
     half = pipeline.tokenizer.token_to_id("\u00c3")
     assert pipeline.tokenizer.decode([half]) == "\ufffd"   # what the answer's text was before
