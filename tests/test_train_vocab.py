@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgerag.train.distill import KDExample, remap_kd_examples  # noqa: E402
+from edgerag.train.distill import KDExample, remap_kd_examples, respelling  # noqa: E402
 from edgerag.models import load_generator  # noqa: E402
 from edgerag.train.teacher import Example  # noqa: E402
 from edgerag.train.tiny import make_tiny_generator  # noqa: E402
@@ -88,6 +88,23 @@ def test_kd_examples_move_to_the_student_ids(tiny_generator):
     assert kd.example.prompt == [mapping[i] for i in seen[:-1]] and kd.example.target == [mapping[seen[-1]]]
     assert kd.cache["ids"].tolist() == [[mapping[seen[0]], 0, mapping[seen[1]]]]
     assert kd.cache["logp"][0, 1] < -1e3 and torch.allclose(kd.cache["logp"][0, [0, 2]], cache["logp"][0, [0, 2]])
+
+
+def test_a_prompt_with_a_token_the_student_lacks_is_spelled_in_the_students_tokens(tiny_generator):
+    _, t_tok = load_generator(tiny_generator)
+    student, s_tok = load_generator(tiny_generator)
+    trim_vocabulary(student, s_tok, SEEN)
+    mapping = id_map(t_tok, s_tok)
+    prompt = t_tok(SEEN[2] + "\n" + UNSEEN[0], add_special_tokens=False)["input_ids"] + [t_tok.eos_token_id]
+    answer = t_tok(" Broncos", add_special_tokens=False)["input_ids"]
+    assert any(i not in mapping for i in prompt) and all(i in mapping for i in answer)
+    cache = {"logp": torch.zeros((len(answer), 1)), "ids": torch.tensor([[answer[0]]] * len(answer), dtype=torch.int32)}
+    example = KDExample(Example("a", prompt, answer), cache)
+    assert remap_kd_examples([example], mapping) == []  # without a way to spell it: left out, as before
+    [kd] = remap_kd_examples([example], mapping, respelling(t_tok, s_tok))
+    assert kd.example.prompt == s_tok(SEEN[2] + "\n" + UNSEEN[0], add_special_tokens=False)["input_ids"] + [s_tok.eos_token_id]
+    assert s_tok.decode(kd.example.prompt) == t_tok.decode(prompt)
+    assert kd.example.target == [mapping[i] for i in answer]   # the answer, which the cache lines up with, is as it was
 
 
 def test_trimming_refuses_a_non_bpe_tokenizer(tiny_generator):

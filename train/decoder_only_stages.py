@@ -391,7 +391,7 @@ def distill_on_cache(run: Run, stage: str, cfg, alpha: float, cache_file: Path, 
 
     from edgerag.models import load_generator, load_tokenizer
 
-    from .distill import KDExample, generator_loss_fn, remap_kd_examples
+    from .distill import KDExample, generator_loss_fn, remap_kd_examples, respelling
     from .student import train_top_layers
     from .teacher import Example
     from .vocab import id_map
@@ -399,11 +399,14 @@ def distill_on_cache(run: Run, stage: str, cfg, alpha: float, cache_file: Path, 
     student, tok = load_generator(start)
     saved = torch.load(cache_file, weights_only=False)
     examples = [KDExample(Example(**e), c) for e, c in zip(saved["examples"], saved["cache"])]
-    mapping = id_map(load_tokenizer(run.teacher_generator), tok)
-    dropped = 0
+    teacher_tok = load_tokenizer(run.teacher_generator)
+    mapping = id_map(teacher_tok, tok)
+    dropped = respelled = 0
     if mapping is not None:
         n = len(examples)
-        examples = remap_kd_examples(examples, mapping)
+        respelled = sum(any(i not in mapping for i in kd.example.prompt) and all(i in mapping for i in kd.example.target)
+                        for kd in examples)
+        examples = remap_kd_examples(examples, mapping, respelling(teacher_tok, tok))
         dropped = n - len(examples)
         if dropped:
             print(f"[{stage}] skipped {dropped} examples with tokens outside the student's vocabulary")
@@ -426,7 +429,7 @@ def distill_on_cache(run: Run, stage: str, cfg, alpha: float, cache_file: Path, 
     log = loop.train(student, examples, loss_fn, train_config(cfg, run.recipe), run.stage_dir(stage), desc=desc,
                      length=lambda kd: example_length(kd.example))
     save_generator(student.cpu(), tok, out)
-    return {"examples": len(examples), "skipped_examples": dropped,
+    return {"examples": len(examples), "skipped_examples": dropped, "respelled_prompts": respelled,
             "target_tokens": sum(len(kd.example.target) for kd in examples), "steps": len(log),
             "first": log[0] if log else None, "last": log[-1] if log else None}
 

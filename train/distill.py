@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .retrieval import embed_batch
 from .teacher import Example, target_logits
@@ -183,10 +184,13 @@ class KDExample:
     cache: dict
 
 
-def remap_kd_examples(examples: list[KDExample], mapping: dict[int, int]) -> list[KDExample]:
-    """Examples in the teacher's token ids -> the student's (a trimmed vocabulary). An example whose
-    prompt or answer uses a token the student lacks is left out. A cached teacher token the student
-    lacks keeps its slot with a log-probability of -1e4: its mass joins "everything else" in the KL."""
+def remap_kd_examples(examples: list[KDExample], mapping: dict[int, int],
+                      respell: Callable[[list[int]], list[int]] | None = None) -> list[KDExample]:
+    """Examples in the teacher's token ids -> the student's (a trimmed vocabulary). A prompt with a
+    token the student lacks is spelled again by `respell` (teacher ids -> the student's tokenization of
+    their text: how the device will read that prompt); without it, or where the answer needs such a
+    token, the example is left out. A cached teacher token the student lacks keeps its slot with a
+    log-probability of -1e4: its mass joins "everything else" in the KL."""
     import torch
 
     table = torch.full((max(mapping) + 1,), -1, dtype=torch.long)
@@ -194,17 +198,29 @@ def remap_kd_examples(examples: list[KDExample], mapping: dict[int, int]) -> lis
     out = []
     for kd in examples:
         e = kd.example
-        ids = [mapping.get(i) for i in e.prompt + e.target]
-        if None in ids:
+        prompt, target = [mapping.get(i) for i in e.prompt], [mapping.get(i) for i in e.target]
+        if None in target:
             continue
+        if None in prompt:
+            if respell is None:
+                continue
+            prompt = respell(e.prompt)
         teacher_ids = kd.cache["ids"].long()
         inside = teacher_ids < len(table)
         student_ids = torch.where(inside, table[teacher_ids.clamp(max=len(table) - 1)], -1)
         missing = student_ids < 0
         cache = {**kd.cache, "ids": student_ids.clamp(min=0).to(torch.int32),
                  "logp": kd.cache["logp"].masked_fill(missing, -1e4)}
-        out.append(KDExample(Example(e.question_id, ids[:len(e.prompt)], ids[len(e.prompt):]), cache))
+        out.append(KDExample(Example(e.question_id, prompt, target), cache))
     return out
+
+
+def respelling(teacher_tokenizer, student_tokenizer) -> Callable[[list[int]], list[int]]:
+    """Teacher ids -> the student tokenizer's ids for the same text (special tokens kept as such)."""
+    def respell(ids: list[int]) -> list[int]:
+        text = teacher_tokenizer.backend_tokenizer.decode(ids, skip_special_tokens=False)
+        return student_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    return respell
 
 
 def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weight: float = 0.0,
