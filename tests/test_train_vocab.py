@@ -107,6 +107,23 @@ def test_a_prompt_with_a_token_the_student_lacks_is_spelled_in_the_students_toke
     assert kd.example.target == [mapping[i] for i in answer]   # the answer, which the cache lines up with, is as it was
 
 
+def test_the_vocabulary_keeps_what_a_compressed_context_starts_with(tiny_generator):
+    """A compressed context may start a passage's text at any sentence: "Normans came ...", where the
+    passage itself has " Normans". Its tokens are kept, so the student reads it as the teacher does."""
+    from edgerag.runtime.compress import split_pieces
+    from edgerag.runtime.prompt import CHATML_COMPACT
+    from edgerag.train.decoder_only_stages import passage_texts
+
+    _, t_tok = load_generator(tiny_generator)
+    student, s_tok = load_generator(tiny_generator)
+    title, text = "Normandy", "The people called Normans ruled. Normans came from Normandy, a region in France."
+    piece = split_pieces(text)[1]
+    assert tokens(t_tok, piece)[0] == "Normans" and "Normans" not in tokens(t_tok, text)  # a token of its own
+    trim_vocabulary(student, s_tok, passage_texts(title, text))
+    for read in (piece, CHATML_COMPACT["passage"].format(title=title)):
+        assert tokens(s_tok, read) == tokens(t_tok, read)
+
+
 def test_trimming_refuses_a_non_bpe_tokenizer(tiny_generator):
     from tokenizers import Tokenizer, models
 

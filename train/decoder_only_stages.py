@@ -174,19 +174,30 @@ def calibration_sequences(run: Run, prompter, n: int) -> list[list[int]]:
 
 def vocabulary_texts(run: Run, max_rank: int = 20) -> list[str]:
     """Every piece of text the student reads or writes, in the pieces the prompt tokenizes separately:
-    the template, corpus passages and their headers, the train questions and their answers."""
-    from edgerag.runtime.prompt import CHATML, PLAIN
+    the templates, corpus passages and their headers, the train questions and their answers. A
+    compressed context starts a passage's text at its first kept piece, which may be any of its
+    sentences ("They ..." where the passage has " They"), so each piece counts as a start too."""
+    from edgerag.runtime.prompt import CHATML, CHATML_COMPACT, PLAIN, PLAIN_COMPACT
 
     texts = [NO_ANSWER]
-    for template in (CHATML, PLAIN):
+    for template in (CHATML, PLAIN, CHATML_COMPACT, PLAIN_COMPACT):
         texts += [template["prefix"], template["passage_end"], template["answer_end"], *template["question"].split("{question}")]
     for p in run.corpus():
-        texts.append(p.text)
-        texts += [CHATML["passage"].format(rank=rank, title=p.title) for rank in range(1, max_rank + 1)]
+        texts += passage_texts(p.title, p.text, max_rank)
     for q in run.questions("train"):
         texts.append(q.question.strip())
         texts += [a.strip() for a in q.answers]
     return texts
+
+
+def passage_texts(title: str, text: str, max_rank: int = 20) -> list[str]:
+    """A passage as prompts tokenize it: its text, each of its pieces as the start of a compressed
+    context's text, and its headers (ranked, and compact)."""
+    from edgerag.runtime.compress import split_pieces
+    from edgerag.runtime.prompt import CHATML, CHATML_COMPACT
+
+    return [text, *split_pieces(text), *[CHATML["passage"].format(rank=rank, title=title) for rank in range(1, max_rank + 1)],
+            CHATML_COMPACT["passage"].format(title=title)]
 
 
 def stage_student_init(run: Run) -> dict:
