@@ -121,3 +121,13 @@ def live_server(tiny_bundle):
     def start(*args, bundle=tiny_bundle, python=sys.executable):
         return server(bundle, *args, python=python)
     return start
+
+
+def streamed(stream) -> tuple[list[str], object]:
+    """A Pipeline.stream's chunks and the Answer it returns."""
+    chunks = []
+    while True:
+        try:
+            chunks.append(next(stream))
+        except StopIteration as done:
+            return chunks, done.value

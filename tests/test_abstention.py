@@ -14,6 +14,8 @@ from edgerag.runtime import BundleError, Pipeline
 from edgerag.runtime.generation import Abstention, Generation
 from edgerag.runtime.prompt import NO_ANSWER
 
+from conftest import streamed
+
 
 # ---------------------------------------------------------------- the first step's decision
 
@@ -211,27 +213,19 @@ def test_the_bundle_carries_its_fitted_threshold_and_a_load_may_override_it(abst
 def test_an_answer_that_may_yet_abstain_is_streamed_whole_once_settled(abstaining_bundle):
     bundle, questions, _ = abstaining_bundle
     assert json.loads((bundle / "manifest.json").read_text())["abstention"]["confidence"] == "answer"
-    def streamed(pipeline, question):
-        stream, pieces = pipeline.stream(question), []
-        try:
-            while True:
-                pieces.append(next(stream))
-        except StopIteration as done:
-            return pieces, done.value
-
     # what a bundle that never holds an answer back streams: the first step's confidence alone
     unheld = Pipeline.load(bundle, abstain_threshold=0.0, answers="free")
     unheld.manifest.abstention.confidence = "no_answer"
     for threshold in (0.0, 0.5):
         pipeline = Pipeline.load(bundle, abstain_threshold=threshold, answers="free")
         for q in questions:
-            pieces, answer = streamed(pipeline, q.question)
+            pieces, answer = streamed(pipeline.stream(q.question))
             assert "".join(pieces).strip() == answer.answer
             if threshold > 0:  # held back until settled: one piece, or none for an abstention
                 assert len(pieces) == (0 if answer.abstained else 1)
             else:  # never abstains: streamed as written, piece by piece as a bundle that never holds
                 # (not one piece a token: a repeating tail is held until it breaks, then sent at once)
-                assert not answer.abstained and pieces == streamed(unheld, q.question)[0]
+                assert not answer.abstained and pieces == streamed(unheld.stream(q.question))[0]
 
 
 def test_a_bundle_of_the_first_step_confidence_decides_there(abstaining_bundle, tmp_path):

@@ -13,6 +13,8 @@ from edgerag.runtime.manifest import MANIFEST, dump_manifest, file_record
 from edgerag.runtime.generation import repetition_cut
 from edgerag.runtime.pipeline import StrippedText
 
+from conftest import streamed
+
 QUESTIONS = ["Which team won Super Bowl 50?", "What is the capital of Poland?", "Where is Victoria?",
              "What is the atomic number of oxygen?", "Who were the Normans?", "What is geology?",
              "What is pharmacy?", "Which city is the largest in Florida?"]
@@ -86,16 +88,6 @@ def _bundle_with_head(tiny_models, tmp_path_factory, name: str, head, max_new_to
         quantize="none", quantize_encoder="none", max_new_tokens=max_new_tokens, max_context=256, parity_questions=2, k=1))
 
 
-def _streamed(stream) -> tuple[list[str], object]:
-    """A stream's chunks and the Answer it returns."""
-    pieces = []
-    while True:
-        try:
-            pieces.append(next(stream))
-        except StopIteration as done:
-            return pieces, done.value
-
-
 @pytest.fixture(scope="module")
 def looping_bundle(tiny_models, tmp_path_factory):
     """A tiny model made to loop: its LM head sends every token to its pair (t -> t^1), so greedy
@@ -117,8 +109,8 @@ def test_a_looping_answer_is_cut_and_says_so(looping_bundle):
     assert record["stop_reason"] == "repetition" and json.loads(json.dumps(record)) == record
 
 
-def test_a_cut_loop_is_never_streamed(looping_bundle):
-    pieces, answer = _streamed(Pipeline.load(looping_bundle, answers="free").stream("Which team won Super Bowl 50?"))
+def test_a_cut_loop_is_neverstreamed(looping_bundle):
+    pieces, answer = streamed(Pipeline.load(looping_bundle, answers="free").stream("Which team won Super Bowl 50?"))
     assert answer.stop_reason == "repetition" and "".join(pieces).strip() == answer.answer
 
 
@@ -159,7 +151,7 @@ def half_character_bundle(tiny_models, tmp_path_factory):
 
 def test_an_answer_cut_inside_a_character_keeps_no_half_of_it(half_character_bundle):
     pipeline = Pipeline.load(half_character_bundle, answers="free")
-    pieces, answer = _streamed(pipeline.stream(QUESTIONS[0], max_new_tokens=1))
+    pieces, answer = streamed(pipeline.stream(QUESTIONS[0], max_new_tokens=1))
     assert answer.new_tokens == 1 and answer.stop_reason == "length"
     half = pipeline.tokenizer.token_to_id("\u00c3")
     assert pipeline.tokenizer.decode([half]) == "\ufffd"   # what the answer's text was before

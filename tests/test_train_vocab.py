@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgerag.train.distill import KDExample, remap_kd_examples, respelling  # noqa: E402
+from edgerag.train.distill import KDExample, Respelling, remap_kd_examples  # noqa: E402
 from edgerag.models import load_generator  # noqa: E402
 from edgerag.train.teacher import Example  # noqa: E402
 from edgerag.train.tiny import make_tiny_generator  # noqa: E402
@@ -101,7 +101,7 @@ def test_a_prompt_with_a_token_the_student_lacks_is_spelled_in_the_students_toke
     cache = {"logp": torch.zeros((len(answer), 1)), "ids": torch.tensor([[answer[0]]] * len(answer), dtype=torch.int32)}
     example = KDExample(Example("a", prompt, answer), cache)
     assert remap_kd_examples([example], mapping) == []  # without a way to spell it: left out, as before
-    [kd] = remap_kd_examples([example], mapping, respelling(t_tok, s_tok))
+    [kd] = remap_kd_examples([example], mapping, Respelling(t_tok, s_tok))
     assert kd.example.prompt == s_tok(SEEN[2] + "\n" + UNSEEN[0], add_special_tokens=False)["input_ids"] + [s_tok.eos_token_id]
     assert s_tok.decode(kd.example.prompt) == t_tok.decode(prompt)
     assert kd.example.target == [mapping[i] for i in answer]   # the answer, which the cache lines up with, is as it was
