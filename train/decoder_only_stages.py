@@ -402,7 +402,7 @@ def distill_on_cache(run: Run, stage: str, cfg, alpha: float, cache_file: Path, 
 
     from edgerag.models import load_generator, load_tokenizer
 
-    from .distill import KDExample, generator_loss_fn, remap_kd_examples, respelling
+    from .distill import KDExample, Respelling, generator_loss_fn, remap_kd_examples
     from .student import train_top_layers
     from .teacher import Example
     from .vocab import id_map
@@ -415,10 +415,9 @@ def distill_on_cache(run: Run, stage: str, cfg, alpha: float, cache_file: Path, 
     dropped = respelled = 0
     if mapping is not None:
         n = len(examples)
-        respelled = sum(any(i not in mapping for i in kd.example.prompt) and all(i in mapping for i in kd.example.target)
-                        for kd in examples)
-        examples = remap_kd_examples(examples, mapping, respelling(teacher_tok, tok))
-        dropped = n - len(examples)
+        respell = Respelling(teacher_tok, tok)
+        examples = remap_kd_examples(examples, mapping, respell)
+        dropped, respelled = n - len(examples), respell.count
         if dropped:
             print(f"[{stage}] skipped {dropped} examples with tokens outside the student's vocabulary")
     if cfg.hidden_weight > 0 and examples and examples[0].cache["hidden"].shape[-1] != student.config.hidden_size:

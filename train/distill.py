@@ -215,12 +215,18 @@ def remap_kd_examples(examples: list[KDExample], mapping: dict[int, int],
     return out
 
 
-def respelling(teacher_tokenizer, student_tokenizer) -> Callable[[list[int]], list[int]]:
-    """Teacher ids -> the student tokenizer's ids for the same text (special tokens kept as such)."""
-    def respell(ids: list[int]) -> list[int]:
-        text = teacher_tokenizer.backend_tokenizer.decode(ids, skip_special_tokens=False)
-        return student_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
-    return respell
+class Respelling:
+    """Teacher ids -> the student tokenizer's ids for the same text (special tokens kept as such);
+    `count`: how many it has spelled."""
+
+    def __init__(self, teacher_tokenizer, student_tokenizer):
+        self.teacher, self.student = teacher_tokenizer.backend_tokenizer, student_tokenizer.backend_tokenizer
+        self.count = 0
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        self.count += 1
+        text = self.teacher.decode(ids, skip_special_tokens=False)
+        return self.student.encode(text, add_special_tokens=False).ids
 
 
 def generator_loss_fn(pad_id: int, temperature: float, alpha: float, hidden_weight: float = 0.0,
