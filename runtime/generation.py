@@ -15,13 +15,16 @@ from edgerag.runtime.session import ORT_DTYPES
 class SpanConstraint:
     """Answers that are spans of what the generator read. At each step the token chosen is the model's
     most likely one that keeps the answer a substring of the context (case and runs of white space
-    aside), or a stop token; where none of its CANDIDATES most likely tokens does, the answer ends. A
-    span starts where a word of the context starts, and a stop is allowed where a word ends: spans are
-    matched case aside, so "existence, Warsaw" would otherwise let the answer be "Ce, Warsaw".
+    aside), or a stop token; where none of its CANDIDATES most likely tokens does, the answer ends,
+    unless it stands inside a word: then the word goes on with the most likely of WORD_CANDIDATES
+    tokens that fits. A span starts where a word of the context starts, and a stop is allowed where
+    a word ends: spans are matched case aside, so "existence, Warsaw" would otherwise let the answer
+    be "Ce, Warsaw".
     Checked on text, not token ids: an answer's first token is often spelled otherwise in the context
     (no leading space after the template's line break)."""
 
     CANDIDATES = 64
+    WORD_CANDIDATES = 4096  # where the answer stands inside a word and none of CANDIDATES goes on with it
 
     def __init__(self, context: str, decode: Callable[[list[int]], str], stop_token_ids: Container[int]):
         self.context = _squeezed(context)
@@ -73,8 +76,21 @@ class SpanConstraint:
         best = int(logits.argmax())
         if fits(best):
             return best
-        top = np.argpartition(-logits, self.CANDIDATES)[:self.CANDIDATES]
-        return next((t for t in map(int, top[np.argsort(-logits[top])]) if t != best and fits(t)), self.stop[0])
+        tried = self._ranked(logits, self.CANDIDATES)
+        chosen = next((t for t in tried if t != best and fits(t)), None)
+        if chosen is None and not self.ends_word(so_far):
+            # a stop here would leave half a word ("Ci" for "City"): look further down the ranking for a
+            # token that goes on with it (single characters are in the vocabulary, so one usually does)
+            tried = set(tried)
+            chosen = next((t for t in self._ranked(logits, self.WORD_CANDIDATES) if t not in tried and fits(t)), None)
+        return self.stop[0] if chosen is None else chosen
+
+    @staticmethod
+    def _ranked(logits: np.ndarray, n: int) -> list[int]:
+        """The n most likely tokens, most likely first."""
+        n = min(n, len(logits))
+        top = np.argpartition(-logits, n - 1)[:n]
+        return [int(t) for t in top[np.argsort(-logits[top], kind="stable")]]
 
 
 class Abstention:

@@ -106,6 +106,20 @@ def test_a_stop_inside_a_word_is_refused(tokenizer):
     assert constraint.choose(logits, ids) == 0
 
 
+def test_a_word_is_finished_where_none_of_the_likeliest_tokens_goes_on_with_it(tokenizer):
+    constraint = constraint_for(tokenizer, "the denver broncos won the game")
+    ids = tokenizer.encode("denver", add_special_tokens=False).ids
+    assert len(ids) > 1 and not constraint.ends_word(tokenizer.decode(ids[:1]))
+    off_span = [t for t in range(1, tokenizer.get_vocab_size()) if t != ids[1] and not constraint.allows(ids[:1] + [t])]
+    logits = np.zeros(tokenizer.get_vocab_size(), np.float32)
+    logits[0], logits[off_span[:2 * SpanConstraint.CANDIDATES]], logits[ids[1]] = 6.0, 5.0, 1.0
+    # the stop and the CANDIDATES likeliest tokens after it would all leave "d..." inside "denver"
+    assert constraint.choose(logits, ids[:1]) == ids[1]
+    logits[ids[1]] = -1.0
+    assert constraint.choose(logits, ids[:1]) not in [0, *off_span]  # a less likely token that goes on with the word
+    assert constraint.choose(logits, ids) == 0  # where the word has ended, the answer still stops
+
+
 def test_a_space_does_not_end_a_word_the_context_continues(tokenizer):
     constraint = constraint_for(tokenizer, "the denver broncos won")
     assert constraint.allows(tokenizer.encode("the ", add_special_tokens=False).ids)  # "the denver"
