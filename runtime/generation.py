@@ -15,24 +15,29 @@ from edgerag.runtime.session import ORT_DTYPES
 class SpanConstraint:
     """Answers that are spans of what the generator read. At each step the token chosen is the model's
     most likely one that keeps the answer a substring of the context (case and runs of white space
-    aside), or a stop token; where none of its CANDIDATES most likely tokens does, the answer ends,
-    unless it stands inside a word: then the word goes on with the most likely of WORD_CANDIDATES
-    tokens that fits. A span starts where a word of the context starts, and a stop is allowed where
-    a word ends: spans are matched case aside, so "existence, Warsaw" would otherwise let the answer
-    be "Ce, Warsaw".
-    Checked on text, not token ids: an answer's first token is often spelled otherwise in the context
-    (no leading space after the template's line break)."""
+    aside), or a stop token; the same text as the context spells it where one of the CANDIDATES most
+    likely tokens has that ("They" rather than "TheY"). Where none of them fits, the answer ends,
+    unless it stands inside a word: then the word goes on with the context's next token ("Ci" for
+    "City" ends as "City"). A span starts where a word of the context starts, and a stop is
+    allowed where a word ends: spans are matched case aside, so "existence, Warsaw" would otherwise
+    let the answer be "Ce, Warsaw". Checked on text, not token ids: an answer's first token is often
+    spelled otherwise in the context (no leading space after the template's line break).
+
+    decode: token ids -> text; encode: text -> token ids (None: a word is never finished that way)."""
 
     CANDIDATES = 64
-    WORD_CANDIDATES = 4096  # where the answer stands inside a word and none of CANDIDATES goes on with it
 
-    def __init__(self, context: str, decode: Callable[[list[int]], str], stop_token_ids: Container[int]):
+    def __init__(self, context: str, decode: Callable[[list[int]], str], stop_token_ids: Container[int],
+                 encode: Callable[[str], list[int]] | None = None):
         self.context = _squeezed(context)
+        self.spelled = _squeezed(context, fold=False)
         self.decode = decode
+        self.encode = encode
         self.stop = sorted(stop_token_ids)
 
-    def allows(self, tokens: list[int], before: str | None = None) -> bool:
-        """Whether the answer `tokens` is still a span; before: the text of all but the last (if known)."""
+    def allows(self, tokens: list[int], before: str | None = None, spelled: bool = False) -> bool:
+        """Whether the answer `tokens` is still a span (spelled: as the context spells it, case and all);
+        before: the text of all but the last (if known)."""
         text = self.decode(tokens)
         before = self.decode(tokens[:-1]) if before is None else before
         # a token must add text: a special token, or white space after white space, would only spend the
@@ -40,50 +45,76 @@ class SpanConstraint:
         if text == before or (_squeezed(text) == _squeezed(before) and (not before.strip() or before[-1].isspace())):
             return False
         whole = text.rstrip("\ufffd")
-        span = _squeezed(whole).lstrip()
+        span = _squeezed(whole, fold=not spelled).lstrip()
         if len(whole) == len(text):
             if text[-1:].isspace():  # only where the context has white space (or a passage's end) there
-                return bool(span) and any(f in ("", " ", "\x00") for f in self._found(span))
-            return bool(span) and any(True for _ in self._found(span))  # white space alone is no answer
+                return bool(span) and any(f in ("", " ", "\x00") for f in self._found(span, spelled))
+            return bool(span) and any(True for _ in self._found(span, spelled))  # white space alone is no answer
         # a character whose bytes are split over tokens decodes to U+FFFD until its last byte comes:
         # allowed where the context has a character of several bytes (not ASCII) after the span
         if len(text) - len(whole) > 3:
             return False
-        return any(following and ord(following) > 127 for following in self._found(span))
+        return any(following and ord(following) > 127 for following in self._found(span, spelled))
 
     def ends_word(self, text: str) -> bool:
         """Whether an answer of `text` may stop: it is empty, or a span of the context that ends a word."""
         span = _squeezed(text).lstrip()
         return not span or not _in_word(span[-1]) or any(not _in_word(f) for f in self._found(span))
 
-    def _found(self, span: str) -> Iterator[str]:
-        """For each place `span` occurs in the context starting a word: the character after it ("" at the end)."""
-        at = self.context.find(span)
+    def _ends(self, span: str, spelled: bool = False) -> Iterator[int]:
+        """For each place `span` occurs in the context starting a word: where it ends."""
+        context = self.spelled if spelled else self.context
+        at = context.find(span)
         while at >= 0:
-            following = self.context[at + len(span):at + len(span) + 1]
-            first = (span or following)[:1]  # an empty span: a character whose bytes are still coming
-            if at == 0 or not _in_word(first) or not _in_word(self.context[at - 1]):
-                yield following
-            at = self.context.find(span, at + 1)
+            first = (span or context[at:at + 1])[:1]  # an empty span: a character whose bytes are still coming
+            if at == 0 or not _in_word(first) or not _in_word(context[at - 1]):
+                yield at + len(span)
+            at = context.find(span, at + 1)
+
+    def _found(self, span: str, spelled: bool = False) -> Iterator[str]:
+        """For each place `span` occurs in the context starting a word: the character after it ("" at the end)."""
+        context = self.spelled if spelled else self.context
+        return (context[end:end + 1] for end in self._ends(span, spelled))
+
+    def _rests_of_word(self, span: str) -> set[str]:
+        """For each place `span` occurs in the context inside a word: the rest of that word."""
+        rests = set()
+        for end in self._ends(span):
+            stop = end
+            while stop < len(self.context) and _in_word(self.context[stop]):
+                stop += 1
+            if stop > end:
+                rests.add(self.context[end:stop])
+        return rests
 
     def choose(self, logits: np.ndarray, tokens: list[int]) -> int:
         so_far = self.decode(tokens)  # once a step, not once a candidate
 
-        def fits(token: int) -> bool:
+        def fits(token: int, spelled: bool = False) -> bool:
             if token in self.stop:  # no stop inside a character (its bytes must all come first), nor inside a word
                 return not so_far.endswith("\ufffd") and self.ends_word(so_far)
-            return self.allows(tokens + [token], so_far)
+            return self.allows(tokens + [token], so_far, spelled)
         best = int(logits.argmax())
-        if fits(best):
+        if fits(best, spelled=True):
             return best
-        tried = self._ranked(logits, self.CANDIDATES)
-        chosen = next((t for t in tried if t != best and fits(t)), None)
-        if chosen is None and not self.ends_word(so_far):
-            # a stop here would leave half a word ("Ci" for "City"): look further down the ranking for a
-            # token that goes on with it (single characters are in the vocabulary, so one usually does)
-            tried = set(tried)
-            chosen = next((t for t in self._ranked(logits, self.WORD_CANDIDATES) if t not in tried and fits(t)), None)
+        ranked = self._ranked(logits, self.CANDIDATES)
+        chosen = next((t for t in ranked if fits(t)), None)
+        if chosen is not None and chosen not in self.stop and self._spelled_so_far(so_far):
+            # the same text as the context spells it, where a likely token has it: "They" for "TheY"
+            wanted, length = _squeezed(self.decode(tokens + [chosen])), len(_squeezed(so_far))
+            chosen = next((t for t in ranked if t not in self.stop and fits(t, spelled=True)
+                           and len(added := _squeezed(self.decode(tokens + [t]))) > length and wanted.startswith(added)),
+                          chosen)
+        if chosen is None and self.encode is not None and not self.ends_word(so_far):
+            # a stop here would leave half a word: each place the answer stands inside a word offers
+            # the first token of the word's rest (the likeliest of them is taken)
+            offered = {ids[0] for rest in self._rests_of_word(_squeezed(so_far).lstrip()) if (ids := self.encode(rest))}
+            chosen = max((t for t in offered if fits(t)), key=lambda t: logits[t], default=None)
         return self.stop[0] if chosen is None else chosen
+
+    def _spelled_so_far(self, text: str) -> bool:
+        span = _squeezed(text.rstrip("\ufffd"), fold=False).lstrip()
+        return not span or any(True for _ in self._found(span, spelled=True))
 
     @staticmethod
     def _ranked(logits: np.ndarray, n: int) -> list[int]:
@@ -138,8 +169,10 @@ def _in_word(char: str) -> bool:
     return char.isalnum() and not any(low <= ord(char) <= high for low, high in _UNSPACED)
 
 
-def _squeezed(text: str) -> str:
-    return " ".join(text.split()).casefold()
+def _squeezed(text: str, fold: bool = True) -> str:
+    """Runs of white space as one space, and case folded (fold=False: case kept)."""
+    text = " ".join(text.split())
+    return text.casefold() if fold else text
 
 
 class Generation:

@@ -367,7 +367,7 @@ class Pipeline:
             # passage texts apart: a span never runs from one into the next (nor into a title)
             constraint = SpanConstraint("\x00".join(text for _, text in context),
                                         lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-                                        self.generator.stop)
+                                        self.generator.stop, self.token_ids)
         abstention = None
         if self.abstain_threshold is not None:
             abstention = Abstention(self.manifest.abstention.token_ids, self.abstain_threshold,

@@ -20,7 +20,8 @@ def tokenizer(tiny_bundle_varied):
 
 
 def constraint_for(tokenizer, context: str, stop=(0,)) -> SpanConstraint:
-    return SpanConstraint(context, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stop)
+    return SpanConstraint(context, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stop,
+                          lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def test_the_most_likely_token_that_keeps_a_span_is_chosen(tokenizer):
@@ -110,14 +111,28 @@ def test_a_word_is_finished_where_none_of_the_likeliest_tokens_goes_on_with_it(t
     constraint = constraint_for(tokenizer, "the denver broncos won the game")
     ids = tokenizer.encode("denver", add_special_tokens=False).ids
     assert len(ids) > 1 and not constraint.ends_word(tokenizer.decode(ids[:1]))
-    off_span = [t for t in range(1, tokenizer.get_vocab_size()) if t != ids[1] and not constraint.allows(ids[:1] + [t])]
-    logits = np.zeros(tokenizer.get_vocab_size(), np.float32)
-    logits[0], logits[off_span[:2 * SpanConstraint.CANDIDATES]], logits[ids[1]] = 6.0, 5.0, 1.0
-    # the stop and the CANDIDATES likeliest tokens after it would all leave "d..." inside "denver"
-    assert constraint.choose(logits, ids[:1]) == ids[1]
-    logits[ids[1]] = -1.0
-    assert constraint.choose(logits, ids[:1]) not in [0, *off_span]  # a less likely token that goes on with the word
+    off_span = [t for t in range(1, tokenizer.get_vocab_size()) if not constraint.allows(ids[:1] + [t])]
+    logits = np.full(tokenizer.get_vocab_size(), -10.0, np.float32)
+    # the stop and the CANDIDATES likeliest tokens after it would all leave the answer inside "denver"
+    logits[0], logits[off_span[:2 * SpanConstraint.CANDIDATES]] = 6.0, 5.0
+    chosen = constraint.choose(logits, ids[:1])
+    assert chosen != 0 and "denver".startswith(tokenizer.decode(ids[:1] + [chosen]))
     assert constraint.choose(logits, ids) == 0  # where the word has ended, the answer still stops
+    without_encode = SpanConstraint(constraint.context, constraint.decode, constraint.stop)
+    assert without_encode.choose(logits, ids[:1]) == 0
+
+
+def test_the_context_s_spelling_is_preferred_where_a_likely_token_has_it(tokenizer):
+    constraint = constraint_for(tokenizer, "the Denver Broncos won the game")
+    the = tokenizer.encode("the", add_special_tokens=False).ids
+    lower, upper = (tokenizer.encode(word, add_special_tokens=False).ids[0] for word in (" denver", " Denver"))
+    assert lower != upper and constraint.allows(the + [lower]) and not constraint.allows(the + [lower], spelled=True)
+    logits = np.zeros(tokenizer.get_vocab_size(), np.float32)
+    logits[lower], logits[upper] = 5.0, 4.0
+    assert constraint.choose(logits, the) == upper
+    off_span = [t for t in range(1, tokenizer.get_vocab_size()) if not constraint.allows(the + [t])]
+    logits[off_span[:SpanConstraint.CANDIDATES]], logits[upper] = 4.5, -1.0  # out of the likeliest tokens:
+    assert constraint.choose(logits, the) == lower  # the answer goes on case aside
 
 
 def test_a_space_does_not_end_a_word_the_context_continues(tokenizer):
