@@ -35,7 +35,7 @@ def cmd_ask(args) -> int:
     from edgerag.runtime import Pipeline
 
     pipeline = Pipeline.load(args.bundle, threads=args.threads, check=not args.no_verify, prompt_lookup=args.prompt_lookup,
-                             answers=args.answers, abstain_threshold=args.abstain_threshold)
+                             answers=args.answers, abstain_threshold=args.abstain_threshold, budget=args.budget)
     if args.question is not None:
         questions = [args.question]
     else:
@@ -169,6 +169,8 @@ def cmd_eval(args) -> int:
         raise ValueError("--answers applies to a bundle; a model folder answers with its own tokens")
     if not 0.0 <= args.unanswerable < 1.0:
         raise ValueError(f"--unanswerable is a share of the questions, from 0 to below 1, not {args.unanswerable}")
+    if args.budget is not None and not (Path(args.model) / MANIFEST).exists():
+        raise ValueError("--budget applies to a bundle (a model folder reads the compression its recipe set)")
     if (args.unanswerable or args.abstain_threshold is not None) and not (Path(args.model) / MANIFEST).exists():
         raise ValueError("--unanswerable and --abstain-threshold apply to a bundle (a run's eval stage scores its "
                          "teacher and student on unanswerable questions: [eval] unanswerable in the recipe)")
@@ -176,7 +178,7 @@ def cmd_eval(args) -> int:
 
     check_threshold(args.abstain_threshold)
     result = evaluate_model(args.model, args.questions, args.corpus, args.n, args.k, answers=args.answers,
-                            unanswerable=args.unanswerable, abstain_threshold=args.abstain_threshold)
+                            unanswerable=args.unanswerable, abstain_threshold=args.abstain_threshold, budget=args.budget)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -200,6 +202,10 @@ def add_options(parser: argparse.ArgumentParser, options_class) -> None:
             parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text)
 
 
+BUDGET_HELP = ("a bundle's compressed context: tokens of piece text read (default: the bundle's, which its student "
+               "was distilled on)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgerag", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the bundle's setting)")
     ask.add_argument("--abstain-threshold", type=float, default=None,
                      help="abstain where an answer's confidence is below it, 0 to 1 (default: the bundle's; 0: never)")
+    ask.add_argument("--budget", type=int, default=None, help=BUDGET_HELP)
     ask.set_defaults(func=cmd_ask)
 
     srv = sub.add_parser("serve", help="answer over HTTP: /v1/ask, OpenAI's /v1/chat/completions (device; extra [serve])")
@@ -303,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "SQuAD 2.0's figures (abstention) and the answers' citations (default: 0)")
     e.add_argument("--abstain-threshold", type=float, default=None,
                    help="a bundle's abstention threshold, 0 to 1 (default: the bundle's)")
+    e.add_argument("--budget", type=int, default=None, help=BUDGET_HELP)
     e.set_defaults(func=cmd_eval)
 
     from edgerag.benchmarks.bench import add_cli as add_bench  # its top level imports nothing heavy

@@ -18,12 +18,12 @@ from pathlib import Path
 from edgerag.data import (Passage, Question, data_path, holds_answer, read_passages, read_questions, sample_questions,
                           unanswerable_passages, unanswerable_sample)
 from edgerag.metrics import (RECALL_DEPTH, abstains, abstention_figures, answer_record, context_figures,
-                             garbled_copies, score, write_answers)
+                             garbled_copies, score, spelled_as_read, write_answers)
 
 
 def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Passage] | None, k: int = 3,
                     answers_out: Path | None = None, answers: str | None = None, unanswerable: float = 0.0,
-                    abstain_threshold: float | None = None, seed: int = 0) -> dict:
+                    abstain_threshold: float | None = None, seed: int = 0, budget: int | None = None) -> dict:
     """Metrics of an exported bundle through the device runtime; `passages` (if given) are added to its
     corpus; answers: "spans" or "free" (None: the bundle's setting).
 
@@ -33,7 +33,7 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     (metrics.abstention_figures), with the answers' citations."""
     from edgerag.runtime import Pipeline
 
-    p = Pipeline.load(bundle, answers=answers, abstain_threshold=abstain_threshold)
+    p = Pipeline.load(bundle, answers=answers, abstain_threshold=abstain_threshold, budget=budget)
     threshold = p.abstain_threshold
     if threshold is not None:
         # every answer generated with abstention off and its confidence kept: abstaining is then a
@@ -72,6 +72,9 @@ def evaluate_bundle(bundle: Path, questions: list[Question], passages: list[Pass
     prompts_text = [p.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
     result.update(context_figures(questions, prompts_text, [len(ids) for ids in prompts]))
     result.update(garbled_copies(questions, open_answers, prompts_text))
+    result.update(spelled_as_read(open_answers, [" ".join(text for _, text in passages) for passages in read]))
+    if p.compression is not None:
+        result["budget"] = p.compression.budget
     result["answers"] = p.answers
     result.update({"generator_params": p.manifest.generator.parameters,
                    "encoder_params": p.manifest.query_encoder.parameters,
@@ -126,7 +129,7 @@ def citation_figures(records: list[dict]) -> dict:
 
 def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int | None = None, seed: int = 0,
                    batch_size: int = 8, answers_out=None, answers: str | None = None, unanswerable: float = 0.0,
-                   abstain_threshold: float | None = None) -> dict:
+                   abstain_threshold: float | None = None, budget: int | None = None) -> dict:
     """Evaluate a teacher/student folder or a bundle on a SQuAD-format file.
 
     The corpus is `corpus_path` (SQuAD or JSONL) if given, else the passages of the questions file.
@@ -134,6 +137,7 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
     setting, else 3).
     Returns {"dataset", "n_questions", "k", "model", "em", "f1", ..., "seconds_per_question"};
     `answers_out` (a path) also gets every question's answers and retrieved passage ids as JSONL.
+    budget: a bundle's compressed context, tokens of piece text (None: the bundle's own).
     """
     model_path = Path(model_path)
     questions = sample_questions(read_questions(questions_path), n, seed)
@@ -146,7 +150,7 @@ def evaluate_model(model_path, questions_path, corpus_path=None, n=None, k: int 
             k = read_manifest(model_path).generation.k
         passages = read_passages(corpus_path) if corpus_path else None
         metrics = evaluate_bundle(model_path, questions, passages, k, answers_out, answers, unanswerable,
-                                  abstain_threshold, seed)
+                                  abstain_threshold, seed, budget)
     else:
         if not ((model_path / "generator").is_dir() or (model_path / "rag").is_dir()) or not (model_path / "query_encoder").is_dir():
             raise FileNotFoundError(f"{model_path}: neither a bundle (manifest.json) nor a model folder (query_encoder/ and generator/)")

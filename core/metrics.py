@@ -96,6 +96,13 @@ def garbled_copies(questions, answers: list[str], prompts_text: list[str]) -> di
     return {"garbled_copies": round(100.0 * garbled / max(len(held), 1), 2)}
 
 
+def spelled_as_read(answers: list[str], read: list[str]) -> dict:
+    """Of the answers given, the share (0-100) found in the text read exactly as it spells them (case kept,
+    runs of white space aside): what a user can check against the passage."""
+    pairs = [(" ".join(answer.split()), " ".join(text.split())) for answer, text in zip(answers, read) if answer.strip()]
+    return {"spelled_as_read": round(100.0 * sum(answer in text for answer, text in pairs) / max(len(pairs), 1), 2)}
+
+
 ABSTENTION_ROWS = ("threshold", "f1_overall", "f1_overall_without_abstention", "has_answer_f1",
                    "has_answer_f1_without_abstention", "has_answer_abstained", "no_answer_accuracy")
 

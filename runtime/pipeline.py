@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -123,7 +123,7 @@ class Pipeline:
     def load(cls, bundle: str | Path, threads: int | None = None, check: bool = True,
              reuse_prefix: str | bool = "template", retrieval_only: bool = False,
              prompt_lookup: int | None = None, answers: str | None = None,
-             abstain_threshold: float | None = None) -> "Pipeline":
+             abstain_threshold: float | None = None, budget: int | None = None) -> "Pipeline":
         """Load a bundle directory. Every file's checksum is verified (`check=False` skips that): the weight
         files' beside the loading, every other file's before it is parsed.
 
@@ -143,12 +143,17 @@ class Pipeline:
         bundle's, manifest.abstention.threshold; 0: never). A bundle that did not learn to abstain
         has no confidence and ignores it.
 
+        budget: tokens of piece text in the compressed context (None: the bundle's,
+        manifest.compression.budget). More holds a gold answer more often but costs prefill time, and
+        a student reads best the budget it was distilled on; a bundle without compression ignores it.
+
         Threads may share a Pipeline: ask, stream, ask_batch and retrieve keep no state between
         calls (with "previous", an answer depends on the previous prompt within the quantization
         error of int8sq), retrieval is serialized and generation runs concurrently.
         """
         check_prompt_lookup(prompt_lookup)
         check_threshold(abstain_threshold)
+        check_count("budget", budget)
         if answers is not None and answers not in ANSWER_KINDS:
             raise ValueError(f"answers is {answers!r}; choose from {', '.join(ANSWER_KINDS)}")
         bundle = Path(bundle)
@@ -159,6 +164,8 @@ class Pipeline:
         pipeline.answers = answers or manifest.generation.answers
         if abstain_threshold is not None and pipeline.abstain_threshold is not None:
             pipeline.abstain_threshold = float(abstain_threshold)
+        if budget is not None and pipeline.compression is not None:
+            pipeline.compression = replace(pipeline.compression, budget=budget)
         return cls._opened(pipeline, retrieval_only, [bundle / name for name in weight_files(manifest)], before)
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgerag.metrics import best_over_references, exact_match, f1, normalize_answer, recall_at
+from edgerag.metrics import best_over_references, exact_match, f1, normalize_answer, recall_at, spelled_as_read
 
 
 @pytest.mark.parametrize("raw, normalized", [
@@ -41,6 +41,13 @@ def test_recall_at():
     assert recall_at(ranked, "p1", 1) == 0.0
     assert recall_at(ranked, "p1", 2) == 1.0
     assert recall_at(ranked, "p9", 20) == 0.0
+
+
+def test_spelled_as_read_counts_answers_given_as_the_text_spells_them():
+    read = ["The Cold War drew to a close.", "Melodram, a  theatre", "the Broncos"]
+    assert spelled_as_read(["The Cold  War", "Melodram, a theatre", "the Broncos"], read)["spelled_as_read"] == 100.0
+    assert spelled_as_read(["the Cold War", "MeloDram", ""], read)["spelled_as_read"] == 0.0  # case counts; "" is no answer
+    assert spelled_as_read(["", ""], read[:2])["spelled_as_read"] == 0.0
 
 
 def test_import_is_light():
