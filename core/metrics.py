@@ -98,9 +98,10 @@ def garbled_copies(questions, answers: list[str], prompts_text: list[str]) -> di
 
 def spelled_as_read(answers: list[str], read: list[str]) -> dict:
     """Of the answers given, the share (0-100) found in the text read exactly as it spells them (case kept,
-    runs of white space aside): what a user can check against the passage."""
+    runs of white space aside): what a user can check against the passage. None where none was given."""
     pairs = [(" ".join(answer.split()), " ".join(text.split())) for answer, text in zip(answers, read) if answer.strip()]
-    return {"spelled_as_read": round(100.0 * sum(answer in text for answer, text in pairs) / max(len(pairs), 1), 2)}
+    found = sum(answer in text for answer, text in pairs)
+    return {"spelled_as_read": round(100.0 * found / len(pairs), 2) if pairs else None}
 
 
 ABSTENTION_ROWS = ("threshold", "f1_overall", "f1_overall_without_abstention", "has_answer_f1",

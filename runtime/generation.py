@@ -15,21 +15,25 @@ from edgerag.runtime.session import ORT_DTYPES
 class SpanConstraint:
     """Answers that are spans of what the generator read. At each step the token chosen is the model's
     most likely one that keeps the answer a substring of the context (case and runs of white space
-    aside), or a stop token; the same text as the context spells it where one of the CANDIDATES most
-    likely tokens has that ("They" rather than "TheY"). Where none of them fits, the answer ends,
-    unless it stands inside a word: then the word goes on with the context's next token ("Ci" for
-    "City" ends as "City"). A span starts where a word of the context starts, and a stop is
-    allowed where a word ends: spans are matched case aside, so "existence, Warsaw" would otherwise
-    let the answer be "Ce, Warsaw". Checked on text, not token ids: an answer's first token is often
-    spelled otherwise in the context (no leading space after the template's line break).
+    aside), or a stop token. While the answer is spelled as the context spells it, a token that writes
+    the same text in the context's case is taken over one that does not, where one of the CANDIDATES
+    most likely tokens does ("They" rather than "TheY"). Where none of them fits, the answer ends,
+    unless it stands inside a word: then each place it stands offers the first token of the rest of
+    that word (its tokenizer's encoding of it), and the likeliest of those goes on ("Ci" of "City"
+    becomes "City"). A span starts where a word of the context starts, and a stop is allowed where a
+    word ends: spans are matched case aside, so "existence, Warsaw" would otherwise let the answer be
+    "Ce, Warsaw". Checked on text, not token ids: an answer's first token is often spelled otherwise in
+    the context (no leading space after the template's line break).
 
-    decode: token ids -> text; encode: text -> token ids (None: a word is never finished that way)."""
+    decode: token ids -> text; encode: text -> token ids, no special tokens (None: a word is never
+    finished that way). A tokenizer that puts a space before every text it encodes (SentencePiece's
+    "▁") finishes no word either: the offered token would not fit."""
 
     CANDIDATES = 64
 
     def __init__(self, context: str, decode: Callable[[list[int]], str], stop_token_ids: Container[int],
                  encode: Callable[[str], list[int]] | None = None):
-        self.context = _squeezed(context)
+        self.folded = _squeezed(context)
         self.spelled = _squeezed(context, fold=False)
         self.decode = decode
         self.encode = encode
@@ -61,9 +65,14 @@ class SpanConstraint:
         span = _squeezed(text).lstrip()
         return not span or not _in_word(span[-1]) or any(not _in_word(f) for f in self._found(span))
 
+    def spelled_as_context(self, text: str) -> bool:
+        """Whether an answer of `text` is a span of the context case and all (a character still coming aside)."""
+        span = _squeezed(text.rstrip("\ufffd"), fold=False).lstrip()
+        return not span or any(True for _ in self._found(span, spelled=True))
+
     def _ends(self, span: str, spelled: bool = False) -> Iterator[int]:
         """For each place `span` occurs in the context starting a word: where it ends."""
-        context = self.spelled if spelled else self.context
+        context = self.spelled if spelled else self.folded
         at = context.find(span)
         while at >= 0:
             first = (span or context[at:at + 1])[:1]  # an empty span: a character whose bytes are still coming
@@ -73,54 +82,52 @@ class SpanConstraint:
 
     def _found(self, span: str, spelled: bool = False) -> Iterator[str]:
         """For each place `span` occurs in the context starting a word: the character after it ("" at the end)."""
-        context = self.spelled if spelled else self.context
+        context = self.spelled if spelled else self.folded
         return (context[end:end + 1] for end in self._ends(span, spelled))
 
-    def _rests_of_word(self, span: str) -> set[str]:
-        """For each place `span` occurs in the context inside a word: the rest of that word."""
+    def _word_rests(self, text: str, spelled: bool) -> set[str]:
+        """For each place an answer of `text` occurs in the context and ends inside a word: the rest of
+        that word, as the context spells it (spelled) or case folded."""
+        context = self.spelled if spelled else self.folded
         rests = set()
-        for end in self._ends(span):
+        for end in self._ends(_squeezed(text, fold=not spelled).lstrip(), spelled):
             stop = end
-            while stop < len(self.context) and _in_word(self.context[stop]):
+            while stop < len(context) and _in_word(context[stop]):
                 stop += 1
             if stop > end:
-                rests.add(self.context[end:stop])
+                rests.add(context[end:stop])
         return rests
 
     def choose(self, logits: np.ndarray, tokens: list[int]) -> int:
         so_far = self.decode(tokens)  # once a step, not once a candidate
+        spelled = self.spelled_as_context(so_far)
 
         def fits(token: int, spelled: bool = False) -> bool:
             if token in self.stop:  # no stop inside a character (its bytes must all come first), nor inside a word
                 return not so_far.endswith("\ufffd") and self.ends_word(so_far)
             return self.allows(tokens + [token], so_far, spelled)
         best = int(logits.argmax())
-        if fits(best, spelled=True):
+        if fits(best, spelled):  # where the answer is spelled otherwise already, only case aside
             return best
         ranked = self._ranked(logits, self.CANDIDATES)
         chosen = next((t for t in ranked if fits(t)), None)
-        if chosen is not None and chosen not in self.stop and self._spelled_so_far(so_far):
-            # the same text as the context spells it, where a likely token has it: "They" for "TheY"
-            wanted, length = _squeezed(self.decode(tokens + [chosen])), len(_squeezed(so_far))
-            chosen = next((t for t in ranked if t not in self.stop and fits(t, spelled=True)
-                           and len(added := _squeezed(self.decode(tokens + [t]))) > length and wanted.startswith(added)),
-                          chosen)
+        if spelled and chosen is not None and chosen not in self.stop and not fits(chosen, spelled=True):
+            # the same text as the context spells it, where a likely token writes it: "They" for "TheY"
+            wanted = _squeezed(self.decode(tokens + [chosen]))
+            chosen = next((t for t in ranked if t not in self.stop and _squeezed(self.decode(tokens + [t])) == wanted
+                           and fits(t, spelled=True)), chosen)
         if chosen is None and self.encode is not None and not self.ends_word(so_far):
-            # a stop here would leave half a word: each place the answer stands inside a word offers
-            # the first token of the word's rest (the likeliest of them is taken)
-            offered = {ids[0] for rest in self._rests_of_word(_squeezed(so_far).lstrip()) if (ids := self.encode(rest))}
-            chosen = max((t for t in offered if fits(t)), key=lambda t: logits[t], default=None)
+            # a stop here would leave half a word ("Ci" of "City"): each place the answer stands in one
+            # offers the first token of the word's rest, as the context spells it where the answer does
+            offered = {ids[0] for rest in self._word_rests(so_far, spelled) if (ids := self.encode(rest))}
+            chosen = max((t for t in offered if fits(t)), key=lambda t: (logits[t], -t), default=None)
         return self.stop[0] if chosen is None else chosen
-
-    def _spelled_so_far(self, text: str) -> bool:
-        span = _squeezed(text.rstrip("\ufffd"), fold=False).lstrip()
-        return not span or any(True for _ in self._found(span, spelled=True))
 
     @staticmethod
     def _ranked(logits: np.ndarray, n: int) -> list[int]:
-        """The n most likely tokens, most likely first."""
+        """The n most likely tokens, most likely first; ties by token id, as argmax breaks them."""
         n = min(n, len(logits))
-        top = np.argpartition(-logits, n - 1)[:n]
+        top = np.sort(np.argpartition(-logits, n - 1)[:n])
         return [int(t) for t in top[np.argsort(-logits[top], kind="stable")]]
 
 

@@ -165,6 +165,10 @@ class Pipeline:
         if abstain_threshold is not None and pipeline.abstain_threshold is not None:
             pipeline.abstain_threshold = float(abstain_threshold)
         if budget is not None and pipeline.compression is not None:
+            room = pipeline.prompt_budget(manifest.generation.max_new_tokens)
+            if budget >= room:
+                raise PromptError(f"budget is {budget} tokens; this bundle's prompt holds {room} with the question and "
+                                  f"the template (its own budget is {pipeline.compression.budget})")
             pipeline.compression = replace(pipeline.compression, budget=budget)
         return cls._opened(pipeline, retrieval_only, [bundle / name for name in weight_files(manifest)], before)
 

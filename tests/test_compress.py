@@ -412,13 +412,14 @@ def test_a_bundles_budget_is_set_at_load(tiny_bundle_compressed):
     from edgerag.runtime import Pipeline
     from edgerag.runtime.prompt import PromptError
 
-    own, larger = Pipeline.load(tiny_bundle_compressed), Pipeline.load(tiny_bundle_compressed, budget=400)
-    assert own.compression.budget == own.manifest.compression.budget < 400 and larger.compression.budget == 400
+    own, larger = Pipeline.load(tiny_bundle_compressed), Pipeline.load(tiny_bundle_compressed, budget=200)
+    assert own.compression.budget == own.manifest.compression.budget < 200 and larger.compression.budget == 200
     question = "What was the purpose of the Third Crusade?"
     read = [sum(len(p.token_ids(c["text"])) for c in p.ask(question).context) for p in (own, larger)]
     assert read[0] < read[1]
-    with pytest.raises(PromptError, match="budget"):
-        Pipeline.load(tiny_bundle_compressed, budget=0)
+    for budget in (0, own.manifest.generator.max_context):  # none, or more than the prompt holds
+        with pytest.raises(PromptError, match="budget"):
+            Pipeline.load(tiny_bundle_compressed, budget=budget)
 
 
 def test_piece_file_is_checked(compressed_bundle, tmp_path):

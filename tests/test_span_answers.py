@@ -118,21 +118,34 @@ def test_a_word_is_finished_where_none_of_the_likeliest_tokens_goes_on_with_it(t
     chosen = constraint.choose(logits, ids[:1])
     assert chosen != 0 and "denver".startswith(tokenizer.decode(ids[:1] + [chosen]))
     assert constraint.choose(logits, ids) == 0  # where the word has ended, the answer still stops
-    without_encode = SpanConstraint(constraint.context, constraint.decode, constraint.stop)
+    without_encode = SpanConstraint("the denver broncos won the game", constraint.decode, constraint.stop)
     assert without_encode.choose(logits, ids[:1]) == 0
 
 
 def test_the_context_s_spelling_is_preferred_where_a_likely_token_has_it(tokenizer):
-    constraint = constraint_for(tokenizer, "the Denver Broncos won the game")
-    the = tokenizer.encode("the", add_special_tokens=False).ids
-    lower, upper = (tokenizer.encode(word, add_special_tokens=False).ids[0] for word in (" denver", " Denver"))
-    assert lower != upper and constraint.allows(the + [lower]) and not constraint.allows(the + [lower], spelled=True)
+    constraint = constraint_for(tokenizer, "They won the game")
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    the, upper, lower = encode("The"), encode("Y"), encode("y")
+    assert len(upper) == len(lower) == 1 and constraint.allows(the + upper) and not constraint.allows(the + upper, spelled=True)
     logits = np.zeros(tokenizer.get_vocab_size(), np.float32)
-    logits[lower], logits[upper] = 5.0, 4.0
-    assert constraint.choose(logits, the) == upper
+    logits[upper], logits[lower] = 5.0, 4.0
+    assert constraint.choose(logits, the) == lower[0]  # "They", not "TheY"
     off_span = [t for t in range(1, tokenizer.get_vocab_size()) if not constraint.allows(the + [t])]
-    logits[off_span[:SpanConstraint.CANDIDATES]], logits[upper] = 4.5, -1.0  # out of the likeliest tokens:
-    assert constraint.choose(logits, the) == lower  # the answer goes on case aside
+    logits[off_span[:SpanConstraint.CANDIDATES]], logits[lower] = 4.5, -1.0
+    assert constraint.choose(logits, the) == upper[0]  # out of the likeliest tokens: the answer goes on case aside
+    logits[lower] = 4.0
+    shouted = encode("THE")  # an answer spelled otherwise already is held to the context case aside only
+    assert constraint.choose(logits, shouted) == upper[0]
+
+
+def test_a_word_is_finished_as_the_context_spells_it(tokenizer):
+    constraint = constraint_for(tokenizer, "the CITY CHARTER and the city")
+    ci = tokenizer.encode("CI", add_special_tokens=False).ids
+    off_span = [t for t in range(1, tokenizer.get_vocab_size()) if not constraint.allows(ci + [t])]
+    logits = np.full(tokenizer.get_vocab_size(), -10.0, np.float32)
+    logits[0], logits[off_span[:2 * SpanConstraint.CANDIDATES]] = 6.0, 5.0
+    chosen = constraint.choose(logits, ci)
+    assert "CITY".startswith(tokenizer.decode(ci + [chosen])) and len(tokenizer.decode(ci + [chosen])) > 2
 
 
 def test_a_space_does_not_end_a_word_the_context_continues(tokenizer):

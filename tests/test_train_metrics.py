@@ -47,7 +47,7 @@ def test_spelled_as_read_counts_answers_given_as_the_text_spells_them():
     read = ["The Cold War drew to a close.", "Melodram, a  theatre", "the Broncos"]
     assert spelled_as_read(["The Cold  War", "Melodram, a theatre", "the Broncos"], read)["spelled_as_read"] == 100.0
     assert spelled_as_read(["the Cold War", "MeloDram", ""], read)["spelled_as_read"] == 0.0  # case counts; "" is no answer
-    assert spelled_as_read(["", ""], read[:2])["spelled_as_read"] == 0.0
+    assert spelled_as_read(["", ""], read[:2])["spelled_as_read"] is None  # no answer given: no share
 
 
 def test_import_is_light():
