@@ -70,9 +70,12 @@ class SpanConstraint:
         span = _squeezed(text.rstrip("\ufffd"), fold=False).lstrip()
         return not span or any(True for _ in self._found(span, spelled=True))
 
+    def _context(self, spelled: bool) -> str:
+        return self.spelled if spelled else self.folded
+
     def _ends(self, span: str, spelled: bool = False) -> Iterator[int]:
         """For each place `span` occurs in the context starting a word: where it ends."""
-        context = self.spelled if spelled else self.folded
+        context = self._context(spelled)
         at = context.find(span)
         while at >= 0:
             first = (span or context[at:at + 1])[:1]  # an empty span: a character whose bytes are still coming
@@ -82,13 +85,13 @@ class SpanConstraint:
 
     def _found(self, span: str, spelled: bool = False) -> Iterator[str]:
         """For each place `span` occurs in the context starting a word: the character after it ("" at the end)."""
-        context = self.spelled if spelled else self.folded
+        context = self._context(spelled)
         return (context[end:end + 1] for end in self._ends(span, spelled))
 
     def _word_rests(self, text: str, spelled: bool) -> set[str]:
         """For each place an answer of `text` occurs in the context and ends inside a word: the rest of
         that word, as the context spells it (spelled) or case folded."""
-        context = self.spelled if spelled else self.folded
+        context = self._context(spelled)
         rests = set()
         for end in self._ends(_squeezed(text, fold=not spelled).lstrip(), spelled):
             stop = end
