@@ -111,9 +111,11 @@ def cmd_export(args) -> int:
     require_workstation("export")
     from edgerag.export import ExportOptions
     from edgerag.export.bundle import export_bundle
-    from edgerag.models import calibration_questions, folder_models, passage_encoder_folder, read_info
+    from edgerag.models import calibration_questions, folder_models, passage_encoder_folder, read_calibration, read_info
     from edgerag.runtime.manifest import read_manifest
 
+    # a bad line fails here, before any model loads (a run's teacher learned to abstain too, and has no file of its own)
+    given_calibration = read_calibration(args.calibration) if args.calibration else None
     if args.model_folder:
         if args.query_encoder or args.generator:
             raise ValueError("give either a model folder or --query-encoder/--generator, not both")
@@ -133,6 +135,7 @@ def cmd_export(args) -> int:
         query_encoder, generator = args.query_encoder, args.generator
         passage_format = max_prompt_tokens = compression = calibration = None
         info = {}
+    calibration = given_calibration or calibration
     options = ExportOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExportOptions)
                                if f.metadata.get("cli", True)})
     if args.model_folder and "k" in info and options.k == ExportOptions.k:
@@ -282,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSONL (id, title, text) or SQuAD JSON, optionally .gz; or files and folders of documents "
                           "(.txt, .md, .html, .pdf), cut into passages")
     exp.add_argument("--out", required=True)
+    exp.add_argument("--calibration", metavar="JSONL",
+                     help="held-in questions to fit an abstention threshold on, for a generator that learned to abstain "
+                          "but whose folder names none: a run's fine-tuned teacher, with the run's "
+                          "student/calibration.jsonl (default: the folder's own, if any)")
     add_options(exp, ExportOptions)
     exp.set_defaults(func=cmd_export)
 

@@ -189,8 +189,6 @@ def calibration_questions(folder: str | Path) -> list | None:
     """The held-in questions on which export fits the abstention threshold of a student that learned to
     abstain (its edgerag.json's abstention.calibration, a JSONL of questions with their passages);
     None for a folder whose generator always answers."""
-    from edgerag.data import Question
-
     abstention = read_info(folder).get("abstention")
     if not abstention:
         return None
@@ -198,5 +196,24 @@ def calibration_questions(folder: str | Path) -> list | None:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: edgerag.json names {abstention['calibration']} for the abstention threshold, "
                                 "which is not there")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Question(**{**row, "answers": tuple(row["answers"])}) for row in rows]
+    return read_calibration(path)
+
+
+def read_calibration(path: str | Path) -> list:
+    """A calibration file: one question per line, with its passage and answers (a run's
+    student/calibration.jsonl)."""
+    from edgerag.data import Question
+
+    questions = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            questions.append(Question(**{**row, "answers": tuple(row["answers"])}))
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}, line {number}: not a calibration question (JSON with id, question, answers, "
+                             f"passage_id, title, context): {e}") from None
+    if not questions:
+        raise ValueError(f"{path} holds no questions")
+    return questions

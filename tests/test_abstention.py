@@ -333,9 +333,27 @@ def test_a_compressed_run_with_negatives_learns_reports_and_exports_abstention(t
     assert spec["fitted"]["questions"] == 10 and 0.0 <= spec["threshold"] <= 1.0 and spec["token_ids"]
     answer = Pipeline.load(bundle).ask("What is the capital of Poland?")
     assert answer.confidence is not None and answer.abstained == (answer.confidence < spec["threshold"])
+    # the run's teacher learned to abstain too: with the run's calibration file it exports as a bundle alike
+    teacher_bundle = tmp_path / "teacher-bundle"
+    assert main(["export", str(out / "teacher"), "--calibration", str(out / "student" / "calibration.jsonl"),
+                 "--passages", str(out / "data" / "corpus.jsonl"), "--out", str(teacher_bundle), "--quantize", "none"]) == 0
+    manifest = json.loads((teacher_bundle / "manifest.json").read_text())
+    assert manifest["abstention"]["fitted"]["questions"] == 10 and manifest["abstention"]["token_ids"]
+    teacher_info = json.loads((out / "teacher" / "edgerag.json").read_text())
+    assert bool(manifest.get("compression")) == bool(teacher_info.get("compression"))  # it reads what it was fine-tuned on
 
 
 # ---------------------------------------------------------------- bad input
+
+def test_a_calibration_file_with_a_bad_line_is_refused_with_its_line_before_any_model_loads(tmp_path, capsys):
+    from edgerag.cli import main
+
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text('{"id": "q1", "question": "Q?", "answers": ["C"], "passage_id": "p1", "title": "T", "context": "C"}\n{not json\n')
+    code = main(["export", str(tmp_path / "no-such-folder"), "--calibration", str(calibration),
+                 "--passages", str(calibration), "--out", str(tmp_path / "bundle")])
+    assert code != 0 and "calibration.jsonl, line 2" in capsys.readouterr().err
+    assert not (tmp_path / "bundle").exists()
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, "0.5", True, float("nan")])
 def test_a_threshold_outside_0_1_or_not_a_number_is_refused_with_the_range(tiny_bundle, bad):

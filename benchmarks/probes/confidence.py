@@ -1,14 +1,15 @@
 """Which confidence tells answerable contexts from unanswerable ones best, on one abstaining bundle:
 
     python -m edgerag.benchmarks.probes.confidence BUNDLE --held-in RUN/student [--questions F] [--n 200] [--k K]
+        [--max-costs 2,1,0.5]
 
 Every answer is generated once with abstention off, keeping 1 - P(NO_ANSWER) at the first step and
 the log-probability of each token the answer keeps (its end included). Each candidate confidence is
 then fitted as export fits it (metrics.fit_threshold: the best overall F1 whose abstentions cost the
-held-in answerable questions at most 2 F1 points) on the held-in questions (the student folder's
+held-in answerable questions at most 2 F1 points, or each of --max-costs) on the held-in questions (the student folder's
 calibration.jsonl, their passages added to the bundle in memory), and scored on the evaluation
 questions, half of them asked over passages that cannot answer them (SQuAD 2.0's figures); beside
-it, the most the evaluation questions themselves allow within 2 points. The runtime's "answer"
+it, the most the evaluation questions themselves allow within that bound. The runtime's "answer"
 confidence is "first step x geometric mean".
 """
 
@@ -72,8 +73,9 @@ def answer_records(bundle: Path, questions: list, held_in: bool, k: int | None) 
 def table(held_in: list[dict], evaluated: list[dict], max_cost: float = 2.0) -> str:
     from edgerag.metrics import abstention_figures, fit_threshold
 
-    lines = ["| confidence | threshold fitted on held-in | held-in: abstained (F1 cost) | evaluation: abstained | "
-             "F1 cost | overall F1 (without) | evaluation's own best within 2 points |", "|" + "---|" * 7]
+    lines = [f"| confidence | threshold fitted on held-in within {max_cost:g} | held-in: abstained (F1 cost) | "
+             f"evaluation: abstained | F1 cost | overall F1 (without) | evaluation's own best within {max_cost:g} |",
+             "|" + "---|" * 7]
     for name, confidence in CANDIDATES.items():
         fit_rows = [{**r, "confidence": confidence(r)} for r in held_in]
         rows = [{**r, "confidence": confidence(r)} for r in evaluated]
@@ -92,20 +94,25 @@ def table(held_in: list[dict], evaluated: list[dict], max_cost: float = 2.0) -> 
 
 def main(argv=None) -> int:
     from edgerag.data import read_questions, sample_questions
-    from edgerag.models import calibration_questions
+    from edgerag.models import calibration_questions, read_calibration
 
     parser = argparse.ArgumentParser(prog="python -m edgerag.benchmarks.probes.confidence", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--held-in", type=Path, required=True, help="the student folder whose calibration.jsonl the fit reads")
+    parser.add_argument("--held-in", type=Path, required=True,
+                        help="the student folder whose calibration.jsonl the fit reads, or such a file")
     parser.add_argument("--questions", default="../shared/data/xquad-en.json.gz")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--k", type=int, default=None, help="passages per question (default: the bundle's)")
+    parser.add_argument("--max-costs", default="2", help="comma-separated bounds on the held-in answerable F1 cost, "
+                        "one table each (export's --abstain-cost; default: %(default)s)")
     args = parser.parse_args(argv)
-    held_in = calibration_questions(args.held_in)
+    max_costs = [float(c) for c in args.max_costs.split(",")]
+    held_in = read_calibration(args.held_in) if args.held_in.is_file() else calibration_questions(args.held_in)
     if not held_in:
         parser.error(f"{args.held_in}: no held-in questions (a student that did not learn to abstain)")
     evaluated = sample_questions(read_questions(args.questions), args.n, 0)
-    print(table(answer_records(args.bundle, held_in, True, args.k), answer_records(args.bundle, evaluated, False, args.k)))
+    fit, scored = answer_records(args.bundle, held_in, True, args.k), answer_records(args.bundle, evaluated, False, args.k)
+    print("\n\n".join(table(fit, scored, c) for c in max_costs))
     return 0
 
 
