@@ -15,6 +15,9 @@ SYSTEM_KEYS = ("name", "threads", "p50_ms", "p95_ms", "ttft_ms", "prefill_ms", "
                "decode_floor_ms_per_token", "peak_rss_mb", "cold_start_s", "size_mb", "em", "f1", "recall@5")
 INDEX_KEYS = ("n", "ef", "recall@10", "p50_query_ms", "p99_query_ms", "build_s", "memory_mb")
 PNG = b"\x89PNG\r\n\x1a\n"
+# every system of the bench, peers included, twice: about 80 s for bench_out, so its tests run in
+# `make test-all`; the default suite runs the bench end to end in test_compress.py and test_rag.py
+whole_bench = pytest.mark.slow
 
 
 def _finite(x):
@@ -48,6 +51,7 @@ def bench_out(tiny_bundle, tiny_bundle_int4, tiny_models, run_folder, tmp_path_f
     return out
 
 
+@whole_bench
 def test_results_follow_the_schema(bench_out):
     results = json.loads((bench_out / "results.json").read_text())
     assert set(results) >= {"machine", "systems", "index"}
@@ -79,6 +83,7 @@ def test_results_follow_the_schema(bench_out):
         assert 0 <= row["recall@10"] <= 1
 
 
+@whole_bench
 def test_report_and_plots(bench_out):
     report = (bench_out / "report.md").read_text()
     assert "| teacher-torch | 1 |" in report and "(1.00×)" in report  # ratios to the teacher
@@ -103,6 +108,7 @@ def test_floors():
     assert "ortgenai-int4" in DEFAULT_SYSTEMS
 
 
+@whole_bench
 def test_each_question_is_measured_against_the_bandwidth_after_it(bench_out):
     results = json.loads((bench_out / "results.json").read_text())["systems"]
     for row in results:
@@ -114,6 +120,7 @@ def test_each_question_is_measured_against_the_bandwidth_after_it(bench_out):
         assert bounds[0] * (1 - 1e-9) <= floor <= bounds[1] * (1 + 1e-9), row["name"]
 
 
+@whole_bench
 def test_every_decoder_only_system_has_a_floor_with_its_kv_cache(bench_out):
     results = json.loads((bench_out / "results.json").read_text())["systems"]
     for row in results:
@@ -121,6 +128,7 @@ def test_every_decoder_only_system_has_a_floor_with_its_kv_cache(bench_out):
     assert "decode / floor w+KV" in (bench_out / "report.md").read_text()
 
 
+@whole_bench
 def test_rounds_pool_every_rounds_questions(bench_out):
     results = json.loads((bench_out / "results.json").read_text())
     assert results["setup"]["rounds"] == 2 and "2 rounds" in (bench_out / "report.md").read_text()
