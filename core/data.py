@@ -12,7 +12,7 @@ import json
 import os
 import random
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_DATA_DIR = os.environ.get("EDGERAG_DATA", "../shared/data")
@@ -39,6 +39,15 @@ class Question:
     passage_id: str
     title: str = ""
     context: str = field(default="", repr=False)
+
+
+def question_to_dict(q: Question) -> dict:
+    """A question as one JSON object (a run's train/eval files, a student's calibration.jsonl)."""
+    return {**asdict(q), "answers": list(q.answers)}
+
+
+def question_from_dict(d: dict) -> Question:
+    return Question(**{**d, "answers": tuple(d["answers"])})
 
 
 class DataError(ValueError):

@@ -202,18 +202,17 @@ def calibration_questions(folder: str | Path) -> list | None:
 def read_calibration(path: str | Path) -> list:
     """A calibration file: one question per line, with its passage and answers (a run's
     student/calibration.jsonl)."""
-    from edgerag.data import Question
+    from edgerag.data import DataError, question_from_dict
 
     questions = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            questions.append(Question(**{**row, "answers": tuple(row["answers"])}))
+            questions.append(question_from_dict(json.loads(line)))
         except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise ValueError(f"{path}, line {number}: not a calibration question (JSON with id, question, answers, "
-                             f"passage_id, title, context): {e}") from None
+            raise DataError(f"{path}, line {number}: not a calibration question (JSON with id, question, answers, "
+                            f"passage_id, title, context): {e}") from None
     if not questions:
-        raise ValueError(f"{path} holds no questions")
+        raise DataError(f"{path} holds no questions")
     return questions

@@ -355,6 +355,7 @@ def test_a_calibration_file_with_a_bad_line_is_refused_with_its_line_before_any_
     assert code != 0 and "calibration.jsonl, line 2" in capsys.readouterr().err
     assert not (tmp_path / "bundle").exists()
 
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, "0.5", True, float("nan")])
 def test_a_threshold_outside_0_1_or_not_a_number_is_refused_with_the_range(tiny_bundle, bad):
     with pytest.raises(ValueError, match="from 0 to 1"):

@@ -13,10 +13,10 @@ import dataclasses
 import random
 from pathlib import Path
 
-from edgerag.data import data_path, read_passages, read_squad, sample_questions
+from edgerag.data import data_path, question_to_dict, read_passages, read_squad, sample_questions
 
 from . import loop
-from .run import Run, Stage, question_to_dict, save_encoder, section_values, train_config, training_settings, write_jsonl
+from .run import Run, Stage, save_encoder, section_values, train_config, training_settings, write_jsonl
 
 
 def stage_data(run: Run) -> dict:

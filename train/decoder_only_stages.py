@@ -26,6 +26,7 @@ import json
 import random
 from pathlib import Path
 
+from edgerag.data import question_to_dict
 from edgerag.runtime.prompt import NO_ANSWER
 
 from . import loop
@@ -34,7 +35,7 @@ from .compressed_student import compressed_examples, compressed_student_examples
 from .loop import atomic_write_text, is_main
 from .recipe import Recipe, parse_layers
 from .retrieval import PassageIndex, embed, passage_text, retrieve_for
-from .run import (Run, RunError, Stage, distill_questions, distill_values, finetune_values, local_files, question_to_dict,
+from .run import (Run, RunError, Stage, distill_questions, distill_values, finetune_values, local_files,
                   save_encoder, save_generator, section_values, train_config, training_settings, write_jsonl)
 from .teacher import example_length
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgerag.data import Passage, Question
+from edgerag.data import Passage, Question, question_from_dict
 from edgerag.models import INFO_FILE
 
 from . import loop
@@ -47,16 +47,6 @@ def write_jsonl(path: Path, rows) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def question_to_dict(q: Question) -> dict:
-    d = dataclasses.asdict(q)
-    d["answers"] = list(q.answers)
-    return d
-
-
-def question_from_dict(d: dict) -> Question:
-    return Question(**{**d, "answers": tuple(d["answers"])})
 
 
 class Run:
