@@ -108,6 +108,8 @@ def test_teacher_cache_keeps_the_examples_order(tiny, examples):
         assert a["logp"].shape[0] == len(e.target)
         assert torch.allclose(a["logp"], b["logp"], atol=1e-4)
         assert torch.equal(a["ids"][:, 0], b["ids"][:, 0])
+        # each entry owns its storage: a view would keep its whole batch's top k alive in the cache
+        assert b["logp"].untyped_storage().nbytes() == b["logp"].numel() * b["logp"].element_size()
 
 
 def test_a_killed_teacher_cache_resumes_from_its_checkpoint(tiny, examples, tmp_path, monkeypatch):
