@@ -365,6 +365,37 @@ def test_ddp_two_processes_on_gloo(full_run, tiny, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_a_student_that_keeps_the_teachers_query_encoder(full_run, tiny, tmp_path, capsys):
+    """student.query_encoder = "teacher": no encoder distillation, and the bundle carries one encoder, the
+    teacher's, for questions and passages alike."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from edgerag.runtime.manifest import read_manifest
+
+    recipe = variant(tiny, tmp_path, lambda t: t.replace("encoder_layers = 1\n", 'query_encoder = "teacher"\n'))
+    out = tmp_path / "run"
+    report = distill(recipe, out, seed_from=full_run[0])
+    _, ran = stage_events(capsys.readouterr().out)
+    assert "distill_encoder" in ran and "student_init" in ran
+    assert json.loads((out / "stages" / "distill_encoder" / "info.json").read_text())["kept"] == "teacher"
+    assert not list((out / "stages" / "distill_encoder").glob("log*"))  # nothing trained
+    teacher = load_file(out / "teacher" / "query_encoder" / "model.safetensors")
+    student = load_file(out / "student" / "query_encoder" / "model.safetensors")
+    assert teacher.keys() == student.keys() and all(np.array_equal(teacher[k], student[k]) for k in teacher)
+    assert json.loads((out / "student" / "edgerag.json").read_text())["passage_encoder"] == "query_encoder"
+    assert not (out / "student" / "passage_encoder").exists()
+    # ranked by the teacher's own index, as the teacher is
+    assert report["student"]["recall@5"] == report["teacher"]["recall@5"]
+
+    bundle = tmp_path / "bundle"
+    proc = subprocess.run([sys.executable, "-m", "edgerag.cli", "export", str(out / "student"), "--passages",
+                           str(tiny["eval"]), "--out", str(bundle), "--quantize", "none",
+                           "--quantize-encoder", "none"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_manifest(bundle).passage_encoder is None
+
+
 @pytest.fixture(scope="module")
 def trimmed_run(tiny, tmp_path_factory):
     """A student with a trimmed vocabulary whose queries fit the teacher's passage vectors."""

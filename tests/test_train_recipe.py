@@ -51,6 +51,8 @@ def test_wrong_type_is_named(tmp_path):
         load_recipe(write(tmp_path, '[student]\nvocabulary = "small"\n'), check_models=False)
     with pytest.raises(RecipeError, match=r"student\.passage_encoder"):
         load_recipe(write(tmp_path, '[student]\npassage_encoder = "both"\n'), check_models=False)
+    with pytest.raises(RecipeError, match=r"student\.encoder_layers: 3 cuts the encoder"):
+        load_recipe(write(tmp_path, '[student]\nquery_encoder = "teacher"\nencoder_layers = 3\n'), check_models=False)
     with pytest.raises(RecipeError, match=r"distill_general\.chunk_tokens: expected int"):
         load_recipe(write(tmp_path, '[distill_general]\nchunk_tokens = "128"\n'), check_models=False)
 

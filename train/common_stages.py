@@ -56,6 +56,10 @@ def stage_distill_encoder(run: Run) -> dict:
     from .distill import QueryExample, disable_dropout, encoder_loss_fn
     from .retrieval import embed
 
+    if run.keeps_teacher_encoder:
+        loop.copy_tree_atomic(run.teacher_encoder, run.student_encoder)
+        print("[distill encoder] the student keeps the teacher's query encoder")
+        return {"kept": "teacher"}
     cfg = run.recipe.distill_encoder
     normalize = normalizes(run.teacher_encoder)  # DPR (the RAG family) scores raw vectors
     teacher, t_tok, pooling, max_length = load_encoder(run.teacher_encoder)
@@ -113,9 +117,11 @@ DATA = Stage("data", stage_data,
 
 # Reads only the student's query encoder: students that differ in their generator share it.
 DISTILL_ENCODER = Stage("distill_encoder", stage_distill_encoder,
-                        inputs=lambda run: [run.teacher_encoder, run.student_init_encoder, run.index_embeddings,
+                        inputs=lambda run: [run.teacher_encoder] if run.keeps_teacher_encoder else
+                                           [run.teacher_encoder, run.student_init_encoder, run.index_embeddings,
                                             run.corpus_file, run.train_file],
                         outputs=lambda run: [run.student_encoder],
-                        settings=lambda r: {"seed": r.seed, "distill_encoder": section_values(r.distill_encoder),
+                        settings=lambda r: {"kept": "teacher"} if r.student.query_encoder == "teacher" else
+                                           {"seed": r.seed, "distill_encoder": section_values(r.distill_encoder),
                                             **training_settings(r)},
                         parallel=True)

@@ -21,7 +21,7 @@ from .run import Run
 
 def student_piece_encoder(run: Run) -> Path:
     """The encoder that embeds the student's passages and their pieces (as `edgerag export` will)."""
-    return run.student_passage_encoder if run.teacher_passages else run.student_encoder
+    return run.student_passage_encoder if run.separate_passage_encoder else run.student_encoder
 
 
 def student_piece_embedder(run: Run):

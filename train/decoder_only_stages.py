@@ -236,7 +236,9 @@ def stage_student_init(run: Run) -> dict:
               f"{info['generator']['vocabulary']['vocab_size']:,} tokens")
     save_generator(model, s_tok, run.student_init_generator)
     encoder, enc_tok, pooling, max_length = load_encoder(run.teacher_encoder)
-    if s.query_encoder:
+    if run.keeps_teacher_encoder:  # distill_encoder copies it into the student folder
+        info["query_encoder"] = {"from": "teacher", "params": count_params(encoder), "teacher_params": count_params(encoder)}
+    elif s.query_encoder:
         student_enc, s_tok, pooling, max_length = load_encoder(s.query_encoder)
         info["query_encoder"] = {"from": s.query_encoder, "params": count_params(student_enc),
                                  "teacher_params": count_params(encoder)}
@@ -257,9 +259,9 @@ def stage_student_folder(run: Run) -> dict:
     carries that encoder (student/passage_encoder), so export needs nothing else."""
     r = run.recipe
     made = {k: v for k, v in json.loads(run.student_init_info.read_text()).items() if k not in ("seconds", "fingerprint")}
-    if run.teacher_passages:
+    if run.separate_passage_encoder:
         loop.copy_tree_atomic(run.teacher_encoder, run.student_passage_encoder)
-    passage_encoder = run.student_passage_encoder.name if run.teacher_passages else "query_encoder"
+    passage_encoder = run.student_passage_encoder.name if run.separate_passage_encoder else "query_encoder"
     info = folder_info(run, passage_encoder=passage_encoder, student=made, teacher=r.teacher.generator)
     result = {"passage_encoder": passage_encoder}
     if r.compress.enabled:
@@ -561,11 +563,12 @@ STAGES = [
           settings=lambda r: {"seed": r.seed, "student": section_values(r.student, "passage_encoder"), "prompt": section_values(r.prompt)}),
     DISTILL_ENCODER,
     Stage("student_folder", stage_student_folder,
-          inputs=lambda run: [run.student_init_info, *([run.teacher_encoder] if run.teacher_passages else []),
+          inputs=lambda run: [run.student_init_info, *([run.teacher_encoder] if run.separate_passage_encoder else []),
                               *_compress_inputs(run)],
-          outputs=lambda run: [run.student_info, *([run.student_passage_encoder] if run.teacher_passages else []),
+          outputs=lambda run: [run.student_info, *([run.student_passage_encoder] if run.separate_passage_encoder else []),
                                *([run.student_dir / CALIBRATION_FILE] if run.recipe.abstain.negatives else [])],
-          settings=lambda r: {"passage_encoder": r.student.passage_encoder, "prompt": section_values(r.prompt),
+          settings=lambda r: {"passage_encoder": r.student.passage_encoder, "query_encoder": r.student.query_encoder,
+                              "prompt": section_values(r.prompt),
                               "teacher": r.teacher.generator,
                               **({"compress": _compress_values(r.compress)} if r.compress.enabled else {}),
                               **({"abstain": section_values(r.abstain)} if r.abstain.negatives else {})}),

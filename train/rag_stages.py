@@ -168,9 +168,13 @@ def stage_student_init(run) -> dict:
     from .student import shrink_encoder
 
     question = dpr_bert(model.question_encoder)
-    info["query_encoder"] = shrink_encoder(question, _layers(s.encoder_layers, question.config.num_hidden_layers,
-                                                             "student.encoder_layers"))
-    save_dpr_encoder(question, tok.question_encoder, run.student_init_encoder, QUESTION_MAX_LENGTH)
+    if run.keeps_teacher_encoder:  # distill_encoder copies it into the student folder
+        params = sum(p.numel() for p in question.parameters())
+        info["query_encoder"] = {"from": "teacher", "params": params, "teacher_params": params}
+    else:
+        info["query_encoder"] = shrink_encoder(question, _layers(s.encoder_layers, question.config.num_hidden_layers,
+                                                                 "student.encoder_layers"))
+        save_dpr_encoder(question, tok.question_encoder, run.student_init_encoder, QUESTION_MAX_LENGTH)
     g, e = info["generator"], info["query_encoder"]
     print(f"[student] generator {g['params']:,} params ({100 * g['params'] / g['teacher_params']:.0f}% of the teacher's), "
           f"question encoder {e['params']:,} ({100 * e['params'] / e['teacher_params']:.0f}%)")

@@ -72,7 +72,8 @@ class StudentConfig:
     intermediate_size: int = 0       # MLP width after activation-importance pruning (0: keep)
     kv_heads: int = 0                # key/value head groups kept, by attention importance (0: keep)
     vocabulary: str = "full"         # "corpus": keep only the tokens of the corpus, train questions, answers and prompt
-    query_encoder: str = ""          # a smaller pretrained encoder; empty: derive from the teacher's
+    query_encoder: str = ""          # a smaller pretrained encoder; empty: derive from the teacher's; "teacher": keep the
+                                     # teacher's as it is (no encoder distillation; questions and passages share it)
     passage_encoder: str = "student" # "teacher": passages keep the teacher's vectors; only queries use the student encoder
     encoder_layers: typing.Any = 0   # int N (evenly spaced) or a list of teacher encoder layers (0: keep all)
     calibration_passages: int = 16
@@ -303,7 +304,7 @@ def validate(r: Recipe, check_models: bool = True) -> None:
         if r.student.reading not in ("concatenated", "marginalized"):
             raise RecipeError(f"student.reading: expected 'concatenated' or 'marginalized', got {r.student.reading!r}")
         for key in ("generator", "query_encoder"):
-            if getattr(r.student, key):
+            if getattr(r.student, key) and getattr(r.student, key) != "teacher":
                 raise RecipeError(f"student.{key}: a hf-rag student is cut from the teacher's layers; leave it empty")
         if r.distill_general.passages:
             raise RecipeError("distill_general.passages: the general pass is not available for hf-rag teachers yet")
@@ -361,6 +362,9 @@ def validate(r: Recipe, check_models: bool = True) -> None:
             raise RecipeError(f"{name}: must be at least 1, got {value}")
     if r.distill_generator.temperature <= 0:
         raise RecipeError(f"distill_generator.temperature: must be positive, got {r.distill_generator.temperature}")
+    if r.student.query_encoder == "teacher" and r.student.encoder_layers not in (0, "all"):
+        raise RecipeError(f"student.encoder_layers: {r.student.encoder_layers!r} cuts the encoder that "
+                          'student.query_encoder = "teacher" keeps whole; leave it out')
     if not check_models or r.teacher.kind == "hf-rag":  # hf-rag layer lists are checked when the teacher loads
         return
     if not r.student.generator:
@@ -369,7 +373,7 @@ def validate(r: Recipe, check_models: bool = True) -> None:
             parse_layers(r.student.layers, depth, "student.layers")
     elif r.student.layers != "all":
         raise RecipeError("student.layers: only applies to a student derived from the teacher (student.generator is set)")
-    if not r.student.query_encoder:
+    if not r.student.query_encoder:  # "teacher" keeps it whole
         depth = model_depth(r.teacher.query_encoder)
         if depth is not None:
             parse_layers(r.student.encoder_layers, depth, "student.encoder_layers")

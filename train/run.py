@@ -102,9 +102,20 @@ class Run:
         return passage_text(passage.title, passage.text)
 
     @property
+    def keeps_teacher_encoder(self) -> bool:
+        """The student's query encoder is the teacher's, undistilled (student.query_encoder = "teacher")."""
+        return self.recipe.student.query_encoder == "teacher"
+
+    @property
     def teacher_passages(self) -> bool:
-        """The student ranks passages by the teacher's vectors (student.passage_encoder = "teacher")."""
-        return self.recipe.student.passage_encoder == "teacher"
+        """The student ranks passages by the teacher's vectors (student.passage_encoder = "teacher", or the
+        teacher's own encoder kept for questions too)."""
+        return self.recipe.student.passage_encoder == "teacher" or self.keeps_teacher_encoder
+
+    @property
+    def separate_passage_encoder(self) -> bool:
+        """The student folder carries a second encoder for passages (student/passage_encoder)."""
+        return self.recipe.student.passage_encoder == "teacher" and not self.keeps_teacher_encoder
 
     def stage_dir(self, name: str) -> Path:
         return self.stages_dir / name
