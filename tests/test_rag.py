@@ -325,6 +325,28 @@ def test_marginalized_student_reads_like_the_teacher(rag_run, tmp_path):
     assert refused.returncode == 1 and "--k 1" in refused.stderr and not (tmp_path / "b").exists()
 
 
+def test_a_rag_student_can_keep_the_teachers_question_encoder(rag_run, tmp_path):
+    """student.query_encoder = "teacher": the DPR question encoder is copied, not cut and distilled."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgerag.models import load_encoder
+
+    recipe = tmp_path / "teacher-encoder.toml"
+    recipe.write_text((ROOT / "recipes" / "rag-token-tiny.toml").read_text()
+                      .replace("encoder_layers = 1           # DPR question encoder layers kept", 'query_encoder = "teacher"'))
+    run = tmp_path / "run"
+    result = edgerag("distill", recipe, "--out", run, "--seed-from", rag_run["run"], "--stop-after", "distill_encoder",
+                     env=rag_run["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the student keeps the teacher's query encoder" in result.stdout
+    teacher, student = (load_file(run / side / "query_encoder" / "model.safetensors") for side in ("teacher", "student"))
+    assert teacher.keys() == student.keys() and all(torch.equal(teacher[k], student[k]) for k in teacher)
+    teacher = load_encoder(run / "teacher" / "query_encoder")[0]
+    cut = load_encoder(rag_run["run"] / "student" / "query_encoder")[0]
+    assert cut.config.num_hidden_layers < teacher.config.num_hidden_layers
+
+
 def test_a_forced_bos_is_read_not_predicted(tiny_rag, tmp_path):
     """bart-large forces <s> after the start token: training, PyTorch's generate and the device must
     all read [start, <s>] and predict the answer from there (save_pretrained moves the setting into
