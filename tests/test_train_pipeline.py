@@ -21,8 +21,8 @@ from edgerag.train.run import RunError, Stage  # noqa: E402
 from edgerag.train.tiny import make_tiny_project  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_NAMES = ["data", "teacher", "index", "teacher_finetune", "student_init", "distill_encoder", "student_folder",
-               "general_cache", "distill_general", "teacher_logits", "distill_generator", "eval_teacher", "eval"]
+STAGE_NAMES = ["data", "teacher", "index", "teacher_finetune", "eval_teacher", "student_init", "distill_encoder",
+               "student_folder", "general_cache", "distill_general", "teacher_logits", "distill_generator", "eval"]
 METRIC_KEYS = {"em", "f1", "em_gold", "f1_gold", "recall@1", "recall@5", "recall@20", "prompt_tokens",
                "answer_in_context", "generator_params", "encoder_params", "seconds_per_question"}
 

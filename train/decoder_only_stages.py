@@ -5,6 +5,7 @@ a causal LM teacher, distilled into a smaller one; its stages and their table, `
   teacher            load retriever + generator, save HF folders       RUN/teacher/
   index              embed the corpus with the teacher encoder         RUN/index/
   teacher_finetune   RAG fine-tuning of the teacher generator          RUN/teacher/generator    (teacher_finetune.enabled)
+  eval_teacher       the teacher, evaluated                            RUN/stages/eval_teacher/
   student_init       prune/cut the teacher into a student              RUN/stages/student_init/
   distill_encoder    student query encoder <- teacher                  RUN/student/query_encoder
   student_folder     the student's edgerag.json (+ passage encoder)    RUN/student/
@@ -12,7 +13,6 @@ a causal LM teacher, distilled into a smaller one; its stages and their table, `
   distill_general    student generator <- teacher on corpus text       RUN/stages/distill_general/ (distill_general.passages)
   teacher_logits     teacher top-k logits on the KD examples           RUN/stages/teacher_logits/
   distill_generator  student generator <- teacher                      RUN/student/generator
-  eval_teacher       the teacher, evaluated                            RUN/stages/eval_teacher/
   eval               the student, by the same code; both reported      RUN/eval.json
 
 `data` and `distill_encoder` are every family's (edgerag.train.common_stages); a compressed student's
@@ -556,6 +556,13 @@ STAGES = [
                               **({"compress": _compress_values(r.compress), "prompt": section_values(r.prompt)}
                                  if _compressed_teacher(r) else {})},
           parallel=True, enabled=lambda r: r.teacher_finetune.enabled),
+    # right after the teacher is final: a teacher not worth copying shows before any student is made
+    Stage("eval_teacher", stage_eval_teacher,
+          inputs=lambda run: [run.teacher_encoder, run.teacher_generator, run.teacher_info, run.index_embeddings,
+                              run.eval_file, run.corpus_file],
+          outputs=lambda run: [],
+          settings=lambda r: {"eval": section_values(r.eval, "questions", *_no_unanswerable(r)),
+                              "prompt": section_values(r.prompt)}),
     Stage("student_init", stage_student_init,
           inputs=lambda run: [run.teacher_generator, run.teacher_encoder, run.train_file, run.corpus_file,
                               *local_files(run.recipe.student.generator, run.recipe.student.query_encoder)],
@@ -594,12 +601,6 @@ STAGES = [
           outputs=lambda run: [run.student_generator],
           settings=lambda r: {"seed": r.seed, "distill_generator": distill_values(r.distill_generator), **training_settings(r)},
           parallel=True),
-    Stage("eval_teacher", stage_eval_teacher,
-          inputs=lambda run: [run.teacher_encoder, run.teacher_generator, run.teacher_info, run.index_embeddings,
-                              run.eval_file, run.corpus_file],
-          outputs=lambda run: [],
-          settings=lambda r: {"eval": section_values(r.eval, "questions", *_no_unanswerable(r)),
-                              "prompt": section_values(r.prompt)}),
     Stage("eval", stage_eval,
           inputs=lambda run: [run.student_encoder, run.student_generator, run.student_info, run.teacher_result,
                               run.eval_file, run.corpus_file, *([run.index_embeddings] if run.teacher_passages else [])],

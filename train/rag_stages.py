@@ -5,12 +5,12 @@ named as the decoder-only family's are; its model, losses and generation are edg
   teacher            the RAG checkpoint, its DPR encoders                    RUN/teacher/ (rag/, query_encoder/, passage_encoder/)
   index              embed the corpus with the DPR context encoder           RUN/index/
   teacher_finetune   RAG's own fine-tuning (question encoder + generator)    RUN/teacher/rag    (teacher_finetune.enabled)
+  eval_teacher       the teacher, evaluated                                  RUN/stages/eval_teacher/
   student_init       cut the teacher's BART and question encoder             RUN/stages/student_init/
   distill_encoder    student question encoder <- teacher                     RUN/student/query_encoder
   student_folder     the student's edgerag.json + the DPR passage encoder    RUN/student/
   teacher_logits     the teacher's RAG-token marginal on the KD examples     RUN/stages/teacher_logits/
   distill_generator  student generator <- the teacher's marginal             RUN/student/generator
-  eval_teacher       the teacher, evaluated                                  RUN/stages/eval_teacher/
   eval               the student, by the same code; both reported            RUN/eval.json
 
 The training stages run on one process: they reach into the RAG model's submodules, past DDP's wrapper.
@@ -373,6 +373,11 @@ STAGES = [
           settings=lambda r: {"seed": r.seed, "teacher_finetune": finetune_values(r.teacher_finetune),
                               "max_answer_tokens": r.prompt.max_answer_tokens, **training_settings(r)},
           enabled=_finetune),  # one process: the RAG losses reach into submodules, past DDP's wrapper
+    Stage("eval_teacher", stage_eval_teacher,
+          inputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder, run.index_embeddings, run.eval_file,
+                              run.corpus_file],
+          outputs=lambda run: [],
+          settings=lambda r: {"eval": section_values(r.eval, "questions", "unanswerable"), "prompt": section_values(r.prompt)}),
     Stage("student_init", stage_student_init,
           inputs=lambda run: [_rag_paths(run)["rag"]], outputs=lambda run: [],
           settings=lambda r: {"student": section_values(r.student, "reading")}),
@@ -391,11 +396,6 @@ STAGES = [
           outputs=lambda run: [run.student_generator],
           settings=lambda r: {"seed": r.seed, "distill_generator": distill_values(r.distill_generator),
                               **training_settings(r, batched=False)}),
-    Stage("eval_teacher", stage_eval_teacher,
-          inputs=lambda run: [_rag_paths(run)["rag"], run.teacher_encoder, run.index_embeddings, run.eval_file,
-                              run.corpus_file],
-          outputs=lambda run: [],
-          settings=lambda r: {"eval": section_values(r.eval, "questions", "unanswerable"), "prompt": section_values(r.prompt)}),
     Stage("eval", stage_eval,
           inputs=lambda run: [run.student_encoder, run.student_generator, run.student_info, run.teacher_result,
                               run.eval_file, run.corpus_file, run.index_embeddings],
