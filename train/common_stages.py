@@ -57,7 +57,8 @@ def stage_distill_encoder(run: Run) -> dict:
     from .retrieval import embed
 
     if run.keeps_teacher_encoder:
-        loop.copy_tree_atomic(run.teacher_encoder, run.student_encoder)
+        if loop.is_main():  # one writer under torchrun: the driver's barrier holds the other ranks
+            loop.copy_tree_atomic(run.teacher_encoder, run.student_encoder)
         print("[distill encoder] the student keeps the teacher's query encoder")
         return {"kept": "teacher"}
     cfg = run.recipe.distill_encoder

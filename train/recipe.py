@@ -73,7 +73,7 @@ class StudentConfig:
     kv_heads: int = 0                # key/value head groups kept, by attention importance (0: keep)
     vocabulary: str = "full"         # "corpus": keep only the tokens of the corpus, train questions, answers and prompt
     query_encoder: str = ""          # a smaller pretrained encoder; empty: derive from the teacher's; "teacher": keep the
-                                     # teacher's as it is (no encoder distillation; questions and passages share it)
+                                     # teacher's as it is (no encoder distillation; decoder-only: passages share it)
     passage_encoder: str = "student" # "teacher": passages keep the teacher's vectors; only queries use the student encoder
     encoder_layers: typing.Any = 0   # int N (evenly spaced) or a list of teacher encoder layers (0: keep all)
     calibration_passages: int = 16
@@ -304,7 +304,7 @@ def validate(r: Recipe, check_models: bool = True) -> None:
         if r.student.reading not in ("concatenated", "marginalized"):
             raise RecipeError(f"student.reading: expected 'concatenated' or 'marginalized', got {r.student.reading!r}")
         for key in ("generator", "query_encoder"):
-            if getattr(r.student, key) and getattr(r.student, key) != "teacher":
+            if getattr(r.student, key) and not (key == "query_encoder" and r.student.query_encoder == "teacher"):
                 raise RecipeError(f"student.{key}: a hf-rag student is cut from the teacher's layers; leave it empty")
         if r.distill_general.passages:
             raise RecipeError("distill_general.passages: the general pass is not available for hf-rag teachers yet")

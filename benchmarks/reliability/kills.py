@@ -77,7 +77,8 @@ def kill_distill(recipe: str, workdir: Path, seed: int = 0, timeout: float = 360
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stage_dir = run / "stages" / stage
         while proc.poll() is None and time.monotonic() - started < timeout:
-            if (stage_dir / "checkpoint.pt").exists() or (stage_dir.exists() and rng.random() < 0.02):
+            inside = stage_dir.exists() and not (stage_dir / "done").exists()  # a finished stage's folder stays
+            if inside and ((stage_dir / "checkpoint.pt").exists() or rng.random() < 0.3):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 killed_in.append(stage)
