@@ -47,6 +47,11 @@ def stage_data(run: Run) -> dict:
 
 
 def stage_distill_encoder(run: Run) -> dict:
+    if run.keeps_teacher_encoder:
+        if loop.is_main():  # one writer under torchrun: the driver's barrier holds the other ranks
+            loop.copy_tree_atomic(run.teacher_encoder, run.student_encoder)
+        print("[distill encoder] the student keeps the teacher's query encoder")
+        return {"kept": "teacher"}
     import numpy as np
     import torch
 
@@ -56,11 +61,6 @@ def stage_distill_encoder(run: Run) -> dict:
     from .distill import QueryExample, disable_dropout, encoder_loss_fn
     from .retrieval import embed
 
-    if run.keeps_teacher_encoder:
-        if loop.is_main():  # one writer under torchrun: the driver's barrier holds the other ranks
-            loop.copy_tree_atomic(run.teacher_encoder, run.student_encoder)
-        print("[distill encoder] the student keeps the teacher's query encoder")
-        return {"kept": "teacher"}
     cfg = run.recipe.distill_encoder
     normalize = normalizes(run.teacher_encoder)  # DPR (the RAG family) scores raw vectors
     teacher, t_tok, pooling, max_length = load_encoder(run.teacher_encoder)
@@ -122,7 +122,7 @@ DISTILL_ENCODER = Stage("distill_encoder", stage_distill_encoder,
                                            [run.teacher_encoder, run.student_init_encoder, run.index_embeddings,
                                             run.corpus_file, run.train_file],
                         outputs=lambda run: [run.student_encoder],
-                        settings=lambda r: {"kept": "teacher"} if r.student.query_encoder == "teacher" else
+                        settings=lambda r: {"kept": "teacher"} if r.student.keeps_teacher_encoder else
                                            {"seed": r.seed, "distill_encoder": section_values(r.distill_encoder),
                                             **training_settings(r)},
                         parallel=True)

@@ -237,7 +237,8 @@ def stage_student_init(run: Run) -> dict:
     save_generator(model, s_tok, run.student_init_generator)
     encoder, enc_tok, pooling, max_length = load_encoder(run.teacher_encoder)
     if run.keeps_teacher_encoder:  # distill_encoder copies it into the student folder
-        info["query_encoder"] = {"from": "teacher", "params": count_params(encoder), "teacher_params": count_params(encoder)}
+        params = count_params(encoder)
+        info["query_encoder"] = {"from": "teacher", "params": params, "teacher_params": params}
     elif s.query_encoder:
         student_enc, s_tok, pooling, max_length = load_encoder(s.query_encoder)
         info["query_encoder"] = {"from": s.query_encoder, "params": count_params(student_enc),

@@ -165,11 +165,11 @@ def stage_student_init(run) -> dict:
                                   _layers(s.layers, generator.config.decoder_layers, "student.layers"))}
     if is_main():
         loop.save_pretrained_atomic(generator, tok.generator, run.student_init_generator)
-    from .student import shrink_encoder
+    from .student import count_params, shrink_encoder
 
     question = dpr_bert(model.question_encoder)
     if run.keeps_teacher_encoder:  # distill_encoder copies it into the student folder
-        params = sum(p.numel() for p in question.parameters())
+        params = count_params(question)
         info["query_encoder"] = {"from": "teacher", "params": params, "teacher_params": params}
     else:
         info["query_encoder"] = shrink_encoder(question, _layers(s.encoder_layers, question.config.num_hidden_layers,

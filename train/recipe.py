@@ -80,6 +80,11 @@ class StudentConfig:
     generator_encoder_layers: typing.Any = "all"  # hf-rag: BART encoder layers kept (DistilBART keeps them all)
     reading: str = "concatenated"    # hf-rag: "concatenated" top-k passages in one context, or "marginalized" like the teacher
 
+    @property
+    def keeps_teacher_encoder(self) -> bool:
+        """The student's query encoder is the teacher's, undistilled (query_encoder = "teacher")."""
+        return self.query_encoder == "teacher"
+
 
 @dataclass
 class EncoderDistillConfig:
@@ -304,7 +309,7 @@ def validate(r: Recipe, check_models: bool = True) -> None:
         if r.student.reading not in ("concatenated", "marginalized"):
             raise RecipeError(f"student.reading: expected 'concatenated' or 'marginalized', got {r.student.reading!r}")
         for key in ("generator", "query_encoder"):
-            if getattr(r.student, key) and not (key == "query_encoder" and r.student.query_encoder == "teacher"):
+            if getattr(r.student, key) and not (key == "query_encoder" and r.student.keeps_teacher_encoder):
                 raise RecipeError(f"student.{key}: a hf-rag student is cut from the teacher's layers; leave it empty")
         if r.distill_general.passages:
             raise RecipeError("distill_general.passages: the general pass is not available for hf-rag teachers yet")
@@ -362,7 +367,7 @@ def validate(r: Recipe, check_models: bool = True) -> None:
             raise RecipeError(f"{name}: must be at least 1, got {value}")
     if r.distill_generator.temperature <= 0:
         raise RecipeError(f"distill_generator.temperature: must be positive, got {r.distill_generator.temperature}")
-    if r.student.query_encoder == "teacher" and r.student.encoder_layers not in (0, "all"):
+    if r.student.keeps_teacher_encoder and r.student.encoder_layers not in (0, "all"):
         raise RecipeError(f"student.encoder_layers: {r.student.encoder_layers!r} cuts the encoder that "
                           'student.query_encoder = "teacher" keeps whole; leave it out')
     if not check_models or r.teacher.kind == "hf-rag":  # hf-rag layer lists are checked when the teacher loads

@@ -104,7 +104,7 @@ class Run:
     @property
     def keeps_teacher_encoder(self) -> bool:
         """The student's query encoder is the teacher's, undistilled (student.query_encoder = "teacher")."""
-        return self.recipe.student.query_encoder == "teacher"
+        return self.recipe.student.keeps_teacher_encoder
 
     @property
     def teacher_passages(self) -> bool:
